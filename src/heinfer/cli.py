@@ -1,0 +1,316 @@
+"""`heinfer` command line: demo, serve, predict, train-mnist, inspect, token."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated
+
+import httpx
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from heinfer.errors import HeinferError
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Encrypted inference: serve scikit-learn models on homomorphically encrypted inputs.",
+)
+token_app = typer.Typer(help="Manage tenant bearer tokens.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+console = Console()
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    path = Path(base) / "heinfer"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _train_mnist(images: np.ndarray, labels: np.ndarray, out: Path) -> tuple[Path, float]:
+    """Logistic regression on pixels / 255, compiled and saved as model `mnist`."""
+    from sklearn.linear_model import LogisticRegression
+
+    from heinfer.models import compile as compile_model
+
+    X = images.astype(np.float64) / 255.0
+    estimator = LogisticRegression(max_iter=200).fit(X, labels)
+    model = compile_model(estimator, name="mnist", input_range=(0.0, 1.0))
+    model.save(out)
+    return out, float(estimator.score(X, labels))
+
+
+def _demo_model() -> Path:
+    from heinfer.datasets import load_sample
+
+    path = _cache_dir() / "mnist-demo-v1.heinfer"
+    if not path.exists():
+        with console.status("training the demo model on the bundled MNIST sample..."):
+            images, labels = load_sample("train")
+            _train_mnist(images, labels, path)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"heinfer serve exited with code {process.returncode}")
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("heinfer serve did not become ready in time")
+
+
+@app.command()
+def demo(
+    n: Annotated[int, typer.Option("--n", help="bundled test digits to classify")] = 100,
+    workers: Annotated[int, typer.Option(help="service worker processes")] = 2,
+    batch_size: Annotated[int, typer.Option(help="digits per request")] = 1,
+) -> None:
+    """The whole workflow on one machine: serve, upload keys, encrypt, infer, decrypt."""
+    from heinfer.client import Client
+    from heinfer.datasets import load_sample
+
+    model_path = _demo_model()
+    images, labels = load_sample("test")
+    if not 1 <= n <= len(images):
+        raise typer.BadParameter(f"--n must be between 1 and {len(images)}")
+    X, y = images[:n].astype(np.float64) / 255.0, labels[:n]
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory(prefix="heinfer-demo-") as keys:
+        command = [
+            sys.executable, "-m", "heinfer", "serve", str(model_path), "--port", str(port),
+            "--workers", str(workers), "--key-store", keys, "--log-level", "warning",
+        ]
+        process = subprocess.Popen(command)
+        try:
+            with console.status(f"starting heinfer serve on {url} ..."):
+                _wait_ready(url, process)
+            _run_demo(Client(url, model="mnist"), X, y, model_path, batch_size)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def _run_demo(client: object, X: np.ndarray, y: np.ndarray, model_path: Path, batch: int) -> None:
+    from heinfer.client import Client
+    from heinfer.models import load_model
+
+    assert isinstance(client, Client)
+    reference = load_model(model_path).predict_plain(X)
+    started = time.perf_counter()
+    client.upload_keys()
+    keygen_s = time.perf_counter() - started
+    key_bytes = len(client.last_key_upload or b"")
+    times = {"encrypt": 0.0, "round trip": 0.0, "decrypt": 0.0}
+    scores, request_bytes, response_bytes = [], 0, 0
+    with Progress(
+        TextColumn("encrypted inference"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("digits", total=len(X))
+        for start in range(0, len(X), batch):
+            chunk = X[start : start + batch]
+            t0 = time.perf_counter()
+            body = client.encrypt(chunk)
+            t1 = time.perf_counter()
+            payload = client.infer(body)
+            t2 = time.perf_counter()
+            scores.append(client.decrypt(payload))
+            t3 = time.perf_counter()
+            times["encrypt"] += t1 - t0
+            times["round trip"] += t2 - t1
+            times["decrypt"] += t3 - t2
+            request_bytes += len(body)
+            response_bytes += len(payload)
+            progress.advance(task, len(chunk))
+    decrypted = np.concatenate(scores)
+    client.delete_keys()
+    n = len(X)
+    table = Table(title=f"heinfer demo: {n} encrypted MNIST digits")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("accuracy vs labels", f"{(decrypted.argmax(1) == y).mean():.1%}")
+    table.add_row("agreement with plaintext model", f"{(decrypted.argmax(1) == reference.argmax(1)).mean():.1%}")
+    table.add_row("max |score error|", f"{np.abs(decrypted - reference).max():.2e}")
+    table.add_row("key generation + upload", f"{keygen_s * 1e3:.0f} ms")
+    for stage, seconds in times.items():
+        table.add_row(f"{stage} per digit", f"{seconds / n * 1e3:.2f} ms")
+    table.add_row("public key uploaded", f"{key_bytes / 1024:.1f} KiB")
+    table.add_row("request per digit", f"{request_bytes / n / 1024:.1f} KiB")
+    table.add_row("response per digit", f"{response_bytes / n / 1024:.1f} KiB")
+    console.print(table)
+    if (decrypted.argmax(1) != reference.argmax(1)).any():
+        raise typer.Exit(1)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@app.command()
+def serve(
+    model_paths: Annotated[list[Path], typer.Argument(help="compiled .heinfer models")],
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    workers: Annotated[int, typer.Option(help="evaluation processes (default: cores)")] = 0,
+    key_store: Annotated[str, typer.Option(help="DIR, file:///DIR, azure://CONTAINER or s3://BUCKET")] = "./heinfer-keys",
+    auth_file: Annotated[Path | None, typer.Option(help="tenant tokens (heinfer token new)")] = None,
+    allow_anonymous: Annotated[bool, typer.Option(help="allow no auth on a non-loopback host")] = False,
+    max_body_bytes: Annotated[int, typer.Option()] = 64 << 20,
+    log_level: Annotated[str, typer.Option()] = "info",
+) -> None:
+    """Serve compiled models over HTTP (FastAPI on uvicorn)."""
+    import uvicorn
+
+    from heinfer.server.app import create_app
+    from heinfer.server.settings import ServiceSettings
+
+    if auth_file is None and not _is_loopback(host):
+        if not allow_anonymous:
+            console.print(
+                f"[red]refusing to serve on {host} without --auth-file: anyone could upload "
+                "keys and use the models. Pass --auth-file, or --allow-anonymous.[/red]"
+            )
+            raise typer.Exit(2)
+        console.print(f"[yellow]warning: serving on {host} without authentication[/yellow]")
+    settings = ServiceSettings(
+        model_paths=[str(p) for p in model_paths], host=host, port=port,
+        workers=workers or (os.cpu_count() or 1), key_store=key_store,
+        auth_file=str(auth_file) if auth_file else None, max_body_bytes=max_body_bytes,
+    )
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+
+
+@app.command()
+def predict(
+    url: Annotated[str, typer.Option(help="service URL")] = "http://127.0.0.1:8000",
+    model: Annotated[str, typer.Option()] = "mnist",
+    image: Annotated[Path | None, typer.Option(help="a PNG/JPEG of a digit")] = None,
+    mnist_index: Annotated[int | None, typer.Option(help="index into the bundled test digits")] = None,
+    batch: Annotated[Path | None, typer.Option(help=".npy (values as the model expects) or IDX images (pixels, divided by 255)")] = None,
+    out: Annotated[Path | None, typer.Option(help="where --batch writes scores (.npy)")] = None,
+    batch_size: Annotated[int, typer.Option()] = 256,
+    token: Annotated[str | None, typer.Option(envvar="HEINFER_TOKEN")] = None,
+) -> None:
+    """Encrypt inputs, call a running service, decrypt and print the result."""
+    from heinfer.client import Client
+    from heinfer.datasets import load_image, load_mnist, load_sample
+
+    if sum(x is not None for x in (image, mnist_index, batch)) != 1:
+        raise typer.BadParameter("give exactly one of --image, --mnist-index, --batch")
+    if image is not None:
+        X = load_image(image).reshape(1, -1)
+    elif mnist_index is not None:
+        images, _ = load_sample("test")
+        X = images[mnist_index : mnist_index + 1].astype(np.float64) / 255.0
+    else:
+        assert batch is not None
+        if batch.suffix == ".npy":
+            X = np.load(batch, allow_pickle=False)
+        else:
+            X = load_mnist(batch)[0].astype(np.float64) / 255.0
+    try:
+        with Client(url, model=model, token=token) as client:
+            client.upload_keys()
+            with Progress(
+                TextColumn("encrypted inference"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), console=console, disable=len(X) <= batch_size,
+            ) as progress:
+                task = progress.add_task("samples", total=len(X))
+                scores = client.predict(
+                    X, batch_size=batch_size, progress=lambda k: progress.advance(task, k)
+                )
+            classes = client.manifest.output.classes
+            client.delete_keys()
+    except HeinferError as exc:
+        console.print(f"[red]{exc.code}: {exc.message}[/red]")
+        raise typer.Exit(1) from exc
+    if batch is not None:
+        target = out or batch.with_suffix(".scores.npy")
+        np.save(target, scores)
+        console.print(f"wrote {scores.shape} scores to {target}")
+        return
+    row = scores[0]
+    if classes is not None and len(row) > 1:
+        console.print(f"predicted class: [bold]{classes[int(row.argmax())]}[/bold]")
+    console.print("scores: " + ", ".join(f"{v:.4f}" for v in row))
+
+
+@app.command("train-mnist")
+def train_mnist(
+    images: Annotated[Path, typer.Option(help="IDX images (.gz or raw)")],
+    labels: Annotated[Path, typer.Option(help="IDX labels")],
+    out: Annotated[Path, typer.Option(help="model file to write")] = Path("model.heinfer"),
+    test_images: Annotated[Path | None, typer.Option()] = None,
+    test_labels: Annotated[Path | None, typer.Option()] = None,
+) -> None:
+    """Train a logistic regression on MNIST (pixels / 255) and compile it as model `mnist`."""
+    from heinfer.datasets import load_mnist
+    from heinfer.models import load_model
+
+    X, y = load_mnist(images, labels)
+    assert y is not None
+    started = time.perf_counter()
+    _, train_accuracy = _train_mnist(X, y, out)
+    console.print(
+        f"trained on {len(X)} digits in {time.perf_counter() - started:.1f} s; "
+        f"train accuracy {train_accuracy:.1%}; wrote {out}"
+    )
+    if test_images is not None and test_labels is not None:
+        Xt, yt = load_mnist(test_images, test_labels)
+        scores = load_model(out).predict_plain(Xt.astype(np.float64) / 255.0)
+        console.print(f"test accuracy {(scores.argmax(1) == yt).mean():.1%} on {len(Xt)} digits")
+
+
+@app.command()
+def inspect(model_path: Annotated[Path, typer.Argument()]) -> None:
+    """Print a compiled model's public manifest."""
+    from heinfer.models import load_model
+
+    console.print_json(json.dumps(load_model(model_path).manifest.to_dict()))
+
+
+@token_app.command("new")
+def token_new(
+    tenant: Annotated[str, typer.Argument()],
+    auth_file: Annotated[Path, typer.Option(help="the file heinfer serve --auth-file reads")],
+) -> None:
+    """Make a tenant token: printed once, only its hash is stored."""
+    from heinfer.server.auth import new_token
+
+    print(new_token(tenant, auth_file))
+
+
+def main() -> None:
+    app()

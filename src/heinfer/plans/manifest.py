@@ -1,0 +1,126 @@
+"""The public manifest: the only thing the client and the service must agree on.
+
+The service publishes it at `GET /v2/models/{name}`; the client builds its keys, encodes its
+inputs and decodes results from it alone. Common fields are typed here; `scheme` and `layout`
+belong to the plan that wrote them and are validated by that plan's client codec.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from heinfer.errors import ModelFormatError
+
+__all__ = [
+    "MANIFEST_FORMAT",
+    "MANIFEST_VERSION",
+    "InputSpec",
+    "KeysSpec",
+    "Manifest",
+    "OutputSpec",
+    "PrecisionSpec",
+    "PrivacySpec",
+    "manifest_json_schema",
+]
+
+MANIFEST_FORMAT = "heinfer.manifest"
+MANIFEST_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    shape: list[int]
+    low: float = Field(description="smallest input value the encoding represents")
+    high: float = Field(description="largest input value the encoding represents")
+    bits: int = Field(ge=1, le=16, description="quantization bits per feature")
+    encoding: str
+
+
+class OutputSpec(_Strict):
+    shape: list[int]
+    classes: list[int | str] | None = None
+
+
+class KeysSpec(_Strict):
+    public: bool = True
+    relin: bool = False
+    galois_steps: list[int] = Field(default_factory=list)
+
+
+class PrecisionSpec(_Strict):
+    max_abs_error: float = Field(description="worst-case |decrypted - plaintext| bound")
+    expected_abs_error: float = Field(description="6-sigma bound for typical inputs")
+    noise_abs_error: float = Field(description="bound on the part caused by HE noise")
+
+
+class PrivacySpec(_Strict):
+    rerandomized: bool
+    masked: bool
+    flooding_statistical_bits: int
+    notes: str
+
+
+class Manifest(_Strict):
+    format: Literal["heinfer.manifest"] = MANIFEST_FORMAT
+    format_version: int = MANIFEST_VERSION
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    model_version: int = 1
+    task: Literal["classification", "regression"]
+    estimator: str
+    input: InputSpec
+    output: OutputSpec
+    scheme: dict[str, Any]
+    layout: dict[str, Any]
+    keys: KeysSpec
+    precision: PrecisionSpec
+    privacy: PrivacySpec
+    max_batch: int = Field(ge=1)
+
+    @property
+    def n_features(self) -> int:
+        return int(self.input.shape[0])
+
+    @property
+    def n_outputs(self) -> int:
+        return int(self.output.shape[0])
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Manifest:
+        """Parse a manifest, refusing other formats and newer versions with a clear message."""
+        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+            raise ModelFormatError("not a heinfer manifest (missing format marker)")
+        version = data.get("format_version")
+        if version != MANIFEST_VERSION:
+            raise ModelFormatError(
+                f"manifest format version {version} is not supported by this heinfer "
+                f"(supports {MANIFEST_VERSION}); upgrade heinfer"
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ModelFormatError(f"invalid manifest: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Manifest:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ModelFormatError(f"manifest is not JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+
+def manifest_json_schema() -> dict[str, Any]:
+    """JSON Schema of the manifest, for users validating it outside Python."""
+    return Manifest.model_json_schema()

@@ -1,0 +1,129 @@
+"""Framing of request and response bodies: a few fixed fields, then opaque records.
+
+Requests carry one or more ciphertexts (each a SEAL serialization of varying length);
+responses carry fixed-size result records whose size the manifest determines. Both decoders
+check every length before slicing, so truncated or oversized bodies fail with a clear error.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from heinfer.errors import MalformedPayloadError, PayloadTooLargeError
+
+__all__ = [
+    "KEYS_MAGIC",
+    "KEY_KINDS",
+    "REQUEST_MAGIC",
+    "RESPONSE_MAGIC",
+    "decode_keys",
+    "decode_request",
+    "decode_response",
+    "encode_keys",
+    "encode_request",
+    "encode_response",
+]
+
+REQUEST_MAGIC = b"HEQ1"
+RESPONSE_MAGIC = b"HER1"
+_FRAME = struct.Struct("<4sI")  # magic, record count
+_LENGTH = struct.Struct("<I")
+
+
+def encode_request(ciphertexts: list[bytes]) -> bytes:
+    parts = [_FRAME.pack(REQUEST_MAGIC, len(ciphertexts))]
+    for blob in ciphertexts:
+        parts.append(_LENGTH.pack(len(blob)))
+        parts.append(blob)
+    return b"".join(parts)
+
+
+def decode_request(body: bytes, *, max_records: int, max_record_bytes: int) -> list[bytes]:
+    if len(body) < _FRAME.size:
+        raise MalformedPayloadError("request body is too short to be a heinfer request")
+    magic, count = _FRAME.unpack_from(body)
+    if magic != REQUEST_MAGIC:
+        raise MalformedPayloadError("request body does not start with the heinfer magic HEQ1")
+    if count == 0:
+        raise MalformedPayloadError("request holds no ciphertexts")
+    if count > max_records:
+        raise PayloadTooLargeError(
+            f"request holds {count} ciphertexts; this model accepts at most {max_records} per call"
+        )
+    records, offset = [], _FRAME.size
+    for index in range(count):
+        if offset + _LENGTH.size > len(body):
+            raise MalformedPayloadError(f"request truncated before ciphertext {index}")
+        (length,) = _LENGTH.unpack_from(body, offset)
+        offset += _LENGTH.size
+        if length > max_record_bytes:
+            raise PayloadTooLargeError(
+                f"ciphertext {index} is {length} bytes; at most {max_record_bytes} expected"
+            )
+        if offset + length > len(body):
+            raise MalformedPayloadError(f"request truncated inside ciphertext {index}")
+        records.append(body[offset : offset + length])
+        offset += length
+    if offset != len(body):
+        raise MalformedPayloadError(f"{len(body) - offset} unexpected bytes after the last record")
+    return records
+
+
+def encode_response(records: list[bytes]) -> bytes:
+    return _FRAME.pack(RESPONSE_MAGIC, len(records)) + b"".join(records)
+
+
+def decode_response(body: bytes, record_bytes: int) -> list[bytes]:
+    if len(body) < _FRAME.size:
+        raise MalformedPayloadError("response body is too short")
+    magic, count = _FRAME.unpack_from(body)
+    if magic != RESPONSE_MAGIC:
+        raise MalformedPayloadError("response body does not start with HER1")
+    if len(body) != _FRAME.size + count * record_bytes:
+        raise MalformedPayloadError(
+            f"response has {len(body)} bytes; {count} records of {record_bytes} expected"
+        )
+    return [
+        body[_FRAME.size + i * record_bytes : _FRAME.size + (i + 1) * record_bytes]
+        for i in range(count)
+    ]
+
+
+KEYS_MAGIC = b"HEK1"
+KEY_KINDS = {"public": 1, "relin": 2, "galois": 3}
+_KEYS_HEAD = struct.Struct("<4s32sB")
+_KEY_PART = struct.Struct("<BI")
+
+
+def encode_keys(fingerprint: bytes, parts: dict[str, bytes]) -> bytes:
+    """A key upload: the parameter fingerprint, then each public key part by kind."""
+    out = [_KEYS_HEAD.pack(KEYS_MAGIC, fingerprint, len(parts))]
+    for kind, blob in parts.items():
+        out.append(_KEY_PART.pack(KEY_KINDS[kind], len(blob)))
+        out.append(blob)
+    return b"".join(out)
+
+
+def decode_keys(body: bytes) -> tuple[bytes, dict[str, bytes]]:
+    if len(body) < _KEYS_HEAD.size:
+        raise MalformedPayloadError("key upload is too short")
+    magic, fingerprint, count = _KEYS_HEAD.unpack_from(body)
+    if magic != KEYS_MAGIC:
+        raise MalformedPayloadError("key upload does not start with the heinfer magic HEK1")
+    names = {code: name for name, code in KEY_KINDS.items()}
+    parts: dict[str, bytes] = {}
+    offset = _KEYS_HEAD.size
+    for index in range(count):
+        if offset + _KEY_PART.size > len(body):
+            raise MalformedPayloadError(f"key upload truncated before part {index}")
+        code, length = _KEY_PART.unpack_from(body, offset)
+        offset += _KEY_PART.size
+        if code not in names or names[code] in parts:
+            raise MalformedPayloadError(f"key part {index} has an unknown or repeated kind {code}")
+        if offset + length > len(body):
+            raise MalformedPayloadError(f"key upload truncated inside part {index}")
+        parts[names[code]] = body[offset : offset + length]
+        offset += length
+    if offset != len(body):
+        raise MalformedPayloadError("unexpected bytes after the last key part")
+    return fingerprint, parts

@@ -1,0 +1,179 @@
+"""HE evaluation in worker processes.
+
+SEAL's Python bindings hold the GIL, so CPU parallelism needs processes. Each worker loads the
+models and opens the key store itself (keys travel by id, never through the parent), and keeps
+its own byte-bounded cache of parsed public keys. A worker that dies (a native crash, kill -9)
+breaks the executor; the pool then starts a fresh one and retries the affected calls once:
+evaluation is a pure function of (request, key), so a retry is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import multiprocessing
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from heinfer.errors import ParameterMismatchError, ServiceUnavailableError
+from heinfer.he.backend import EvaluationKey
+from heinfer.models import EncryptedModel, load_model
+from heinfer.plans.wire import decode_keys
+from heinfer.server.keystore import KeyStore, open_key_store
+
+__all__ = ["WorkerPool"]
+
+log = logging.getLogger("heinfer.workers")
+T = TypeVar("T")
+
+
+@dataclass
+class _WorkerState:
+    """Everything one worker process holds; set once by the pool's initializer."""
+
+    models: dict[str, EncryptedModel]
+    store: KeyStore
+    keys: OrderedDict[tuple[str, str, str], EvaluationKey]
+    key_bytes: int
+    max_key_bytes: int
+
+
+_STATE: _WorkerState | None = None  # per worker process, never in the service process
+
+
+def _initialize(model_paths: list[str], store_url: str, cache_bytes: int) -> None:
+    global _STATE
+    models = {}
+    for path in model_paths:
+        model = load_model(path)
+        _ = model.plan.context  # build SEAL objects now, not on the first request
+        models[model.name] = model
+    store = open_key_store(store_url, cache_bytes=0)
+    _STATE = _WorkerState(models, store, OrderedDict(), 0, cache_bytes)
+
+
+def _state() -> _WorkerState:
+    if _STATE is None:
+        raise RuntimeError("worker used before initialization")
+    return _STATE
+
+
+def _evaluation_key(model: EncryptedModel, tenant: str, key_id: str) -> EvaluationKey:
+    state = _state()
+    cache_key = (model.name, tenant, key_id)
+    cached = state.keys.get(cache_key)
+    if cached is not None:
+        state.keys.move_to_end(cache_key)
+        return cached
+    fingerprint, parts = decode_keys(state.store.get(tenant, key_id))
+    key = _parse_key(model, fingerprint, parts)
+    state.keys[cache_key] = key
+    state.key_bytes += key.nbytes
+    while state.key_bytes > state.max_key_bytes and len(state.keys) > 1:
+        _, evicted = state.keys.popitem(last=False)
+        state.key_bytes -= evicted.nbytes
+    return key
+
+
+def _parse_key(model: EncryptedModel, fingerprint: bytes, parts: dict[str, bytes]) -> EvaluationKey:
+    if fingerprint != model.plan.params.fingerprint:
+        raise ParameterMismatchError(
+            f"this key was made for other encryption parameters than model {model.name!r}: "
+            "fetch its manifest and make keys for it"
+        )
+    if "public" not in parts:
+        raise ParameterMismatchError(f"model {model.name!r} needs a public key in the upload")
+    return model.plan.load_key(parts["public"])
+
+
+def _infer(model_name: str, tenant: str, key_id: str, records: list[bytes]) -> list[bytes]:
+    model = _state().models[model_name]
+    key = _evaluation_key(model, tenant, key_id)
+    return [model.plan.evaluate(record, key) for record in records]
+
+
+def _validate_key(model_name: str, body: bytes) -> None:
+    model = _state().models[model_name]
+    fingerprint, parts = decode_keys(body)
+    _parse_key(model, fingerprint, parts)
+
+
+def _ping() -> int:
+    return os.getpid()
+
+
+class WorkerPool:
+    """A process pool that restarts itself when a worker dies."""
+
+    def __init__(
+        self, model_paths: list[str], store_url: str, workers: int, cache_bytes: int
+    ) -> None:
+        self._args = (model_paths, store_url, cache_bytes)
+        self.workers = workers
+        self.restarts = 0
+        self._lock = threading.Lock()
+        self._executor = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            max_workers=self.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_initialize,
+            initargs=self._args,
+        )
+
+    def _restart(self, broken: ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._executor is broken:
+                log.warning("a worker process died; starting a fresh pool")
+                broken.shutdown(wait=False, cancel_futures=True)
+                self._executor = self._start()
+                self.restarts += 1
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        for attempt in range(2):
+            executor = self._executor
+            try:
+                return await asyncio.wrap_future(executor.submit(fn, *args))
+            except BrokenProcessPool:
+                self._restart(executor)
+                if attempt == 1:
+                    raise ServiceUnavailableError(
+                        "evaluation worker crashed twice on this request", retry_after=1
+                    ) from None
+        raise AssertionError("unreachable")
+
+    async def infer(
+        self, model: str, tenant: str, key_id: str, records: list[bytes]
+    ) -> list[bytes]:
+        """Fan a batch out over all workers; results come back in request order."""
+        size = max(1, math.ceil(len(records) / self.workers))
+        chunks = [records[i : i + size] for i in range(0, len(records), size)]
+        parts = await asyncio.gather(
+            *(self._call(_infer, model, tenant, key_id, chunk) for chunk in chunks)
+        )
+        return [record for part in parts for record in part]
+
+    async def validate_key(self, model: str, body: bytes) -> None:
+        await self._call(_validate_key, model, body)
+
+    async def ready(self, timeout: float = 30.0) -> bool:
+        try:
+            await asyncio.wait_for(self._call(_ping), timeout)
+            return True
+        except (TimeoutError, ServiceUnavailableError):
+            return False
+
+    def worker_pids(self) -> list[int]:
+        processes = getattr(self._executor, "_processes", None) or {}
+        return sorted(processes)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=False)

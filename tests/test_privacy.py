@@ -1,0 +1,126 @@
+"""Model privacy of results, checked with the client's secret key in hand.
+
+Each property has a negative control: the same check with the protection switched off must
+detect the leak, so the test can fail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pytest
+from scipy.stats import chisquare
+
+import heinfer
+from heinfer.he.backend import SecretKey
+from heinfer.plans.linear import LinearCodec
+
+
+@pytest.fixture(scope="module")
+def setup(mnist_model: heinfer.EncryptedModel, mnist: dict[str, np.ndarray]) -> dict[str, Any]:
+    codec = LinearCodec(mnist_model.manifest)
+    secret = SecretKey.generate(codec.context)
+    key = mnist_model.plan.load_key(secret.public_key_bytes())
+    record = codec.encrypt(secret, mnist["X_test"][:1])[0]
+    return {"plan": mnist_model.plan, "secret": secret, "key": key, "record": record}
+
+
+@contextmanager
+def protections(plan: Any, **flags: bool) -> Iterator[None]:
+    saved = {name: getattr(plan, name) for name in flags}
+    for name, value in flags.items():
+        setattr(plan, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(plan, name, value)
+
+
+def _non_output_pvalue(setup: dict[str, Any]) -> float:
+    plan, secret = setup["plan"], setup["secret"]
+    t = plan.params.plain_modulus
+    values = []
+    for index, ciphertext in enumerate(plan.evaluate_full(setup["record"], setup["key"])):
+        plain = secret.decrypt_full(ciphertext) % t
+        outputs = set(plan.manifest.layout["results"][index]["coefficients"])
+        values.extend(v for i, v in enumerate(plain) if i not in outputs)
+    bins = np.bincount((np.array(values) * 32 // t).astype(int), minlength=32)
+    return float(chisquare(bins).pvalue)
+
+
+def test_non_output_coefficients_are_uniform(setup: dict[str, Any]) -> None:
+    assert _non_output_pvalue(setup) > 1e-4
+    with protections(setup["plan"], mask=False):
+        assert _non_output_pvalue(setup) < 1e-12  # partial sums of the weights show through
+
+
+def _weights_recovered_fraction(setup: dict[str, Any]) -> float:
+    """Attack: NTT(c1_result) / NTT(c1_x) and compare with the NTT-form weights."""
+    plan, context = setup["plan"], setup["plan"].context
+    request = context.load_request(setup["record"]).ciphertext
+    c1_x = context.ciphertext_arrays(context.to_ntt(request))[1]
+    result = plan.evaluate_full(setup["record"], setup["key"])[0]
+    c1_r = context.ciphertext_arrays(context.to_ntt(result))[1]
+    weights = context.plaintext_arrays(plan._weights[0])
+    matches, total = 0, 0
+    for limb, q in enumerate(context.data_primes.tolist()):
+        for a, b, w in zip(c1_r[limb].tolist(), c1_x[limb].tolist(), weights[limb].tolist(), strict=True):
+            if b % q:
+                total += 1
+                matches += (a * pow(b, -1, q)) % q == w
+    return matches / total
+
+
+def test_result_c1_does_not_reveal_weights(setup: dict[str, Any]) -> None:
+    with protections(setup["plan"], rerandomize=False):
+        assert _weights_recovered_fraction(setup) == 1.0  # the attack works without re-randomizing
+    assert _weights_recovered_fraction(setup) < 0.001
+
+
+def _output_deviation(setup: dict[str, Any], mnist_model: heinfer.EncryptedModel, x: np.ndarray) -> np.ndarray:
+    """Decrypted output integers minus the exact W_int x_int + b_int, over a few evaluations."""
+    plan, secret = setup["plan"], setup["secret"]
+    codec = LinearCodec(mnist_model.manifest)
+    x_int = codec.quantize(x)[0]
+    exact = plan.arrays["w_int"] @ x_int + plan.arrays["b_int"]
+    deviations = []
+    for _ in range(4):
+        for index, ciphertext in enumerate(plan.evaluate_full(setup["record"], setup["key"])):
+            result = mnist_model.manifest.layout["results"][index]
+            plain = secret.decrypt_full(ciphertext)
+            deviations.extend(plain[result["coefficients"]] - exact[result["outputs"]])
+    return np.array(deviations, dtype=np.float64)
+
+
+def test_output_noise_is_flooded(
+    setup: dict[str, Any], mnist_model: heinfer.EncryptedModel, mnist: dict[str, np.ndarray]
+) -> None:
+    x = mnist["X_test"][:1]
+    eta = mnist_model.manifest.layout["noise"]["eta_target"]
+    flooded = _output_deviation(setup, mnist_model, x)
+    assert np.abs(flooded).max() <= eta  # within the precision the manifest promises
+    assert flooded.std() > eta / 20  # and visibly randomized: the e_x * W term is drowned
+    with protections(setup["plan"], flood=False):
+        assert np.abs(_output_deviation(setup, mnist_model, x)).max() <= 2  # exact without
+
+
+def test_response_decrypts_to_scores_only(
+    setup: dict[str, Any], mnist_model: heinfer.EncryptedModel, mnist: dict[str, np.ndarray]
+) -> None:
+    codec = LinearCodec(mnist_model.manifest)
+    record = setup["plan"].evaluate(setup["record"], setup["key"])
+    n = mnist_model.manifest.scheme["poly_modulus_degree"]
+    bits = mnist_model.manifest.layout["result_prime_bits"]
+    outputs = sum(len(r["coefficients"]) for r in mnist_model.manifest.layout["results"])
+    groups = len(mnist_model.manifest.layout["results"])
+    assert len(record) == groups * ((n * bits + 7) // 8) + sum(
+        (len(r["coefficients"]) * bits + 7) // 8 for r in mnist_model.manifest.layout["results"]
+    )
+    assert outputs == 10
+    scores = codec.decrypt(setup["secret"], record)
+    reference = mnist_model.predict_plain(mnist["X_test"][:1])[0]
+    assert np.abs(scores - reference).max() < 1e-3
