@@ -44,6 +44,7 @@ _COMPR_NONE, _COMPR_ZSTD = 0, 2
 # parms_id (4 x u64), is_ntt_form (u8), size, N, L (u64 each), scale (f64), correction (u64)
 _CT_META = struct.Struct("<4QBQQQdQ")
 _MAX_DECOMPRESSED = 64 << 20
+_FINGERPRINT_BYTES = 8
 
 T = TypeVar("T")
 
@@ -140,21 +141,6 @@ def _payload(data: bytes) -> bytes:
         raise MalformedPayloadError(f"corrupt compressed SEAL data: {exc}") from exc
 
 
-def _peek_parms_id(data: bytes) -> tuple[int, ...]:
-    """Read a serialized ciphertext's parms_id without decompressing the whole body."""
-    compr = _HEADER.unpack_from(data)[4]
-    body = data[_HEADER.size :]
-    if compr == _COMPR_ZSTD:
-        try:
-            reader = zstandard.ZstdDecompressor().stream_reader(body)
-            body = reader.read(32)
-        except zstandard.ZstdError as exc:
-            raise MalformedPayloadError(f"corrupt compressed SEAL data: {exc}") from exc
-    if len(body) < 32:
-        raise MalformedPayloadError("SEAL object too short to hold a parms_id")
-    return struct.unpack_from("<4Q", body)
-
-
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
     """Pack non-negative integers below 2**bits into exactly ceil(n*bits/8) bytes."""
     flat = np.ascontiguousarray(values, dtype="<u8").reshape(-1)
@@ -205,6 +191,11 @@ class Context:
         keygen = seal.KeyGenerator(self.seal_context)
         encryptor = seal.Encryptor(self.seal_context, keygen.secret_key())
         plain = self.plaintext_from_coefficients(None)
+        seeded = _payload(_SCRATCH.save(encryptor.encrypt_symmetric(plain)))
+        self._seeded_prefix = seeded[: _CT_META.size + 16 + 8]
+        self._seed_bytes = len(seeded) - len(self._seeded_prefix) - 8 * self.n * len(
+            self.params.data_primes
+        )
         fresh = seal.Ciphertext()
         encryptor.encrypt_symmetric(plain, fresh)
         self._ct_prefix_first = self._prefix(_SCRATCH.save(fresh))
@@ -214,7 +205,12 @@ class Context:
         public = seal.PublicKey()
         keygen.create_public_key(public)
         self._pk_prefix = self._prefix(_SCRATCH.save(public))
-        self.max_request_bytes = 2 * self.n * len(self.data_primes) * 8 + 4096
+        self._data_bits = [q.bit_length() for q in self.params.data_primes]
+        self.request_bytes = (
+            _FINGERPRINT_BYTES
+            + sum((self.n * b + 7) // 8 for b in self._data_bits)
+            + self._seed_bytes
+        )
         self.max_key_bytes = 2 * self.n * len(self.params.coeff_modulus) * 8 + 4096
 
     @staticmethod
@@ -301,17 +297,43 @@ class Context:
                 filled += take
         return out
 
+    def compact_request(self, serialized: bytes) -> bytes:
+        """SEAL's seeded ciphertext -> parameter tag + c0 bit-packed per prime + SEAL's seed."""
+        payload = _payload(serialized)
+        count = self.n * len(self._data_bits)
+        start = len(self._seeded_prefix)
+        c0 = np.frombuffer(payload, dtype="<u8", count=count, offset=start).reshape(-1, self.n)
+        packed = b"".join(pack_bits(c0[i], b) for i, b in enumerate(self._data_bits))
+        return self.params.fingerprint[:_FINGERPRINT_BYTES] + packed + payload[start + 8 * count :]
+
     def load_request(self, data: bytes) -> RequestCiphertext:
-        """Validate and load one client ciphertext: fresh, 2 components, first data level."""
-        _check_header(data, "ciphertext", self.max_request_bytes)
-        parms_id = _peek_parms_id(data)
-        if parms_id != self.first_parms_id:
+        """Validate and load one compact client ciphertext; SEAL re-expands c1 from the seed."""
+        if data[:_FINGERPRINT_BYTES] != self.params.fingerprint[:_FINGERPRINT_BYTES]:
             raise ParameterMismatchError(
-                "ciphertext was made for other encryption parameters (parms_id mismatch): "
-                "fetch the model's manifest again and re-encrypt"
+                "ciphertext was made for other encryption parameters: fetch the model's "
+                "manifest again and re-encrypt"
             )
+        if len(data) != self.request_bytes:
+            raise MalformedPayloadError(
+                f"ciphertext must be {self.request_bytes} bytes for these parameters, "
+                f"got {len(data)}"
+            )
+        limbs, offset = [], _FINGERPRINT_BYTES
+        for q, bits in zip(self.params.data_primes, self._data_bits, strict=True):
+            size = (self.n * bits + 7) // 8
+            limb = unpack_bits(data[offset : offset + size], self.n, bits)
+            if np.any(limb >= np.uint64(q)):
+                raise MalformedPayloadError("ciphertext coefficient out of range")
+            limbs.append(limb)
+            offset += size
+        body = (
+            self._seeded_prefix
+            + np.stack(limbs).astype("<u8").tobytes()
+            + data[offset:]
+        )
+        serialized = _seal_header(_COMPR_NONE, _HEADER.size + len(body)) + body
         try:
-            ciphertext = _SCRATCH.load(seal.Ciphertext(), self.seal_context, data)
+            ciphertext = _SCRATCH.load(seal.Ciphertext(), self.seal_context, serialized)
         except (RuntimeError, ValueError) as exc:
             raise MalformedPayloadError(f"ciphertext rejected by SEAL: {exc}") from exc
         if ciphertext.size() != 2 or ciphertext.is_ntt_form():
@@ -433,7 +455,7 @@ class SecretKey:
     def encrypt(self, coefficients: np.ndarray) -> bytes:
         """Seeded symmetric encryption: the uniform half of the ciphertext travels as a seed."""
         plain = self._context.plaintext_from_coefficients(coefficients)
-        return _SCRATCH.save(self._encryptor.encrypt_symmetric(plain))
+        return self._context.compact_request(_SCRATCH.save(self._encryptor.encrypt_symmetric(plain)))
 
     def decrypt_last_level(self, c0: np.ndarray, c1: np.ndarray) -> np.ndarray:
         """Decrypt a one-prime ciphertext given as arrays; returns coefficients centered mod t."""
