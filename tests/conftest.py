@@ -108,8 +108,15 @@ def key_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def service(mnist_model_path: Path, key_dir: Path) -> Iterator[RunningService]:
     running = RunningService(
-        [str(mnist_model_path), "--workers", "2", "--key-store", str(key_dir),
-         "--log-level", "warning"]
+        [
+            str(mnist_model_path),
+            "--workers",
+            "2",
+            "--key-store",
+            str(key_dir),
+            "--log-level",
+            "warning",
+        ]
     )
     yield running
     running.stop()

@@ -37,7 +37,9 @@ def _roundtrip(model: heinfer.EncryptedModel, X: np.ndarray) -> np.ndarray:
 
 
 def test_mnist_logreg_matches_plaintext(
-    mnist: dict[str, np.ndarray], mnist_model: heinfer.EncryptedModel, mnist_estimator: LogisticRegression
+    mnist: dict[str, np.ndarray],
+    mnist_model: heinfer.EncryptedModel,
+    mnist_estimator: LogisticRegression,
 ) -> None:
     X = mnist["X_test"][:40]
     decrypted = _roundtrip(mnist_model, X)

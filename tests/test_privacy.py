@@ -68,7 +68,9 @@ def _weights_recovered_fraction(setup: dict[str, Any]) -> float:
     weights = context.plaintext_arrays(plan._weights[0])
     matches, total = 0, 0
     for limb, q in enumerate(context.data_primes.tolist()):
-        for a, b, w in zip(c1_r[limb].tolist(), c1_x[limb].tolist(), weights[limb].tolist(), strict=True):
+        for a, b, w in zip(
+            c1_r[limb].tolist(), c1_x[limb].tolist(), weights[limb].tolist(), strict=True
+        ):
             if b % q:
                 total += 1
                 matches += (a * pow(b, -1, q)) % q == w
@@ -81,7 +83,9 @@ def test_result_c1_does_not_reveal_weights(setup: dict[str, Any]) -> None:
     assert _weights_recovered_fraction(setup) < 0.001
 
 
-def _output_deviation(setup: dict[str, Any], mnist_model: heinfer.EncryptedModel, x: np.ndarray) -> np.ndarray:
+def _output_deviation(
+    setup: dict[str, Any], mnist_model: heinfer.EncryptedModel, x: np.ndarray
+) -> np.ndarray:
     """Decrypted output integers minus the exact W_int x_int + b_int, over a few evaluations."""
     plan, secret = setup["plan"], setup["secret"]
     codec = LinearCodec(mnist_model.manifest)

@@ -104,8 +104,19 @@ def demo(
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="heinfer-demo-") as keys:
         command = [
-            sys.executable, "-m", "heinfer", "serve", str(model_path), "--port", str(port),
-            "--workers", str(workers), "--key-store", keys, "--log-level", "warning",
+            sys.executable,
+            "-m",
+            "heinfer",
+            "serve",
+            str(model_path),
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--key-store",
+            keys,
+            "--log-level",
+            "warning",
         ]
         process = subprocess.Popen(command)
         try:
@@ -130,7 +141,10 @@ def _run_demo(client: object, X: np.ndarray, y: np.ndarray, model_path: Path, ba
     times = {"encrypt": 0.0, "round trip": 0.0, "decrypt": 0.0}
     scores, request_bytes, response_bytes = [], 0, 0
     with Progress(
-        TextColumn("encrypted inference"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("encrypted inference"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
         console=console,
     ) as progress:
         task = progress.add_task("digits", total=len(X))
@@ -156,7 +170,10 @@ def _run_demo(client: object, X: np.ndarray, y: np.ndarray, model_path: Path, ba
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("accuracy vs labels", f"{(decrypted.argmax(1) == y).mean():.1%}")
-    table.add_row("agreement with plaintext model", f"{(decrypted.argmax(1) == reference.argmax(1)).mean():.1%}")
+    table.add_row(
+        "agreement with plaintext model",
+        f"{(decrypted.argmax(1) == reference.argmax(1)).mean():.1%}",
+    )
     table.add_row("max |score error|", f"{np.abs(decrypted - reference).max():.2e}")
     table.add_row("key generation + upload", f"{keygen_s * 1e3:.0f} ms")
     for stage, seconds in times.items():
@@ -184,16 +201,47 @@ def serve(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
     workers: Annotated[int, typer.Option(help="evaluation processes (default: cores)")] = 0,
-    key_store: Annotated[str, typer.Option(help="DIR, file:///DIR, azure://CONTAINER or s3://BUCKET")] = "./heinfer-keys",
-    auth_file: Annotated[Path | None, typer.Option(help="tenant tokens (heinfer token new)")] = None,
-    allow_anonymous: Annotated[bool, typer.Option(help="allow no auth on a non-loopback host")] = False,
+    key_store: Annotated[
+        str, typer.Option(help="DIR, file:///DIR, azure://CONTAINER or s3://BUCKET")
+    ] = "./heinfer-keys",
+    auth_file: Annotated[
+        Path | None, typer.Option(help="tenant tokens (heinfer token new)")
+    ] = None,
+    allow_anonymous: Annotated[
+        bool, typer.Option(help="allow no auth on a non-loopback host")
+    ] = False,
     max_body_bytes: Annotated[int, typer.Option()] = 64 << 20,
+    max_keys_per_tenant: Annotated[
+        int | None, typer.Option(help="keys one tenant may hold (default 1000)")
+    ] = None,
+    max_key_bytes_per_tenant: Annotated[
+        int | None, typer.Option(help="key bytes one tenant may hold (default 1 GiB)")
+    ] = None,
+    max_concurrent_requests: Annotated[
+        int | None, typer.Option(help="requests using the workers at once (default 64)")
+    ] = None,
+    max_queued_requests: Annotated[
+        int | None, typer.Option(help="requests waiting beyond those; more get 503 (default 64)")
+    ] = None,
+    queue_timeout: Annotated[
+        float | None, typer.Option(help="seconds a request waits for a worker before 503 (30)")
+    ] = None,
     log_level: Annotated[str, typer.Option()] = "info",
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            metavar="ADDRESS",
+            help="run on Ray Serve instead: a cluster HOST:PORT or ray://HOST:PORT, 'auto' "
+            "(running local cluster, else start one) or 'local'; needs heinfer[ray]; "
+            "replicas: HEINFER_RAY_* (docs/deploy.md)",
+        ),
+    ] = None,
 ) -> None:
-    """Serve compiled models over HTTP (FastAPI on uvicorn)."""
+    """Serve compiled models over HTTP (FastAPI on uvicorn); logs are JSON lines on stderr."""
     import uvicorn
 
-    from heinfer.server.app import create_app
+    from heinfer.server.app import create_app, logging_config
+    from heinfer.server.auth import TokenRegistry
     from heinfer.server.settings import ServiceSettings
 
     if auth_file is None and not _is_loopback(host):
@@ -204,12 +252,47 @@ def serve(
             )
             raise typer.Exit(2)
         console.print(f"[yellow]warning: serving on {host} without authentication[/yellow]")
+    if auth_file is not None:
+        try:
+            tenants = TokenRegistry.from_file(auth_file).tenants
+        except HeinferError as exc:
+            console.print(f"[red]{exc.message}[/red]")
+            raise typer.Exit(2) from exc
+        if not tenants:
+            console.print(f"[yellow]warning: {auth_file} holds no tenants yet[/yellow]")
+    optional: dict[str, int | float | None] = {
+        "max_keys_per_tenant": max_keys_per_tenant,
+        "max_key_bytes_per_tenant": max_key_bytes_per_tenant,
+        "max_concurrent_requests": max_concurrent_requests,
+        "max_queued_requests": max_queued_requests,
+        "queue_timeout_seconds": queue_timeout,
+    }
     settings = ServiceSettings(
-        model_paths=[str(p) for p in model_paths], host=host, port=port,
-        workers=workers or (os.cpu_count() or 1), key_store=key_store,
-        auth_file=str(auth_file) if auth_file else None, max_body_bytes=max_body_bytes,
+        model_paths=[str(p) for p in model_paths],
+        host=host,
+        port=port,
+        workers=workers or (os.cpu_count() or 1),
+        key_store=key_store,
+        auth_file=str(auth_file) if auth_file else None,
+        max_body_bytes=max_body_bytes,
+        **{name: value for name, value in optional.items() if value is not None},  # type: ignore[arg-type]
     )
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+    if ray is not None:  # same app, replicated by Ray Serve (heinfer.ray_serve)
+        try:
+            from heinfer.ray_serve import serve_on_ray
+        except ImportError as exc:
+            console.print(f"[red]--ray needs Ray Serve: pip install 'heinfer[ray]' ({exc})[/red]")
+            raise typer.Exit(2) from exc
+        serve_on_ray(settings, ray, workers=workers or None, announce=console.print)
+        return
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level=log_level,
+        log_config=logging_config(log_level),
+        access_log=False,
+    )
 
 
 @app.command()
@@ -217,8 +300,15 @@ def predict(
     url: Annotated[str, typer.Option(help="service URL")] = "http://127.0.0.1:8000",
     model: Annotated[str, typer.Option()] = "mnist",
     image: Annotated[Path | None, typer.Option(help="a PNG/JPEG of a digit")] = None,
-    mnist_index: Annotated[int | None, typer.Option(help="index into the bundled test digits")] = None,
-    batch: Annotated[Path | None, typer.Option(help=".npy (values as the model expects) or IDX images (pixels, divided by 255)")] = None,
+    mnist_index: Annotated[
+        int | None, typer.Option(help="index into the bundled test digits")
+    ] = None,
+    batch: Annotated[
+        Path | None,
+        typer.Option(
+            help=".npy (values as the model expects) or IDX images (pixels, divided by 255)"
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="where --batch writes scores (.npy)")] = None,
     batch_size: Annotated[int, typer.Option()] = 256,
     token: Annotated[str | None, typer.Option(envvar="HEINFER_TOKEN")] = None,
@@ -244,8 +334,12 @@ def predict(
         with Client(url, model=model, token=token) as client:
             client.upload_keys()
             with Progress(
-                TextColumn("encrypted inference"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), console=console, disable=len(X) <= batch_size,
+                TextColumn("encrypted inference"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                disable=len(X) <= batch_size,
             ) as progress:
                 task = progress.add_task("samples", total=len(X))
                 scores = client.predict(

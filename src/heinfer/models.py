@@ -66,7 +66,8 @@ class EncryptedModel:
     def save(self, path: str | os.PathLike[str]) -> Path:
         path = Path(path)
         arrays = io.BytesIO()
-        np.savez(arrays, **self.plan.arrays)
+        save_arrays: Any = np.savez  # numpy's stub cannot type **arrays
+        save_arrays(arrays, **self.plan.arrays)
         header = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "plan": "linear"}
         tmp = path.with_name(path.name + ".tmp")
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
@@ -107,7 +108,7 @@ def load_model(path: str | os.PathLike[str]) -> EncryptedModel:
     return EncryptedModel(LinearPlan(manifest, arrays))
 
 
-def compile(  # noqa: A001 - the verb users expect, as in Concrete ML
+def compile(
     estimator: Any,
     *,
     name: str,
@@ -183,8 +184,7 @@ def _check_X(X: Any, n_features: int) -> np.ndarray:
         data = data.reshape(1, -1)
     if data.ndim != 2 or data.shape[1] != n_features:
         raise ShapeError(
-            f"expected X of shape (n_samples, {n_features}) or ({n_features},), "
-            f"got {np.shape(X)}"
+            f"expected X of shape (n_samples, {n_features}) or ({n_features},), got {np.shape(X)}"
         )
     if not np.all(np.isfinite(data)):
         raise ShapeError("X contains NaN or infinite values")

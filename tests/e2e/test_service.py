@@ -59,7 +59,9 @@ def test_single_vector_and_classify(client: heinfer.Client, mnist: dict[str, np.
     assert client.classify(mnist["X_test"][:3]).shape == (3,)
 
 
-def _post_infer(service, client: heinfer.Client, body: bytes, key_id: str | None = None) -> httpx.Response:  # type: ignore[no-untyped-def]
+def _post_infer(
+    service, client: heinfer.Client, body: bytes, key_id: str | None = None
+) -> httpx.Response:  # type: ignore[no-untyped-def]
     return httpx.post(
         f"{service.url}/v2/models/mnist/infer",
         content=body,
@@ -80,7 +82,12 @@ def _post_infer(service, client: heinfer.Client, body: bytes, key_id: str | None
     ids=["garbage", "truncated", "header-only", "out-of-range", "trailing"],
 )
 def test_bad_ciphertexts_get_4xx_and_service_keeps_serving(
-    service, client: heinfer.Client, mnist: dict[str, np.ndarray], mutate, status: int, code: str  # type: ignore[no-untyped-def]
+    service,
+    client: heinfer.Client,
+    mnist: dict[str, np.ndarray],
+    mutate,
+    status: int,
+    code: str,  # type: ignore[no-untyped-def]
 ) -> None:
     good = client.encrypt(mnist["X_test"][:1])
     response = _post_infer(service, client, mutate(good))
@@ -89,7 +96,9 @@ def test_bad_ciphertexts_get_4xx_and_service_keeps_serving(
     assert client.decrypt(client.infer(good)).shape == (1, 10)
 
 
-def test_errors_map_to_exceptions(service, client: heinfer.Client, mnist: dict[str, np.ndarray]) -> None:  # type: ignore[no-untyped-def]
+def test_errors_map_to_exceptions(
+    service, client: heinfer.Client, mnist: dict[str, np.ndarray]
+) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ModelNotFoundError):
         heinfer.Client(service.url, model="nope")
     body = client.encrypt(mnist["X_test"][:1])
@@ -100,8 +109,10 @@ def test_errors_map_to_exceptions(service, client: heinfer.Client, mnist: dict[s
     response = httpx.post(f"{service.url}/v2/models/mnist/infer", content=body)
     assert response.status_code == 404
     huge = httpx.post(
-        f"{service.url}/v2/models/mnist/infer", content=bytes(65 << 20),
-        headers={"X-Heinfer-Key-Id": client.key_id or ""}, timeout=60,
+        f"{service.url}/v2/models/mnist/infer",
+        content=bytes(65 << 20),
+        headers={"X-Heinfer-Key-Id": client.key_id or ""},
+        timeout=60,
     )
     assert huge.status_code == 413
     with pytest.raises(PayloadTooLargeError):
@@ -111,7 +122,10 @@ def test_errors_map_to_exceptions(service, client: heinfer.Client, mnist: dict[s
 
 
 def test_ciphertext_for_other_parameters_is_refused(
-    service, client: heinfer.Client, mnist: dict[str, np.ndarray], mnist_estimator  # type: ignore[no-untyped-def]
+    service,
+    client: heinfer.Client,
+    mnist: dict[str, np.ndarray],
+    mnist_estimator,  # type: ignore[no-untyped-def]
 ) -> None:
     other = heinfer.compile(mnist_estimator, name="other", input_range=(0.0, 1.0), weight_bits=14)
     assert other.manifest.scheme != client.manifest.scheme
@@ -133,7 +147,10 @@ def test_ciphertext_for_other_parameters_is_refused(
 
 
 def test_secret_key_never_reaches_the_server(
-    service, key_dir: Path, mnist: dict[str, np.ndarray], tmp_path: Path  # type: ignore[no-untyped-def]
+    service,
+    key_dir: Path,
+    mnist: dict[str, np.ndarray],
+    tmp_path: Path,  # type: ignore[no-untyped-def]
 ) -> None:
     client = heinfer.Client(service.url, model="mnist")
     client.upload_keys()

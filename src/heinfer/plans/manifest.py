@@ -8,7 +8,7 @@ belong to the plan that wrote them and are validated by that plan's client codec
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -26,7 +26,7 @@ __all__ = [
     "manifest_json_schema",
 ]
 
-MANIFEST_FORMAT = "heinfer.manifest"
+MANIFEST_FORMAT: Final = "heinfer.manifest"
 MANIFEST_VERSION = 1
 
 

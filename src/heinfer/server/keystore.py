@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -526,6 +527,14 @@ class AzureKeyStore(KeyStore):
 # S3 (AWS, Ceph radosgw, ...)
 # --------------------------------------------------------------------------------------------
 
+
+@functools.cache
+def _botocore_loader() -> Any:
+    from botocore.loaders import create_loader
+
+    return create_loader(os.environ.get("AWS_DATA_PATH"))
+
+
 _S3_AUTH_CODES = frozenset(
     {
         "AccessDenied",
@@ -563,7 +572,7 @@ class S3KeyStore(KeyStore):
         if _S3_BUCKET_RE.fullmatch(bucket) is None or ".." in bucket:
             raise KeyStoreConfigError(f"invalid S3 bucket name {bucket!r}")
         try:
-            import boto3.session
+            import botocore.session
             from botocore.config import Config
         except ImportError as exc:
             raise KeyStoreConfigError(
@@ -591,9 +600,11 @@ class S3KeyStore(KeyStore):
             )
         except TypeError:  # botocore < 1.36 has neither option nor the behaviour they turn off
             config = Config(**options)
-        # A private session: boto3's default session is not thread-safe to create clients from.
-        session = boto3.session.Session()
-        self._client: Any = session.client(
+        # A private session (sessions are not thread-safe, and a fresh one re-reads credentials
+        # from the environment), but shared parsed service models: loading them is ~0.3 s.
+        session = botocore.session.get_session()
+        session.register_component("data_loader", _botocore_loader())
+        self._client: Any = session.create_client(
             "s3", endpoint_url=self._endpoint, region_name=self._region, config=config
         )
         self._bucket_ready = False

@@ -1,0 +1,71 @@
+"""The command line, run as a user would: real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_MNIST
+
+import heinfer
+
+
+def run(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "heinfer", *args],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.e2e
+def test_demo_reports_full_agreement(tmp_path: Path) -> None:
+    result = run("demo", "--n", "30", env={"XDG_CACHE_HOME": str(tmp_path), "COLUMNS": "120"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "agreement with plaintext model" in result.stdout
+    assert "100.0%" in result.stdout
+    assert (tmp_path / "heinfer" / "mnist-demo-v1.heinfer").exists()
+
+
+def test_train_mnist_and_inspect(tmp_path: Path) -> None:
+    if not (SHARED_MNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("shared MNIST files not present")
+    out = tmp_path / "model.heinfer"
+    result = run(
+        "train-mnist",
+        "--images", str(SHARED_MNIST / "train-images-idx3-ubyte.gz"),
+        "--labels", str(SHARED_MNIST / "train-labels-idx1-ubyte.gz"),
+        "--test-images", str(SHARED_MNIST / "test-images-idx3-ubyte.gz"),
+        "--test-labels", str(SHARED_MNIST / "test-labels-idx1-ubyte.gz"),
+        "--out", str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "test accuracy" in result.stdout
+    model = heinfer.load_model(out)
+    assert model.name == "mnist" and model.manifest.n_features == 784
+    shown = run("inspect", str(out))
+    assert shown.returncode == 0
+    manifest = json.loads(shown.stdout)
+    assert manifest["name"] == "mnist"
+    assert manifest["keys"]["galois_steps"] == []
+
+
+def test_token_new_prints_once_and_stores_hash(tmp_path: Path) -> None:
+    auth = tmp_path / "auth.json"
+    result = run("token", "new", "alice", "--auth-file", str(auth))
+    assert result.returncode == 0
+    token = result.stdout.strip()
+    assert len(token) >= 40
+    stored = auth.read_text()
+    assert token not in stored and "alice" in stored
+    assert auth.stat().st_mode & 0o777 == 0o600
+
+
+def test_serve_refuses_public_host_without_auth(mnist_model_path: Path) -> None:
+    result = run("serve", str(mnist_model_path), "--host", "0.0.0.0", "--port", "1", timeout=60)
+    assert result.returncode == 2
+    assert "--auth-file" in result.stdout + result.stderr
