@@ -14,6 +14,7 @@
 #     HEINFER_TEST_RAY_HTTP        127.0.0.2:PORT, free for the Serve HTTP proxy (head only)
 #     HEINFER_TEST_RAY_TOKEN_PATH  Ray token file: set RAY_AUTH_MODE=token and
 #                                  RAY_AUTH_TOKEN_PATH=<it> in processes that connect
+#     HEINFER_TEST_RAY_STATE_DIR   this state dir (RAY_STATE_DIR for `footprint`)
 #
 # Why these choices:
 # * 127.0.0.2/.3, not 127.0.0.1: Ray replaces 127.0.0.1 by the host's interface address.
@@ -30,7 +31,7 @@
 # * RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING=0: the HTTP proxy runs on the head only; Serve's
 #   default would send every request to the head's replica until it is saturated.
 # * Stop never uses `ray stop` (it kills every Ray process on the machine, by name): each node's
-#   `ray start` runs in a new session, and stop signals exactly those process groups.
+#   `ray start` runs in a new session (setsid), and stop signals the pids of those sessions.
 #
 # Knobs (environment): RAY_STATE_DIR (default .ci/state/ray), RAY_PYTHON (default
 # .venv/bin/python, else python3), RAY_NODE_CPUS (1), RAY_NODE_MEMORY (bytes, 3 GiB),
@@ -58,23 +59,39 @@ RAY="$(dirname "$PY")/ray"
 log() { echo "ray.sh: $*" >&2; }
 die() { log "$*"; exit 1; }
 
-# Live (not zombie) members of process group $1, one pid a line.
-group_members() {
-    ps -e -o pid=,pgid=,stat= 2>/dev/null | awk -v g="$1" '$2 == g && $3 !~ /^Z/ { print $1 }'
+# Live (not zombie) members of session $1, one pid a line. Sessions, not process groups:
+# Ray puts each worker (Serve controller, proxy, replicas) in a process group of its own, but
+# they all stay in the session of the `ray start` that started their raylet.
+session_members() {
+    ps -e -o pid=,sid=,stat= 2>/dev/null | awk -v s="$1" '$2 == s && $3 !~ /^Z/ { print $1 }'
 }
 
-# A process group is ours if one of its live members mentions our private temp dir.
-group_ours() {
-    local pgid="$1" tmp pid
+# A process is ours if it carries this cluster's token path in its environment (every process
+# `ray start` runs inherits it) or our temp dir in its command line. Ray workers rename
+# themselves (setproctitle overwrites /proc/PID/environ), so not every member shows either:
+# a session is ours when one member does, and then all its members are. That is safe because
+# Linux never hands out a pid that is still some live process's session id.
+pid_ours() {
+    local pid="$1" tmp
     tmp="$(cat "$STATE/tmpdir" 2>/dev/null)" || return 1
-    [[ -n "$pgid" && -n "$tmp" ]] || return 1
-    for pid in $(group_members "$pgid"); do
-        if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$tmp"; then
+    [[ -n "$tmp" ]] || return 1
+    tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qxF -- "RAY_AUTH_TOKEN_PATH=$STATE/auth_token" ||
+        tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$tmp"
+}
+
+# Our live processes in session $1: all of its members, once one of them is proven ours.
+session_ours_members() {
+    local pid members
+    members="$(session_members "$1")"
+    for pid in $members; do
+        if pid_ours "$pid"; then
+            echo "$members"
             return 0
         fi
     done
-    return 1
 }
+
+session_ours() { [[ -n "$1" && -n "$(session_ours_members "$1")" ]]; }
 
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
@@ -103,29 +120,32 @@ print_env() {
 }
 
 running() {
-    [[ -f "$STATE/env" && -f "$STATE/pgids" ]] || return 1
-    local pgid
-    for pgid in $(cat "$STATE/pgids"); do
-        group_ours "$pgid" || return 1
+    [[ -f "$STATE/env" && -f "$STATE/sessions" ]] || return 1
+    local sid sids
+    read -r -a sids <"$STATE/sessions" || true
+    ((${#sids[@]} == 2)) || return 1
+    for sid in "${sids[@]}"; do
+        session_ours "$sid" || return 1
     done
     port_open "$HEAD_IP" "$(cat "$STATE/gcs_port")"
 }
 
 cmd_install() {
     local spec
-    spec="$(cd "$REPO_ROOT" && "$PY" -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["ray"]))')"
+    read -r -a spec <<<"$(cd "$REPO_ROOT" && "$PY" -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["ray"]))')"
     if "$PY" -c 'import ray.serve' 2>/dev/null; then
         log "ray already installed ($("$PY" -c 'import ray; print(ray.__version__)'))"
         return 0
     fi
-    log "pip install $spec"
-    "$PY" -m pip install -q $spec >&2
+    log "pip install ${spec[*]}"
+    "$PY" -m pip install -q "${spec[@]}" >&2
 }
 
 cmd_footprint() {
-    local total=0 pgid pid rss
-    for pgid in $(cat "$STATE/pgids" 2>/dev/null); do
-        for pid in $(group_members "$pgid"); do
+    local total=0 sid sids=() pid rss
+    read -r -a sids <"$STATE/sessions" 2>/dev/null || true
+    for sid in "${sids[@]}"; do
+        for pid in $(session_ours_members "$sid"); do
             rss="$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || true)"
             total=$((total + ${rss:-0}))
         done
@@ -134,20 +154,25 @@ cmd_footprint() {
 }
 
 cmd_stop() {
-    local pgids pgid i left tmp
-    pgids="$(cat "$STATE/pgids" 2>/dev/null || true)"
+    local sids=() sid pids tmp
+    read -r -a sids <"$STATE/sessions" 2>/dev/null || true
     # Worker node first, then the head (the order `ray stop` uses: raylets before the GCS).
-    for pgid in $(echo "$pgids" | tr ' ' '\n' | tac); do
-        group_ours "$pgid" || continue
-        kill -TERM -- "-$pgid" 2>/dev/null || true
-        for i in $(seq 1 100); do
-            [[ -z "$(group_members "$pgid")" ]] && break
+    # SIGTERM, then SIGKILL after 5 s (the GCS may linger on SIGTERM; the cluster is thrown
+    # away, nothing needs a graceful exit).
+    for sid in $(printf '%s\n' "${sids[@]}" | tac); do
+        pids="$(session_ours_members "$sid")"
+        [[ -n "$pids" ]] || continue
+        # From here on the session is known to be ours: wait for all of its members, also the
+        # renamed ones that outlive the raylet for a moment.
+        # shellcheck disable=SC2086
+        kill -TERM $pids 2>/dev/null || true
+        for _ in $(seq 1 50); do
+            [[ -z "$(session_members "$sid")" ]] && break
             sleep 0.1
         done
-        left="$(group_members "$pgid")"
-        if [[ -n "$left" ]]; then
-            kill -KILL -- "-$pgid" 2>/dev/null || true
-        fi
+        pids="$(session_members "$sid")"
+        # shellcheck disable=SC2086
+        [[ -z "$pids" ]] || kill -KILL $pids 2>/dev/null || true
     done
     tmp="$(cat "$STATE/tmpdir" 2>/dev/null || true)"
     if [[ "$tmp" == /tmp/heinfer-ray.* ]]; then
@@ -158,7 +183,7 @@ cmd_stop() {
     fi
 }
 
-# start_node NAME ARGS...: `ray start` in a new session; records its process group.
+# start_node NAME ARGS...: `ray start` in a new session; records the session id.
 start_node() {
     local name="$1" pid
     shift
@@ -167,13 +192,13 @@ start_node() {
         exec setsid "$RAY" start "$@" --disable-usage-stats --log-style=record --log-color=false
     ) </dev/null >>"$STATE/$name.log" 2>&1 &
     pid=$!
-    echo -n "$pid " >>"$STATE/pgids"
+    echo -n "$pid " >>"$STATE/sessions"
     if ! wait "$pid"; then
         tail -n 30 "$STATE/$name.log" >&2 || true
         cmd_stop
         die "ray start ($name) failed; see above"
     fi
-    group_ours "$pid" || { cmd_stop; die "ray start ($name) left no process group $pid"; }
+    session_ours "$pid" || { cmd_stop; die "ray start ($name) left no session $pid"; }
 }
 
 nodes_alive() {
@@ -193,7 +218,7 @@ cmd_start() {
     tmp="$(mktemp -d /tmp/heinfer-ray.XXXXXX)"
     echo "$tmp" >"$STATE/tmpdir"
     (umask 077 && "$PY" -c 'import secrets; print(secrets.token_hex(32))' >"$STATE/auth_token")
-    : >"$STATE/pgids"
+    : >"$STATE/sessions"
 
     # head: gcs client dashboard serve-http node-manager object-manager agent agent-grpc
     #       runtime-env metrics
@@ -235,6 +260,7 @@ cmd_start() {
         echo "export HEINFER_TEST_RAY_ADDRESS='$HEAD_IP:$gcs'"
         echo "export HEINFER_TEST_RAY_HTTP='$HEAD_IP:$serve'"
         echo "export HEINFER_TEST_RAY_TOKEN_PATH='$STATE/auth_token'"
+        echo "export HEINFER_TEST_RAY_STATE_DIR='$STATE'"
     } >"$STATE/env"
     print_env
 }
