@@ -10,15 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_MNIST
-
 import heinfer
+from service_helpers import SHARED_MNIST
 
 
-def run(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "heinfer", *args],
-        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -37,11 +41,16 @@ def test_train_mnist_and_inspect(tmp_path: Path) -> None:
     out = tmp_path / "model.heinfer"
     result = run(
         "train-mnist",
-        "--images", str(SHARED_MNIST / "train-images-idx3-ubyte.gz"),
-        "--labels", str(SHARED_MNIST / "train-labels-idx1-ubyte.gz"),
-        "--test-images", str(SHARED_MNIST / "test-images-idx3-ubyte.gz"),
-        "--test-labels", str(SHARED_MNIST / "test-labels-idx1-ubyte.gz"),
-        "--out", str(out),
+        "--images",
+        str(SHARED_MNIST / "train-images-idx3-ubyte.gz"),
+        "--labels",
+        str(SHARED_MNIST / "train-labels-idx1-ubyte.gz"),
+        "--test-images",
+        str(SHARED_MNIST / "test-images-idx3-ubyte.gz"),
+        "--test-labels",
+        str(SHARED_MNIST / "test-labels-idx1-ubyte.gz"),
+        "--out",
+        str(out),
     )
     assert result.returncode == 0, result.stderr
     assert "test accuracy" in result.stdout

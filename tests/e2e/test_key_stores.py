@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import heinfer
-from conftest import RunningService
 from heinfer.errors import KeyNotFoundError
+from service_helpers import RunningService
 
 pytestmark = pytest.mark.e2e
 

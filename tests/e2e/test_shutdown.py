@@ -11,18 +11,27 @@ import numpy as np
 import pytest
 
 import heinfer
-from conftest import RunningService
+from service_helpers import RunningService
 
 pytestmark = pytest.mark.e2e
 
 
 def test_sigterm_drains_in_flight_requests(
-    mnist_model_path: Path, mnist: dict[str, np.ndarray], tmp_path: Path,
+    mnist_model_path: Path,
+    mnist: dict[str, np.ndarray],
+    tmp_path: Path,
     mnist_model: heinfer.EncryptedModel,
 ) -> None:
     service = RunningService(
-        [str(mnist_model_path), "--workers", "1", "--key-store", str(tmp_path / "keys"),
-         "--log-level", "warning"]
+        [
+            str(mnist_model_path),
+            "--workers",
+            "1",
+            "--key-store",
+            str(tmp_path / "keys"),
+            "--log-level",
+            "warning",
+        ]
     )
     try:
         client = heinfer.Client(service.url, model="mnist")
@@ -34,7 +43,7 @@ def test_sigterm_drains_in_flight_requests(
         def call() -> None:
             try:
                 outcome["scores"] = client.decrypt(client.infer(body))
-            except Exception as exc:  # noqa: BLE001 - recorded and asserted below
+            except Exception as exc:
                 outcome["error"] = exc
 
         worker = threading.Thread(target=call)

@@ -1,44 +1,140 @@
 """The HTTP service: Open-Inference-Protocol-style routes over binary HE payloads.
 
-Errors are mapped to HTTP in one place (`_heinfer_error`); every route validates sizes and
-framing before any HE work, and HE work runs in worker processes, never on the event loop.
+Errors are mapped to HTTP in one place (`_heinfer_error`); HE work runs in worker processes,
+never on the event loop. Every route checks, in this order and before any HE work:
+
+1. the bearer token (401), when the service has an auth file;
+2. the model name (404) and, for inference, the key id header;
+3. admission: at most `max_concurrent_requests + max_queued_requests` requests may be inside
+   the HE routes at once; the next one gets 503 + Retry-After at once instead of queueing;
+4. the body size, from Content-Length before reading and while reading (413), within
+   `body_timeout_seconds` (408);
+5. the framing, the parameter fingerprint and the exact byte length of every ciphertext and
+   key (400/413/422), computed in this process from the model's public parameters;
+6. the key's existence for *this* tenant (404, identical for absent and foreign keys) and the
+   tenant's quotas (429);
+
+and only then waits (at most `queue_timeout_seconds`, else 503) for an evaluation slot. Inside
+the worker, SEAL's validating loaders do the remaining checks (coefficient ranges) before
+evaluation. Log lines are JSON objects carrying a request id; they hold request metadata only,
+never bodies, keys or tokens.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
-from prometheus_client import generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from heinfer.errors import (
+    AuthError,
+    BadInputError,
     HeinferError,
     KeyNotFoundError,
+    MalformedPayloadError,
     ModelNotFoundError,
+    ParameterMismatchError,
     PayloadTooLargeError,
     QuotaExceededError,
     ServiceUnavailableError,
 )
+from heinfer.he.backend import _FINGERPRINT_BYTES, Context
+from heinfer.he.params import BFVParameters
 from heinfer.models import load_model
+from heinfer.plans.linear import BATCH_LAYOUT_KIND as BATCH_LAYOUT
+from heinfer.plans.linear import LAYOUT_KIND as LINEAR_LAYOUT
 from heinfer.plans.manifest import Manifest
-from heinfer.plans.wire import decode_request, encode_response
-from heinfer.server.auth import PUBLIC_TENANT, TokenRegistry
-from heinfer.server.keystore import KeyStore, open_key_store
+from heinfer.plans.wire import BatchRequest, decode_keys, decode_request, encode_response
+from heinfer.server.auth import PUBLIC_TENANT, TokenFile
+from heinfer.server.keystore import KeyStore, key_id_for, open_key_store
 from heinfer.server.settings import ServiceSettings
 from heinfer.server.workers import WorkerPool
 
-__all__ = ["KEY_ID_HEADER", "create_app"]
+__all__ = ["KEY_ID_HEADER", "JsonLogFormatter", "create_app", "logging_config"]
 
 KEY_ID_HEADER = "X-Heinfer-Key-Id"
 log = logging.getLogger("heinfer.service")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_KEY_ID = re.compile(r"[0-9a-f]{64}")
+_UNKNOWN_KEY = "unknown key id: upload a public key with POST /v2/keys and use the id it returns"
+
+
+# ------------------------------------------------------------------------------------------
+# Logging: one JSON object per line
+# ------------------------------------------------------------------------------------------
+
+# Only these `extra` fields are ever written: a log call cannot leak a body by accident.
+_LOG_FIELDS = (
+    "request_id", "method", "route", "status", "ms", "tenant", "bytes_in", "bytes_out",
+    "error", "tenants", "restarts",
+)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """`{"ts": ..., "level": ..., "logger": ..., "msg": ..., <whitelisted extras>}`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        document: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for name in _LOG_FIELDS:
+            value = record.__dict__.get(name)
+            if value is not None:
+                document[name] = value
+        if record.exc_info:
+            document["exc"] = self.formatException(record.exc_info)
+        return json.dumps(document, default=str)
+
+
+def logging_config(level: str = "info") -> dict[str, Any]:
+    """A `logging.config.dictConfig` for uvicorn's `log_config`: JSON lines on stderr."""
+    level = level.upper()
+    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": JsonLogFormatter}},
+        "handlers": {"default": handler},
+        "loggers": {
+            "heinfer": {"handlers": ["default"], "level": level, "propagate": False},
+            "uvicorn": {"handlers": ["default"], "level": level, "propagate": False},
+            "uvicorn.error": {"level": level},
+            # The access log would duplicate our request lines (and carries no request id).
+            "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
+        },
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# Metrics, per-model checks, admission control
+# ------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -60,44 +156,264 @@ class _Metrics:
         self.bytes_in = Counter("heinfer_bytes_in_total", "request body bytes", registry=r)
         self.bytes_out = Counter("heinfer_bytes_out_total", "response body bytes", registry=r)
         self.samples = Counter("heinfer_samples_total", "encrypted samples evaluated", registry=r)
+        self.rejected = Counter(
+            "heinfer_rejected_total", "requests refused by admission control", ["reason"],
+            registry=r,
+        )
+        self.admitted = Gauge(
+            "heinfer_requests_admitted", "requests inside the HE routes (running or queued)",
+            registry=r,
+        )
+        self.worker_restarts = Gauge(
+            "heinfer_worker_restarts", "times the worker pool was restarted after a crash",
+            registry=r,
+        )
+
+
+@dataclass(frozen=True)
+class _ModelChecks:
+    """What a well-formed request or key for one model looks like, from public parameters.
+
+    Exact for the layouts this module knows (BFV "coeff-rowpack"): parameter fingerprint,
+    ciphertext length, public key length. For other layouts only the framing is checked here
+    and the worker's loaders do the rest (still before any evaluation).
+    """
+
+    model: str
+    max_batch: int
+    fingerprint: bytes | None = None
+    record_bytes: int | None = None
+    key_bytes: int | None = None
+    key_parts: frozenset[str] = frozenset({"public", "relin", "galois"})
+    batch_samples: int | None = None  # coeff-batch requests: most samples, None if not served
+    batch_bytes: int | None = None  # ... and the exact size of their record
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> _ModelChecks:
+        if manifest.layout.get("kind") != LINEAR_LAYOUT:
+            return cls(manifest.name, manifest.max_batch)
+        params = BFVParameters.from_dict(manifest.scheme)
+        context = Context(params)  # templates only (tens of ms); no keys, no evaluation
+        n = params.poly_modulus_degree
+        key_bytes = 2 * sum((n * q.bit_length() + 7) // 8 for q in params.coeff_modulus)
+        parts = {"public"} if manifest.keys.public else set()
+        if manifest.keys.relin:
+            parts.add("relin")
+        if manifest.keys.galois_steps:
+            parts.add("galois")
+        batch = manifest.layout.get("batch")
+        batch_samples = batch_bytes = None
+        if isinstance(batch, dict) and batch.get("kind") == BATCH_LAYOUT:
+            batch_samples = int(batch["max_samples"])
+            batch_bytes = context.batch_request_bytes(manifest.n_features)
+        return cls(
+            manifest.name, manifest.max_batch, params.fingerprint, context.request_bytes,
+            key_bytes, frozenset(parts), batch_samples, batch_bytes,
+        )
+
+    def check_records(self, records: list[bytes] | BatchRequest) -> None:
+        if isinstance(records, BatchRequest):
+            self._check_batch(records)
+            return
+        if self.fingerprint is None or self.record_bytes is None:
+            return
+        tag = self.fingerprint[:_FINGERPRINT_BYTES]
+        for index, record in enumerate(records):
+            if record[:_FINGERPRINT_BYTES] != tag:
+                raise ParameterMismatchError(
+                    f"ciphertext {index} was made for other encryption parameters: fetch the "
+                    "model's manifest again and re-encrypt"
+                )
+            if len(record) != self.record_bytes:
+                raise MalformedPayloadError(
+                    f"ciphertext {index} must be {self.record_bytes} bytes for these "
+                    f"parameters, got {len(record)}"
+                )
+
+    def _check_batch(self, request: BatchRequest) -> None:
+        if self.fingerprint is None:
+            return  # not a linear model: the worker refuses it
+        if bytes(request.record[:_FINGERPRINT_BYTES]) != self.fingerprint[:_FINGERPRINT_BYTES]:
+            raise ParameterMismatchError(
+                "batch request was made for other encryption parameters: fetch the model's "
+                "manifest again and re-encrypt"
+            )
+        if self.batch_samples is None or self.batch_bytes is None:
+            raise ParameterMismatchError(
+                f"model {self.model!r} was compiled without the {BATCH_LAYOUT} layout; "
+                "send per-sample (HEQ1) requests"
+            )
+        if not 1 <= request.samples <= self.batch_samples:
+            raise MalformedPayloadError(
+                f"a {BATCH_LAYOUT} request holds 1..{self.batch_samples} samples, "
+                f"not {request.samples}"
+            )
+        if len(request.record) != self.batch_bytes:
+            raise MalformedPayloadError(
+                f"a {BATCH_LAYOUT} request record must be {self.batch_bytes} bytes for these "
+                f"parameters, got {len(request.record)}"
+            )
+
+    def check_keys(self, model: str, body: bytes) -> None:
+        fingerprint, parts = decode_keys(body)
+        if self.fingerprint is None or self.key_bytes is None:
+            return
+        if fingerprint != self.fingerprint:
+            raise ParameterMismatchError(
+                f"these keys were made for other encryption parameters than model {model!r}: "
+                "fetch its manifest and make keys for it"
+            )
+        if "public" not in parts:
+            raise ParameterMismatchError(f"model {model!r} needs a public key in the upload")
+        extra = sorted(set(parts) - self.key_parts)
+        if extra:
+            raise MalformedPayloadError(f"model {model!r} takes no {', '.join(extra)} keys")
+        if len(parts["public"]) != self.key_bytes:
+            raise MalformedPayloadError(
+                f"public key must be {self.key_bytes} bytes for these parameters, "
+                f"got {len(parts['public'])}"
+            )
+
+
+class _Admission:
+    """Bounded admission: running + queued requests never exceed a fixed number."""
+
+    def __init__(self, settings: ServiceSettings, metrics: _Metrics) -> None:
+        self._slots = anyio.CapacityLimiter(settings.max_concurrent_requests)
+        self._capacity = settings.max_concurrent_requests + settings.max_queued_requests
+        self._queue_timeout = settings.queue_timeout_seconds
+        self._retry_after = settings.retry_after_seconds
+        self._metrics = metrics
+        self.admitted = 0
+
+    @asynccontextmanager
+    async def admit(self) -> AsyncIterator[None]:
+        if self.admitted >= self._capacity:
+            self._metrics.rejected.labels("busy").inc()
+            raise ServiceUnavailableError(
+                "the service is at capacity; retry later", retry_after=self._retry_after
+            )
+        self.admitted += 1
+        self._metrics.admitted.set(self.admitted)
+        try:
+            yield
+        finally:
+            self.admitted -= 1
+            self._metrics.admitted.set(self.admitted)
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """An evaluation slot, waited for at most `queue_timeout_seconds`."""
+        try:
+            with anyio.fail_after(self._queue_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            self._metrics.rejected.labels("queue_timeout").inc()
+            raise ServiceUnavailableError(
+                "no evaluation slot became free in time; retry later",
+                retry_after=self._retry_after,
+            ) from None
+        try:
+            yield
+        finally:
+            self._slots.release()
 
 
 @dataclass
 class _Service:
     settings: ServiceSettings
     manifests: dict[str, Manifest]
+    checks: dict[str, _ModelChecks]
     store: KeyStore
     pool: WorkerPool
-    tokens: TokenRegistry | None
-    limiter: anyio.CapacityLimiter
+    tokens: TokenFile | None
+    admission: _Admission
     metrics: _Metrics
-    deleted: set[tuple[str, str]] = field(default_factory=set)
+    tenant_locks: dict[str, anyio.Lock] = field(default_factory=dict)
 
     def tenant(self, request: Request) -> str:
         if self.tokens is None:
-            return PUBLIC_TENANT
-        return self.tokens.tenant_for(request.headers.get("authorization"))
+            tenant = PUBLIC_TENANT
+        else:
+            tenant = self.tokens.tenant_for(request.headers.get("authorization"))
+        request.state.tenant = tenant
+        return tenant
 
     def manifest(self, name: str) -> Manifest:
         try:
             return self.manifests[name]
         except KeyError:
             known = ", ".join(sorted(self.manifests)) or "none"
-            raise ModelNotFoundError(f"unknown model {name!r}; served models: {known}") from None
+            raise ModelNotFoundError(
+                f"unknown model {name[:64]!r}; served models: {known}"
+            ) from None
+
+    def tenant_lock(self, tenant: str) -> anyio.Lock:
+        lock = self.tenant_locks.get(tenant)
+        if lock is None:
+            lock = self.tenant_locks[tenant] = anyio.Lock()
+        return lock
+
+    async def evaluate(self, call: Any) -> Any:
+        """Await one worker-pool call with the evaluation time limit."""
+        try:
+            with anyio.fail_after(self.settings.evaluation_timeout_seconds):
+                return await call
+        except TimeoutError:
+            raise ServiceUnavailableError(
+                "evaluation took too long; retry later",
+                retry_after=self.settings.retry_after_seconds,
+            ) from None
+
+    async def existing_key(self, tenant: str, key_id: str) -> bytes:
+        """The tenant's key bytes; absent, foreign and malformed ids are all the same 404."""
+        if _KEY_ID.fullmatch(key_id) is None:
+            raise KeyNotFoundError(_UNKNOWN_KEY)
+        try:
+            data: bytes = await anyio.to_thread.run_sync(self.store.get, tenant, key_id)
+        except KeyNotFoundError:
+            raise KeyNotFoundError(_UNKNOWN_KEY) from None
+        return data
 
 
-async def _body(request: Request, limit: int) -> bytes:
+# ------------------------------------------------------------------------------------------
+# Error mapping and the request observer
+# ------------------------------------------------------------------------------------------
+
+
+async def _body(request: Request, limit: int, timeout: float) -> bytes:
     """Read at most `limit` bytes, refusing early from Content-Length when it is larger."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(f"body of {declared} bytes exceeds the {limit}-byte limit")
+        raise _unread(PayloadTooLargeError(f"body of {declared[:20]} bytes exceeds the "
+                                           f"{limit}-byte limit"))
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(f"body exceeds the {limit}-byte limit")
-        chunks.append(chunk)
+    try:
+        with anyio.fail_after(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _unread(PayloadTooLargeError(f"body exceeds the {limit}-byte limit"))
+                chunks.append(chunk)
+    except TimeoutError:
+        raise _unread(
+            _RequestTimeoutError(f"the body did not arrive within {timeout:g} s")
+        ) from None
+    except ClientDisconnect:
+        raise BadInputError("the client disconnected while sending the body") from None
     return b"".join(chunks)
+
+
+class _RequestTimeoutError(BadInputError):
+    status = 408
+    code = "request_timeout"
+
+
+def _unread(exc: HeinferError) -> HeinferError:
+    """Mark an error raised with most of the body unread: the connection must then close,
+    rather than the server reading (and discarding) an arbitrarily large remainder."""
+    exc.close_connection = True  # type: ignore[attr-defined]
+    return exc
 
 
 def _heinfer_error(_: Request, exc: Exception) -> JSONResponse:
@@ -105,26 +421,104 @@ def _heinfer_error(_: Request, exc: Exception) -> JSONResponse:
     headers = {}
     if isinstance(exc, ServiceUnavailableError):
         headers["Retry-After"] = str(exc.retry_after)
+    if isinstance(exc, AuthError):
+        headers["WWW-Authenticate"] = 'Bearer realm="heinfer"'
+    if getattr(exc, "close_connection", False):
+        headers["Connection"] = "close"
     return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
 
 
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    message = exc.detail if isinstance(exc.detail, str) else "request refused"
+    return JSONResponse(
+        {"error": code, "message": message}, status_code=exc.status_code, headers=exc.headers
+    )
+
+
+def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    fields = sorted({".".join(str(p) for p in e.get("loc", ())) for e in exc.errors()})
+    message = "invalid or missing request parameters: " + ", ".join(fields)[:200]
+    return JSONResponse({"error": BadInputError.code, "message": message}, status_code=400)
+
+
 def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
-    log.exception("unexpected error", exc_info=exc)
+    log.error("unexpected error", exc_info=exc)
     return JSONResponse(
         {"error": "internal_error", "message": "internal error; see the service log"},
         status_code=500,
     )
 
 
+class _Observe:
+    """Pure ASGI middleware: request id, metrics and one JSON log line per request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        supplied = ""
+        for name, value in scope.get("headers", ()):
+            if name == b"x-request-id":
+                supplied = value.decode("latin-1")
+                break
+        request_id = supplied if _REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex[:16]
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                MutableHeaders(scope=message)["X-Request-Id"] = request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", "unmatched")
+            svc: _Service | None = getattr(scope["app"].state, "service", None)
+            if svc is not None:
+                svc.metrics.requests.labels(route, str(status)).inc()
+                svc.metrics.latency.labels(route).observe(elapsed)
+            log.info(
+                "request",
+                extra={
+                    "request_id": request_id, "method": scope.get("method"), "route": route,
+                    "status": status, "ms": round(elapsed * 1e3, 2),
+                    "tenant": state.get("tenant"),
+                },
+            )
+
+
+# ------------------------------------------------------------------------------------------
+# The app
+# ------------------------------------------------------------------------------------------
+
+
 def create_app(settings: ServiceSettings) -> FastAPI:
     """The ASGI app; models load at startup, workers start in the lifespan."""
-    manifests = {}
+    manifests: dict[str, Manifest] = {}
+    checks: dict[str, _ModelChecks] = {}
     for path in settings.model_paths:
         manifest = load_model(path).manifest
         manifests[manifest.name] = manifest
+        checks[manifest.name] = _ModelChecks.of(manifest)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tokens = TokenFile(settings.auth_file) if settings.auth_file else None
         store = open_key_store(
             settings.key_store,
             cache_bytes=settings.key_cache_bytes,
@@ -134,47 +528,30 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             list(settings.model_paths), settings.key_store, settings.workers,
             settings.key_cache_bytes,
         )
-        tokens = TokenRegistry.from_file(settings.auth_file) if settings.auth_file else None
+        metrics = _Metrics()
+        metrics.worker_restarts.set_function(lambda: pool.restarts)
         app.state.service = _Service(
-            settings, manifests, store, pool, tokens,
-            anyio.CapacityLimiter(settings.max_concurrent_requests), _Metrics(),
+            settings, manifests, checks, store, pool, tokens, _Admission(settings, metrics),
+            metrics,
         )
         try:
             yield
         finally:
             await anyio.to_thread.run_sync(pool.shutdown)
+            store.close()
 
-    app = FastAPI(title="heinfer", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="heinfer", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None
+    )
     app.add_exception_handler(HeinferError, _heinfer_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected_error)
+    app.add_middleware(_Observe)
 
     def service(request: Request) -> _Service:
         svc: _Service = request.app.state.service
         return svc
-
-    @app.middleware("http")
-    async def observe(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        started = time.perf_counter()
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
-        response = await call_next(request)
-        route = request.scope.get("route")
-        name = getattr(route, "path", "unmatched")
-        svc: _Service | None = getattr(request.app.state, "service", None)
-        if svc is not None:
-            svc.metrics.requests.labels(name, str(response.status_code)).inc()
-            svc.metrics.latency.labels(name).observe(time.perf_counter() - started)
-        response.headers["X-Request-Id"] = request_id
-        log.info(
-            "request",
-            extra={
-                "request_id": request_id, "method": request.method, "route": name,
-                "status": response.status_code,
-                "ms": round((time.perf_counter() - started) * 1e3, 2),
-            },
-        )
-        return response
 
     @app.get("/v2/health/live")
     async def live() -> dict[str, bool]:
@@ -183,19 +560,23 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     @app.get("/v2/health/ready")
     async def ready(request: Request) -> JSONResponse:
         svc = service(request)
-        workers_ok = await svc.pool.ready()
+        workers_ok = await svc.pool.ready(timeout=10.0)
         try:
             await anyio.to_thread.run_sync(svc.store.check)
             store_ok = True
-        except HeinferError:
+        except Exception as exc:  # any failure means "not ready", never a 500
+            if not isinstance(exc, HeinferError):
+                log.warning("key store check failed unexpectedly", exc_info=exc)
             store_ok = False
         ok = workers_ok and store_ok
         body = {"ready": ok, "workers": workers_ok, "key_store": store_ok}
-        return JSONResponse(body, status_code=200 if ok else 503)
+        headers = {} if ok else {"Retry-After": str(svc.settings.retry_after_seconds)}
+        return JSONResponse(body, status_code=200 if ok else 503, headers=headers)
 
     @app.get("/v2/models")
     async def list_models(request: Request) -> dict[str, list[dict[str, object]]]:
         svc = service(request)
+        svc.tenant(request)
         return {
             "models": [
                 {"name": m.name, "version": m.model_version, "estimator": m.estimator,
@@ -206,53 +587,82 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
     @app.get("/v2/models/{name}")
     async def get_manifest(name: str, request: Request) -> JSONResponse:
-        return JSONResponse(service(request).manifest(name).to_dict())
+        svc = service(request)
+        svc.tenant(request)
+        return JSONResponse(svc.manifest(name).to_dict())
 
     @app.post("/v2/keys")
     async def upload_key(request: Request, model: str) -> dict[str, str]:
         svc = service(request)
         tenant = svc.tenant(request)
         svc.manifest(model)
-        body = await _body(request, svc.settings.max_key_bytes)
-        await svc.pool.validate_key(model, body)
-        count, used = await anyio.to_thread.run_sync(svc.store.usage, tenant)
-        if count + 1 > svc.settings.max_keys_per_tenant:
-            raise QuotaExceededError(
-                f"tenant holds {count} keys; the limit is {svc.settings.max_keys_per_tenant}"
-            )
-        if used + len(body) > svc.settings.max_key_bytes_per_tenant:
-            raise QuotaExceededError("tenant key storage quota exceeded; delete unused keys")
-        key_id = await anyio.to_thread.run_sync(svc.store.put, tenant, body)
-        svc.deleted.discard((tenant, key_id))
-        return {"key_id": key_id}
+        checks = svc.checks[model]
+        settings = svc.settings
+        async with svc.admission.admit():
+            body = await _body(request, settings.max_key_bytes, settings.body_timeout_seconds)
+            checks.check_keys(model, body)
+            key_id = key_id_for(body)
+            await _check_quota(svc, tenant, key_id, len(body))
+            async with svc.admission.slot():
+                await svc.evaluate(svc.pool.validate_key(model, body))
+            async with svc.tenant_lock(tenant):  # quota check and put are one step per tenant
+                await _check_quota(svc, tenant, key_id, len(body))
+                stored = await anyio.to_thread.run_sync(svc.store.put, tenant, body)
+        svc.metrics.bytes_in.inc(len(body))
+        return {"key_id": stored}
+
+    @app.get("/v2/keys")
+    async def list_keys(request: Request) -> dict[str, list[str]]:
+        svc = service(request)
+        tenant = svc.tenant(request)
+        return {"keys": await anyio.to_thread.run_sync(svc.store.list_keys, tenant)}
+
+    @app.get("/v2/keys/{key_id}")
+    async def get_key(key_id: str, request: Request) -> Response:
+        svc = service(request)
+        tenant = svc.tenant(request)
+        data = await svc.existing_key(tenant, key_id)
+        return Response(data, media_type="application/octet-stream")
 
     @app.delete("/v2/keys/{key_id}")
     async def delete_key(key_id: str, request: Request) -> Response:
         svc = service(request)
         tenant = svc.tenant(request)
-        await anyio.to_thread.run_sync(svc.store.delete, tenant, key_id)
-        svc.deleted.add((tenant, key_id))
+        if _KEY_ID.fullmatch(key_id) is None:
+            raise KeyNotFoundError(_UNKNOWN_KEY)
+        try:
+            async with svc.tenant_lock(tenant):
+                await anyio.to_thread.run_sync(svc.store.delete, tenant, key_id)
+        except KeyNotFoundError:
+            raise KeyNotFoundError(_UNKNOWN_KEY) from None
         return Response(status_code=204)
 
     @app.post("/v2/models/{name}/infer")
     async def infer(name: str, request: Request) -> Response:
         svc = service(request)
         tenant = svc.tenant(request)
-        manifest = svc.manifest(name)
+        svc.manifest(name)
+        checks = svc.checks[name]
+        settings = svc.settings
         key_id = request.headers.get(KEY_ID_HEADER)
         if not key_id:
             raise KeyNotFoundError(f"send the key id from POST /v2/keys in {KEY_ID_HEADER}")
-        if (tenant, key_id) in svc.deleted:
-            raise KeyNotFoundError(f"unknown key id {key_id!r}")
-        body = await _body(request, svc.settings.max_body_bytes)
-        records = decode_request(
-            body, max_records=manifest.max_batch, max_record_bytes=svc.settings.max_key_bytes
-        )
-        svc.metrics.bytes_in.inc(len(body))
-        async with svc.limiter:
-            started = time.perf_counter()
-            results = await svc.pool.infer(name, tenant, key_id, records)
-            svc.metrics.stage.labels("evaluate").observe(time.perf_counter() - started)
+        async with svc.admission.admit():
+            await svc.existing_key(tenant, key_id)
+            body = await _body(request, settings.max_body_bytes, settings.body_timeout_seconds)
+            records = decode_request(
+                body, max_records=checks.max_batch, max_record_bytes=settings.max_key_bytes
+            )
+            if isinstance(records, list):  # a coeff-batch request is checked by its plan
+                checks.check_records(records)
+            svc.metrics.bytes_in.inc(len(body))
+            async with svc.admission.slot():
+                started = time.perf_counter()
+                try:
+                    results = await svc.evaluate(svc.pool.infer(name, tenant, key_id, records))
+                except KeyNotFoundError:  # deleted meanwhile: the same answer as above
+                    raise KeyNotFoundError(_UNKNOWN_KEY) from None
+                svc.metrics.stage.labels("evaluate").observe(time.perf_counter() - started)
         payload = encode_response(results)
         svc.metrics.bytes_out.inc(len(payload))
         svc.metrics.samples.inc(len(records))
@@ -264,3 +674,22 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _check_quota(svc: _Service, tenant: str, key_id: str, size: int) -> None:
+    """429 when one more key would pass the tenant's limits (re-uploading a held key is free)."""
+    count, used = await anyio.to_thread.run_sync(svc.store.usage, tenant)
+    limits = svc.settings
+    if count + 1 <= limits.max_keys_per_tenant and used + size <= limits.max_key_bytes_per_tenant:
+        return
+    try:
+        await anyio.to_thread.run_sync(svc.store.get, tenant, key_id)
+        return  # identical bytes already stored: the put is a no-op
+    except KeyNotFoundError:
+        pass
+    if count + 1 > limits.max_keys_per_tenant:
+        raise QuotaExceededError(
+            f"tenant holds {count} keys; the limit is {limits.max_keys_per_tenant}: "
+            "delete unused keys"
+        )
+    raise QuotaExceededError("tenant key storage quota exceeded; delete unused keys")

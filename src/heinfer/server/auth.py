@@ -2,6 +2,11 @@
 
 A token is shown once, when `heinfer token new` makes it. Keys belong to the tenant whose
 token uploaded them; without auth every caller is the single tenant `public`.
+
+Tokens are 256-bit random strings, so an unsalted SHA-256 is enough: nobody can brute-force a
+preimage, and a leaked auth file gives an attacker no usable token. The running service
+re-reads the auth file when it changes (checked at most once a second), so `heinfer token new`
+takes effect without a restart; a file that becomes unreadable keeps the last good tokens.
 """
 
 from __future__ import annotations
@@ -9,28 +14,53 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
+import threading
+import time
 from pathlib import Path
 
 from heinfer.errors import AuthError, BadInputError
 
-__all__ = ["PUBLIC_TENANT", "TokenRegistry", "new_token"]
+__all__ = ["PUBLIC_TENANT", "TokenFile", "TokenRegistry", "new_token"]
 
 PUBLIC_TENANT = "public"
-_TENANT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+# fullmatch, never `$` (which also matches before a trailing newline).
+_TENANT = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+_MAX_TOKEN_CHARS = 512
+log = logging.getLogger("heinfer.auth")
 
 
 def _hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _bearer(authorization: str | None) -> str:
+    """The token of an `Authorization: Bearer <token>` header (scheme is case-insensitive)."""
+    if not authorization:
+        raise AuthError("missing bearer token: send 'Authorization: Bearer <token>'")
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or len(token) > _MAX_TOKEN_CHARS:
+        raise AuthError("missing bearer token: send 'Authorization: Bearer <token>'")
+    return token
 
 
 class TokenRegistry:
-    """Tenant lookup by token hash; constant-time comparison of hashes."""
+    """Tenant lookup by token hash; every known hash is compared, in constant time each."""
 
     def __init__(self, tenants: dict[str, str]) -> None:
-        self._by_hash = {digest: tenant for tenant, digest in tenants.items()}
+        for tenant, digest in tenants.items():
+            if _TENANT.fullmatch(tenant) is None or _DIGEST.fullmatch(digest) is None:
+                raise BadInputError(f"auth file: bad entry for tenant {tenant[:64]!r}")
+        self._entries = [(digest.encode(), tenant) for tenant, digest in tenants.items()]
+
+    @property
+    def tenants(self) -> list[str]:
+        return sorted(tenant for _, tenant in self._entries)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> TokenRegistry:
@@ -42,18 +72,60 @@ class TokenRegistry:
         return cls(tenants)
 
     def tenant_for(self, authorization: str | None) -> str:
-        if not authorization or not authorization.startswith("Bearer "):
-            raise AuthError("missing bearer token: send 'Authorization: Bearer <token>'")
-        digest = _hash(authorization[len("Bearer ") :].strip())
-        for known, tenant in self._by_hash.items():
+        digest = _hash(_bearer(authorization)).encode()
+        found: str | None = None
+        for known, tenant in self._entries:  # no early exit: time does not depend on the match
             if hmac.compare_digest(known, digest):
-                return tenant
-        raise AuthError("invalid token")
+                found = tenant
+        if found is None:
+            raise AuthError("invalid bearer token")
+        return found
+
+
+class TokenFile:
+    """A `TokenRegistry` that follows its file: reloaded when its mtime/size/inode change."""
+
+    def __init__(self, path: str | os.PathLike[str], check_interval: float = 1.0) -> None:
+        self._path = Path(path)
+        self._interval = check_interval
+        self._lock = threading.Lock()
+        self._stamp = self._stat()
+        self._registry = TokenRegistry.from_file(self._path)  # errors here are fatal at start
+        self._checked = time.monotonic()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = self._path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    @property
+    def registry(self) -> TokenRegistry:
+        now = time.monotonic()
+        if now - self._checked >= self._interval:
+            with self._lock:
+                if now - self._checked >= self._interval:
+                    self._checked = now
+                    stamp = self._stat()
+                    if stamp is not None and stamp != self._stamp:
+                        try:
+                            self._registry = TokenRegistry.from_file(self._path)
+                            log.info("reloaded the auth file", extra={"tenants": len(
+                                self._registry.tenants)})
+                        except BadInputError:
+                            log.warning("the auth file changed but cannot be read; keeping "
+                                        "the previous tokens")
+                        self._stamp = stamp
+        return self._registry
+
+    def tenant_for(self, authorization: str | None) -> str:
+        return self.registry.tenant_for(authorization)
 
 
 def new_token(tenant: str, auth_file: str | os.PathLike[str]) -> str:
     """Create (or replace) a tenant's token; returns the token, stores only its hash."""
-    if not _TENANT.match(tenant):
+    if _TENANT.fullmatch(tenant) is None:
         raise BadInputError("tenant names are 1-64 chars of a-z, 0-9, '_' and '-'")
     path = Path(auth_file)
     document: dict[str, dict[str, dict[str, str]]] = {"tenants": {}}
@@ -61,9 +133,11 @@ def new_token(tenant: str, auth_file: str | os.PathLike[str]) -> str:
         document = json.loads(path.read_text())
     token = secrets.token_urlsafe(32)
     document.setdefault("tenants", {})[tenant] = {"token_sha256": _hash(token)}
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
         json.dump(document, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
     return token

@@ -11,6 +11,8 @@ __all__ = ["ServiceSettings"]
 
 
 class ServiceSettings(BaseSettings):
+    """Every limit the service enforces; see SECURITY.md ("Limits") for what each protects."""
+
     model_config = SettingsConfigDict(env_prefix="HEINFER_", frozen=True)
 
     model_paths: list[str] = Field(default_factory=list)
@@ -19,10 +21,22 @@ class ServiceSettings(BaseSettings):
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     key_store: str = "./heinfer-keys"
     auth_file: str | None = None
+    # Size limits: bodies are refused from Content-Length before they are read.
     max_body_bytes: int = Field(default=64 << 20, ge=1024)
     max_key_bytes: int = Field(default=4 << 20, ge=1024)
+    # Per-tenant key store quotas (HTTP 429 when exceeded).
     max_keys_per_tenant: int = Field(default=1000, ge=1)
     max_key_bytes_per_tenant: int = Field(default=1 << 30, ge=1024)
+    # Admission control: at most `max_concurrent_requests` requests use the worker pool at once,
+    # at most `max_queued_requests` more wait for it (for at most `queue_timeout_seconds`);
+    # anything beyond that is refused at once with 503 + Retry-After instead of queueing.
     max_concurrent_requests: int = Field(default=64, ge=1)
+    max_queued_requests: int = Field(default=64, ge=0)
+    queue_timeout_seconds: float = Field(default=30.0, gt=0)
+    # A request body must arrive within this time (slow senders get 408).
+    body_timeout_seconds: float = Field(default=60.0, gt=0)
+    # Upper bound on one evaluation call in the pool before the caller gets 503.
+    evaluation_timeout_seconds: float = Field(default=300.0, gt=0)
+    retry_after_seconds: int = Field(default=1, ge=1)
     key_cache_bytes: int = Field(default=256 << 20, ge=0)
     key_ttl_seconds: float | None = None
