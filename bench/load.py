@@ -26,9 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from linear import Service  # noqa: E402
-
-import heinfer  # noqa: E402
+import heinfer
+from linear import Service
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KEY_HEADER = "X-Heinfer-Key-Id"
@@ -82,7 +81,8 @@ async def _run_level(
             started = time.perf_counter()
             try:
                 response = await http.post(
-                    "/v2/models/mnist/infer", content=bodies[k % len(bodies)],
+                    "/v2/models/mnist/infer",
+                    content=bodies[k % len(bodies)],
                     headers={KEY_HEADER: key_id},
                 )
                 if response.status_code == 200:
@@ -110,7 +110,9 @@ async def _run_level(
     }
 
 
-def run(workers: int, levels: list[int], duration: float, model_path: Path, X: np.ndarray) -> dict[str, Any]:
+def run(
+    workers: int, levels: list[int], duration: float, model_path: Path, X: np.ndarray
+) -> dict[str, Any]:
     service = Service(model_path, workers)
     try:
         clients = _prepare_clients(service.url, max(levels), X)
@@ -118,12 +120,14 @@ def run(workers: int, levels: list[int], duration: float, model_path: Path, X: n
         for level in levels:
             asyncio.run(_run_level(service.url, clients[:level], min(3.0, duration)))  # warm-up
             results.append(asyncio.run(_run_level(service.url, clients[:level], duration)))
-            print(f"workers={workers} clients={level}: {results[-1]['requests_per_s']:.1f} req/s, "
-                  f"p50 {results[-1]['p50_ms']:.1f} ms, p99 {results[-1]['p99_ms']:.1f} ms, "
-                  f"errors {results[-1]['errors']}", flush=True)
+            print(
+                f"workers={workers} clients={level}: {results[-1]['requests_per_s']:.1f} req/s, "
+                f"p50 {results[-1]['p50_ms']:.1f} ms, p99 {results[-1]['p99_ms']:.1f} ms, "
+                f"errors {results[-1]['errors']}",
+                flush=True,
+            )
         pid = service.process.pid
-        memory = {"service_mib": _rss_mib(pid),
-                  "worker_mib": [_rss_mib(c) for c in _children(pid)]}
+        memory = {"service_mib": _rss_mib(pid), "worker_mib": [_rss_mib(c) for c in _children(pid)]}
         return {"workers": workers, "levels": results, "memory": memory}
     finally:
         service.stop()
@@ -140,12 +144,24 @@ def _plot(report: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for run_ in report:
         clients = [lv["clients"] for lv in run_["levels"]]
-        axes[0].plot(clients, [lv["requests_per_s"] for lv in run_["levels"]], "o-",
-                     label=f"{run_['workers']} worker(s)")
-        axes[1].plot(clients, [lv["p99_ms"] for lv in run_["levels"]], "o-",
-                     label=f"{run_['workers']} worker(s) p99")
-        axes[1].plot(clients, [lv["p50_ms"] for lv in run_["levels"]], "x--",
-                     label=f"{run_['workers']} worker(s) p50")
+        axes[0].plot(
+            clients,
+            [lv["requests_per_s"] for lv in run_["levels"]],
+            "o-",
+            label=f"{run_['workers']} worker(s)",
+        )
+        axes[1].plot(
+            clients,
+            [lv["p99_ms"] for lv in run_["levels"]],
+            "o-",
+            label=f"{run_['workers']} worker(s) p99",
+        )
+        axes[1].plot(
+            clients,
+            [lv["p50_ms"] for lv in run_["levels"]],
+            "x--",
+            label=f"{run_['workers']} worker(s) p50",
+        )
     axes[0].set_xlabel("concurrent clients")
     axes[0].set_ylabel("requests/s (one image each)")
     axes[1].set_xlabel("concurrent clients")
@@ -164,8 +180,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, os.cpu_count() or 2])
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    import _mnist
     from sklearn.linear_model import LogisticRegression
+
+    import _mnist
 
     fitted = _mnist.model()
     X, _ = _mnist.load("test")
@@ -178,8 +195,10 @@ def main() -> None:
     if len(report) >= 2:
         base, best = report[0], report[-1]
         for lv_base, lv_best in zip(base["levels"], best["levels"], strict=True):
-            print(f"clients={lv_base['clients']}: {best['workers']} workers / {base['workers']} = "
-                  f"{lv_best['requests_per_s'] / lv_base['requests_per_s']:.2f}x throughput")
+            print(
+                f"clients={lv_base['clients']}: {best['workers']} workers / {base['workers']} = "
+                f"{lv_best['requests_per_s'] / lv_base['requests_per_s']:.2f}x throughput"
+            )
     out = {"loadavg": os.getloadavg(), "cpus": os.cpu_count(), "runs": report}
     (RESULTS / "load.json").write_text(json.dumps(out, indent=2))
     _plot(report, RESULTS / "load.png")

@@ -78,3 +78,20 @@ def test_serve_refuses_public_host_without_auth(mnist_model_path: Path) -> None:
     result = run("serve", str(mnist_model_path), "--host", "0.0.0.0", "--port", "1", timeout=60)
     assert result.returncode == 2
     assert "--auth-file" in result.stdout + result.stderr
+
+
+@pytest.mark.cnn
+def test_train_mnist_cnn(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    if not (SHARED_MNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("shared MNIST files not present")
+    out = tmp_path / "cnn.heinfer"
+    result = run(
+        "train-mnist", "--arch", "cnn", "--epochs", "2",
+        "--images", str(SHARED_MNIST / "train-images-idx3-ubyte.gz"),
+        "--labels", str(SHARED_MNIST / "train-labels-idx1-ubyte.gz"),
+        "--out", str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    model = heinfer.load_model(out)
+    assert model.name == "mnist-cnn" and model.manifest.layout["kind"] == "ckks-network"

@@ -121,7 +121,11 @@ def demo(
         process = subprocess.Popen(command)
         try:
             with console.status(f"starting heinfer serve on {url} ..."):
-                _wait_ready(url, process)
+                try:
+                    _wait_ready(url, process)
+                except RuntimeError as exc:
+                    console.print(f"[red]demo failed: {exc}[/red]")
+                    raise typer.Exit(1) from exc
             _run_demo(Client(url, model="mnist"), X, y, model_path, batch_size)
         finally:
             process.terminate()
@@ -210,7 +214,9 @@ def serve(
     allow_anonymous: Annotated[
         bool, typer.Option(help="allow no auth on a non-loopback host")
     ] = False,
-    max_body_bytes: Annotated[int, typer.Option()] = 64 << 20,
+    max_body_bytes: Annotated[
+        int | None, typer.Option(help="largest request body (default 64 MiB)")
+    ] = None,
     max_keys_per_tenant: Annotated[
         int | None, typer.Option(help="keys one tenant may hold (default 1000)")
     ] = None,
@@ -261,6 +267,7 @@ def serve(
         if not tenants:
             console.print(f"[yellow]warning: {auth_file} holds no tenants yet[/yellow]")
     optional: dict[str, int | float | None] = {
+        "max_body_bytes": max_body_bytes,
         "max_keys_per_tenant": max_keys_per_tenant,
         "max_key_bytes_per_tenant": max_key_bytes_per_tenant,
         "max_concurrent_requests": max_concurrent_requests,
@@ -274,7 +281,6 @@ def serve(
         workers=workers or (os.cpu_count() or 1),
         key_store=key_store,
         auth_file=str(auth_file) if auth_file else None,
-        max_body_bytes=max_body_bytes,
         **{name: value for name, value in optional.items() if value is not None},  # type: ignore[arg-type]
     )
     if ray is not None:  # same app, replicated by Ray Serve (heinfer.ray_serve)
@@ -366,25 +372,48 @@ def train_mnist(
     images: Annotated[Path, typer.Option(help="IDX images (.gz or raw)")],
     labels: Annotated[Path, typer.Option(help="IDX labels")],
     out: Annotated[Path, typer.Option(help="model file to write")] = Path("model.heinfer"),
+    arch: Annotated[str, typer.Option(help="linear (logistic regression) or cnn")] = "linear",
+    epochs: Annotated[int, typer.Option(help="cnn training epochs")] = 40,
     test_images: Annotated[Path | None, typer.Option()] = None,
     test_labels: Annotated[Path | None, typer.Option()] = None,
 ) -> None:
-    """Train a logistic regression on MNIST (pixels / 255) and compile it as model `mnist`."""
+    """Train on MNIST (pixels / 255) and compile it as model `mnist` (or `mnist-cnn`)."""
     from heinfer.datasets import load_mnist
     from heinfer.models import load_model
 
+    if arch not in ("linear", "cnn"):
+        raise typer.BadParameter("--arch must be linear or cnn")
     X, y = load_mnist(images, labels)
     assert y is not None
     started = time.perf_counter()
-    _, train_accuracy = _train_mnist(X, y, out)
+    if arch == "linear":
+        _, train_accuracy = _train_mnist(X, y, out)
+    else:
+        train_accuracy = _train_cnn(X, y, out, epochs)
     console.print(
-        f"trained on {len(X)} digits in {time.perf_counter() - started:.1f} s; "
+        f"trained {arch} on {len(X)} digits in {time.perf_counter() - started:.1f} s; "
         f"train accuracy {train_accuracy:.1%}; wrote {out}"
     )
     if test_images is not None and test_labels is not None:
         Xt, yt = load_mnist(test_images, test_labels)
         scores = load_model(out).predict_plain(Xt.astype(np.float64) / 255.0)
         console.print(f"test accuracy {(scores.argmax(1) == yt).mean():.1%} on {len(Xt)} digits")
+
+
+def _train_cnn(images: np.ndarray, labels: np.ndarray, out: Path, epochs: int) -> float:
+    """An HE-friendly CNN (square activation), compiled to a CKKS plan as model `mnist-cnn`."""
+    try:
+        from heinfer.nn import train_mnist_cnn
+    except ImportError as exc:  # pragma: no cover - depends on the optional extra
+        raise typer.BadParameter("--arch cnn needs PyTorch: pip install 'heinfer[cnn]'") from exc
+    from heinfer.models import compile as compile_model
+
+    X = images.astype(np.float64) / 255.0
+    with console.status(f"training the CNN for {epochs} epochs on {len(X)} digits..."):
+        network = train_mnist_cnn(X, labels, epochs=epochs)
+    model = compile_model(network, name="mnist-cnn", X=X[:2000])
+    model.save(out)
+    return float((model.predict_plain(X).argmax(1) == labels).mean())
 
 
 @app.command()

@@ -8,7 +8,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +24,26 @@ from heinfer.errors import (
     error_for_status,
 )
 from heinfer.he.backend import SecretKey
-from heinfer.plans.linear import LAYOUT_KIND, LinearCodec
+from heinfer.plans.linear import BATCH_LAYOUT_KIND, LAYOUT_KIND, LinearCodec
 from heinfer.plans.manifest import Manifest
-from heinfer.plans.wire import decode_response, encode_keys, encode_request
+from heinfer.plans.network import NetworkCodec
+from heinfer.plans.wire import (
+    BatchRequest,
+    decode_batch_response,
+    decode_response,
+    encode_keys,
+    encode_request,
+    is_batch_response,
+)
 
 __all__ = ["KEY_ID_HEADER", "Client"]
 
 KEY_ID_HEADER = "X-Heinfer-Key-Id"
 SECRET_FORMAT = "heinfer.secret"
+NETWORK_LAYOUT_KIND = "ckks-network"
+# The service's default body limit (ServiceSettings.max_body_bytes): coeff-batch requests of
+# models so wide that they would not fit are not picked automatically.
+DEFAULT_MAX_BODY_BYTES = 64 << 20
 
 
 class Client:
@@ -54,24 +67,37 @@ class Client:
         self._http = http or httpx.Client(base_url=url, headers=headers, timeout=timeout)
         self.model = model
         self.manifest = Manifest.from_dict(self._json("GET", f"/v2/models/{model}"))
-        if self.manifest.layout.get("kind") != LAYOUT_KIND:
+        kind = self.manifest.layout.get("kind")
+        # Neural networks (CKKS) keep their own codec; everything below branches on it once.
+        self._network: NetworkCodec | None = None
+        if kind == NETWORK_LAYOUT_KIND:
+            self._network = NetworkCodec(self.manifest.layout["plan_manifest"])
+        elif kind == LAYOUT_KIND:
+            self._codec = LinearCodec(self.manifest)
+        else:
             raise ParameterMismatchError(
-                f"model {model!r} uses layout {self.manifest.layout.get('kind')!r}, "
-                "which this heinfer client does not know; upgrade heinfer"
+                f"model {model!r} uses layout {kind!r}, which this heinfer client does not "
+                "know; upgrade heinfer"
             )
-        self._codec = LinearCodec(self.manifest)
         self._secret: SecretKey | None = None
         self.key_id: str | None = None
         self.last_key_upload: bytes | None = None
 
     # -- keys -------------------------------------------------------------------------------
     def upload_keys(self) -> str:
-        """Make a secret key (kept in this process) and upload only the public key."""
-        if self._secret is None:
-            self._secret = SecretKey.generate(self._codec.context)
-        body = encode_keys(
-            self._codec.params.fingerprint, {"public": self._secret.public_key_bytes()}
-        )
+        """Make a secret key (kept in this process) and upload only the public material the
+        manifest asks for: one public key for linear models; for networks also the
+        relinearization key and Galois keys for exactly the rotations the plan uses."""
+        if self._network is not None:
+            if not self._network.has_keys:
+                self._network.keygen()
+            body = encode_keys(self._network.key_fingerprint, self._network.public_keys())
+        else:
+            if self._secret is None:
+                self._secret = SecretKey.generate(self._codec.context)
+            body = encode_keys(
+                self._codec.params.fingerprint, {"public": self._secret.public_key_bytes()}
+            )
         self.last_key_upload = body
         reply = self._json(
             "POST",
@@ -90,14 +116,17 @@ class Client:
 
     def save_secret(self, path: str | os.PathLike[str]) -> Path:
         """Write the secret key (and its key id) to a file only the owner can read (0600)."""
-        secret = self._require_secret()
+        if self._network is not None:
+            raw = self._network.secret_bytes()
+        else:
+            raw = self._require_secret().to_bytes()
         document = {
             "format": SECRET_FORMAT,
             "format_version": 1,
             "model": self.model,
-            "parameters": self._codec.params.fingerprint.hex(),
+            "parameters": self._fingerprint().hex(),
             "key_id": self.key_id,
-            "secret_key": base64.b64encode(secret.to_bytes()).decode(),
+            "secret_key": base64.b64encode(raw).decode(),
         }
         path = Path(path)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -114,25 +143,73 @@ class Client:
             raise BadInputError(f"cannot read secret key file {path}: {exc}") from exc
         if document.get("format") != SECRET_FORMAT:
             raise BadInputError(f"{path} is not a heinfer secret key file")
-        if document.get("parameters") != self._codec.params.fingerprint.hex():
+        if document.get("parameters") != self._fingerprint().hex():
             raise ParameterMismatchError(
                 f"{path} holds a key for other encryption parameters than model {self.model!r}"
             )
         raw = base64.b64decode(document["secret_key"])
-        self._secret = SecretKey.from_bytes(self._codec.context, raw)
+        if self._network is not None:
+            self._network.load_secret(raw)
+        else:
+            self._secret = SecretKey.from_bytes(self._codec.context, raw)
         self.key_id = document.get("key_id")
 
     # -- encryption -------------------------------------------------------------------------
-    def encrypt(self, X: Any) -> bytes:
-        """Request body for X of shape (n_features,) or (n, n_features)."""
+    def layout_for(self, samples: int) -> str:
+        """The layout `encrypt` picks for this many samples in one request.
+
+        coeff-batch (one ciphertext per feature for up to N samples) once a request is large
+        enough to be smaller on the wire than per-sample ciphertexts (`batch_crossover`,
+        computed from the manifest; about 440 MNIST digits); it is then also far faster on
+        the server. Otherwise coeff-rowpack, one ciphertext per sample.
+        """
+        if self._network is not None:
+            return NETWORK_LAYOUT_KIND
+        crossover = self._codec.batch_crossover
+        if (
+            crossover is not None
+            and crossover <= samples <= self._codec.batch_capacity
+            and self._codec.batch_request_bytes + 8 <= DEFAULT_MAX_BODY_BYTES
+        ):
+            return BATCH_LAYOUT_KIND
+        return LAYOUT_KIND
+
+    def encrypt(self, X: Any, *, layout: str | None = None) -> bytes:
+        """Request body for X of shape (n_features,) or (n, n_features).
+
+        `layout` is "coeff-rowpack" (a HEQ1 body, one ciphertext per sample) or "coeff-batch"
+        (a HEB1 body, at most `batch_capacity` samples); by default `layout_for(len(X))`.
+        """
         data = self._check_X(X)
-        return encode_request(self._codec.encrypt(self._require_secret(), data))
+        if self._network is not None:
+            return self._network.encrypt(data)
+        chosen = layout or self.layout_for(len(data))
+        secret = self._require_secret()
+        if chosen == BATCH_LAYOUT_KIND:
+            if self._codec.batch is None:
+                raise ParameterMismatchError(
+                    f"model {self.model!r} does not offer the {BATCH_LAYOUT_KIND} layout"
+                )
+            return encode_request(BatchRequest(len(data), self._codec.encrypt_batch(secret, data)))
+        if chosen != LAYOUT_KIND:
+            raise BadInputError(f"unknown layout {chosen!r}: {LAYOUT_KIND} or {BATCH_LAYOUT_KIND}")
+        return encode_request(self._codec.encrypt(secret, data))
 
     def decrypt(self, payload: bytes) -> np.ndarray:
-        """Scores of shape (n, n_outputs) from a response body."""
+        """Scores of shape (n, n_outputs) from a response body of either layout."""
+        if self._network is not None:
+            return self._network.decrypt(payload)
         secret = self._require_secret()
+        if is_batch_response(payload):
+            batch = decode_batch_response(payload, self._codec.batch_capacity)
+            return self._codec.decrypt_batch(secret, batch.record, batch.samples)
         records = decode_response(payload, self._codec.record_bytes)
         return np.stack([self._codec.decrypt(secret, r) for r in records])
+
+    @property
+    def batch_capacity(self) -> int:
+        """Most samples one coeff-batch request holds (0: the model has no batch layout)."""
+        return 0 if self._network is not None else self._codec.batch_capacity
 
     def infer(self, body: bytes) -> bytes:
         """POST one encrypted request body; returns the encrypted response body."""
@@ -153,22 +230,56 @@ class Client:
         *,
         batch_size: int | None = None,
         progress: Callable[[int], None] | None = None,
+        concurrency: int = 2,
     ) -> np.ndarray:
         """Encrypt, call the service, decrypt: scores of shape (n, n_outputs).
 
-        Large X is sent in batches (one request each); `progress(k)` is called with the
-        number of samples each finished batch held.
+        X is sent in chunks, one request each, each in the layout `layout_for` picks: by
+        default full coeff-batch requests (N samples) while enough samples remain, the rest
+        per-sample. `batch_size` fixes the chunk size instead. Up to `concurrency` requests
+        are in flight at once (one service worker each); `progress(k)` is called, in order,
+        with the number of samples each finished chunk held.
         """
         data = self._check_X(X)
         if self.key_id is None:
             self.upload_keys()
-        size = batch_size or min(self.manifest.max_batch, 256)
+        bounds = self._chunk_bounds(len(data), batch_size)
+
+        def round_trip(start: int, stop: int) -> np.ndarray:
+            return self.decrypt(self.infer(self.encrypt(data[start:stop])))
+
         out = []
-        for chunk in _chunks(data, size):
-            out.append(self.decrypt(self.infer(self.encrypt(chunk))))
-            if progress is not None:
-                progress(len(chunk))
+        with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+            futures = [pool.submit(round_trip, start, stop) for start, stop in bounds]
+            try:
+                for future, (start, stop) in zip(futures, bounds, strict=True):
+                    out.append(future.result())
+                    if progress is not None:
+                        progress(stop - start)
+            finally:
+                for future in futures:
+                    future.cancel()
         return np.concatenate(out) if out else np.zeros((0, self.manifest.n_outputs))
+
+    def _chunk_bounds(self, total: int, batch_size: int | None) -> list[tuple[int, int]]:
+        if batch_size is not None:
+            if batch_size < 1:
+                raise BadInputError("batch_size must be at least 1")
+            return [(i, min(total, i + batch_size)) for i in range(0, total, batch_size)]
+        if self._network is not None:
+            size = self.manifest.max_batch
+            return [(i, min(total, i + size)) for i in range(0, total, size)]
+        bounds, start = [], 0
+        capacity = self._codec.batch_capacity
+        crossover = self._codec.batch_crossover
+        if crossover is not None and self.layout_for(crossover) == BATCH_LAYOUT_KIND:
+            while total - start >= crossover:
+                stop = min(total, start + capacity)
+                bounds.append((start, stop))
+                start = stop
+        size = min(self.manifest.max_batch, 256)
+        bounds.extend((i, min(total, i + size)) for i in range(start, total, size))
+        return bounds
 
     def classify(self, X: Any, **kwargs: Any) -> np.ndarray:
         """Class labels (argmax of decrypted scores; sign for binary models)."""
@@ -210,6 +321,11 @@ class Client:
             )
         return data
 
+    def _fingerprint(self) -> bytes:
+        if self._network is not None:
+            return self._network.key_fingerprint
+        return self._codec.params.fingerprint
+
     def _require_secret(self) -> SecretKey:
         if self._secret is None:
             raise BadInputError("no secret key yet: call upload_keys() or load_secret(path)")
@@ -237,7 +353,3 @@ def _error_from(response: httpx.Response) -> HeinferError:
     except (ValueError, KeyError, TypeError):
         return error_for_status(response.status_code, "http_error", response.text[:200])
 
-
-def _chunks(data: np.ndarray, size: int) -> Iterator[np.ndarray]:
-    for start in range(0, len(data), size):
-        yield data[start : start + size]

@@ -13,11 +13,15 @@ then parms_id, flags and a raw uint64 array), which gives the plans coefficient-
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import itertools
+import math
 import os
 import struct
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,6 +39,7 @@ __all__ = [
     "SecretKey",
     "find_ntt_primes",
     "pack_bits",
+    "pack_bits_into",
     "unpack_bits",
 ]
 
@@ -88,10 +93,8 @@ class _Scratch:
 
 
 def _unlink(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 _SCRATCH = _Scratch()
@@ -142,19 +145,313 @@ def _payload(data: bytes) -> bytes:
 
 
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
-    """Pack non-negative integers below 2**bits into exactly ceil(n*bits/8) bytes."""
+    """Pack non-negative integers below 2**bits into exactly ceil(n*bits/8) bytes.
+
+    The format is one little-endian bit stream: value k occupies bits [k*bits, (k+1)*bits).
+    Higher bits of a value are dropped. Widths 8..57 take a vectorized path (each group of 8
+    values is `bits` bytes; every value fits one unaligned 64-bit word of its group).
+    """
     flat = np.ascontiguousarray(values, dtype="<u8").reshape(-1)
+    count = flat.size
+    if not _FAST_MIN_BITS <= bits <= _FAST_MAX_BITS or count == 0:
+        return _pack_bits_generic(flat, bits)
+    out = np.zeros(-(-count // 8) * bits + 8, dtype=np.uint8)
+    pack_bits_into(flat, bits, out, 0)
+    return out[: (count * bits + 7) // 8].tobytes()
+
+
+def pack_bits_into(values: np.ndarray, bits: int, out: np.ndarray, offset: int) -> int:
+    """`pack_bits` written into the zeroed uint8 buffer `out` at byte `offset`; returns the
+    offset after it. Every value is OR-ed in as one unaligned 64-bit word whose bits above the
+    value are zero, so `out` needs ceil(n/8)*bits + 8 bytes from `offset`, the bytes after the
+    packed ones are left as they were, and consecutive calls can fill one buffer."""
+    flat = np.ascontiguousarray(values, dtype="<u8").reshape(-1)
+    count = flat.size
+    size = (count * bits + 7) // 8
+    if not _FAST_MIN_BITS <= bits <= _FAST_MAX_BITS:
+        out[offset : offset + size] = np.frombuffer(_pack_bits_generic(flat, bits), np.uint8)
+        return offset + size
+    mask = np.uint64((1 << bits) - 1)
+    for start in range(0, count, _PACK_CHUNK):  # cache-sized chunks of whole bytes
+        chunk = flat[start : start + _PACK_CHUNK]
+        groups = -(-chunk.size // 8)
+        padded = np.zeros(groups * 8, dtype=np.uint64)
+        np.bitwise_and(chunk, mask, out=padded[: chunk.size])
+        lanes = padded.reshape(groups, 8)
+        base = offset + start * bits // 8
+        for lane in range(8):
+            at, shift = divmod(lane * bits, 8)
+            window = np.ndarray(
+                (groups,), dtype="<u8", buffer=out, offset=base + at, strides=(bits,)
+            )
+            window |= lanes[:, lane] << np.uint64(shift)
+    return offset + size
+
+
+def unpack_bits(
+    data: bytes | memoryview, count: int, bits: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Inverse of `pack_bits`; the caller has checked len(data). Fills `out` when given."""
+    if out is not None:
+        for i in range(0, count, _PACK_CHUNK):  # whole bytes per chunk (multiple of 8)
+            size = min(_PACK_CHUNK, count - i)
+            part = data[i * bits // 8 : (i * bits + size * bits + 7) // 8]
+            out[i : i + size] = unpack_bits(part, size, bits)
+        return out
+    if not _FAST_MIN_BITS <= bits <= _FAST_MAX_BITS or count == 0:
+        return _unpack_bits_generic(data, count, bits)
+    if count > _PACK_CHUNK:
+        return unpack_bits(data, count, bits, out=np.empty(count, dtype=np.uint64))
+    groups = -(-count // 8)
+    raw = np.frombuffer(data, dtype=np.uint8)
+    # Groups whose 8-byte windows all end inside `data` are read in place; the last one or
+    # two are read from a zero-padded copy of the remaining bytes.
+    reach = (7 * bits) // 8 + 8
+    body = min(groups, max(0, (raw.size - reach) // bits + 1))
+    tail = np.zeros((groups - body) * bits + 8, dtype=np.uint8)
+    rest = raw[body * bits : groups * bits]
+    tail[: rest.size] = rest
+    out = np.empty((groups, 8), dtype=np.uint64)
+    mask = np.uint64((1 << bits) - 1)
+    for source, rows, target in ((raw, body, out[:body]), (tail, groups - body, out[body:])):
+        if not rows:
+            continue
+        for lane in range(8):
+            offset, shift = divmod(lane * bits, 8)
+            window = np.ndarray((rows,), dtype="<u8", buffer=source, offset=offset, strides=(bits,))
+            np.bitwise_and(window >> np.uint64(shift), mask, out=target[:, lane])
+    flat = out.reshape(-1)
+    return flat if flat.size == count else flat[:count].copy()
+
+
+_FAST_MIN_BITS, _FAST_MAX_BITS = 8, 57
+_PACK_CHUNK = 1 << 17
+
+
+def _pack_bits_generic(flat: np.ndarray, bits: int) -> bytes:
     as_bits = np.unpackbits(flat.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
     return np.packbits(as_bits[:, :bits].reshape(-1), bitorder="little").tobytes()
 
 
-def unpack_bits(data: bytes, count: int, bits: int) -> np.ndarray:
-    """Inverse of `pack_bits`; the caller has checked len(data)."""
-    raw = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
-    raw = raw[: count * bits].reshape(count, bits)
+def _unpack_bits_generic(data: bytes, count: int, bits: int) -> np.ndarray:
+    stream = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
     padded = np.zeros((count, 64), dtype=np.uint8)
-    padded[:, :bits] = raw
+    padded[:, :bits] = stream[: count * bits].reshape(count, bits)
     return np.packbits(padded, axis=1, bitorder="little").view("<u8").reshape(count).copy()
+
+
+# -- numpy RLWE arithmetic for the feature-major batch layout ----------------------------------
+#
+# A coeff-batch request is n fresh symmetric ciphertexts (one per feature). Making, parsing and
+# combining them through SEAL would cost a file round trip plus a zstd pass per ciphertext,
+# several times the arithmetic itself, so these helpers do the same arithmetic on uint64
+# arrays. They implement exactly SEAL's BFV encryption equation (c0 = -(a*s + e) + round(q*m/t),
+# c1 = a), so SEAL decrypts the result; what differs from SEAL is only where the randomness
+# comes from: `a` is expanded from a public 32-byte seed with SHAKE-128 (like SEAL's own seeded
+# ciphertexts, which use Blake2xb), and e is SEAL's default centered binomial error drawn from
+# SHAKE-128 under a fresh secret key from the OS CSPRNG.
+
+BATCH_A_TAG = b"heinfer/coeff-batch/a/v1"
+_NOISE_TAG = b"heinfer/coeff-batch/e/v1"
+SEED_BYTES = 32
+CBD_HALF_BITS = 21  # SEAL 4.1's default error: hw(21 bits) - hw(21 bits), variance 21/2
+CBD_VARIANCE = CBD_HALF_BITS / 2
+# Digit width for float64 FFT products with a ternary secret: a 36-bit digit's product
+# (|value| < N * 2**36) came out within 0.0044 of an integer in 13M measured coefficients at
+# N=4096 (28 bits: 2e-5); every product is checked against 1/8 and refused beyond it.
+_FFT_DIGIT_BITS = 36
+_FFT_ROWS = 64  # polynomials per FFT block (cache-sized)
+_MATMUL_COLUMNS = 1024  # columns per BLAS block in `linear_combination`
+_EXACT_FLOAT = 1 << 53
+
+
+def _mulmod_small(x: np.ndarray, k: int, q: int) -> np.ndarray:
+    """x * k mod q for uint64 x < 2**32, k < q < 2**62: float quotient estimate + wrapping."""
+    x = np.asarray(x, dtype=np.uint64)
+    estimate = x.view(np.int64).astype(np.float64) * (k / q)  # off from x*k/q by < 2**-19
+    total = x.view(np.int64) * np.int64(k)  # x*k mod 2**64
+    return _reduce_estimated(total, estimate, q)
+
+
+def mulmod_const(x: np.ndarray, k: int, q: int) -> np.ndarray:
+    """x * k mod q elementwise, exactly, for uint64 x < q < 2**62 and a Python int k."""
+    if q >= 1 << 62:
+        raise ValueError("mulmod_const needs q < 2**62")
+    x = np.asarray(x, dtype=np.uint64)
+    low = _mulmod_small(x & np.uint64(0x7FFFFFFF), k % q, q)
+    high = _mulmod_small(x >> np.uint64(31), (k << 31) % q, q)
+    total = low + high  # < 2q < 2**63
+    return np.where(total >= np.uint64(q), total - np.uint64(q), total)
+
+
+def expand_uniform(
+    seed: bytes, primes: tuple[int, ...], count: int, degree: int, first: int = 0
+) -> np.ndarray:
+    """(L, count, N) polynomials first..first+count-1, uniform modulo each prime, from a seed.
+
+    Polynomial i modulo prime j is SHAKE-128(BATCH_A_TAG || seed || u32le(i) || u8(j)) read as
+    little-endian uint64 words masked to the prime's bit length, keeping the first N words
+    below the prime (rejection sampling: exactly uniform).
+    """
+    if len(seed) != SEED_BYTES:
+        raise MalformedPayloadError(f"seed must be {SEED_BYTES} bytes")
+    out = np.empty((len(primes), count, degree), dtype=np.uint64)
+    prefix = BATCH_A_TAG + seed
+    for j, q in enumerate(primes):
+        mask = np.uint64((1 << q.bit_length()) - 1)
+        qq = np.uint64(q)
+        # Draw exactly N words first: a rejection is rare for primes just below a power of two
+        # (the common case) and a row that has one is redrawn with headroom by `_uniform_row`.
+        for i in range(count):
+            key = prefix + struct.pack("<IB", first + i, j)
+            words = np.frombuffer(hashlib.shake_128(key).digest(8 * degree), dtype="<u8")
+            row = out[j, i]
+            np.bitwise_and(words, mask, out=row)
+            if (row >= qq).any():
+                row[:] = _uniform_row(key, q, degree)
+    return out
+
+
+def _uniform_row(key: bytes, q: int, degree: int) -> np.ndarray:
+    mask = np.uint64((1 << q.bit_length()) - 1)
+    words = 2 * degree
+    while True:
+        raw = np.frombuffer(hashlib.shake_128(key).digest(8 * words), dtype="<u8") & mask
+        kept = raw[raw < np.uint64(q)]
+        if kept.size >= degree:
+            return kept[:degree]
+        words *= 2
+
+
+def centered_binomial(shape: tuple[int, ...]) -> np.ndarray:
+    """SEAL's default error distribution, int8 in [-21, 21], from a fresh secret seed.
+
+    Each value is popcount(21 bits) - popcount(21 other bits) of SHAKE-128 output keyed with
+    32 bytes from the OS CSPRNG; two 64-bit words give three values.
+    """
+    count = math.prod(shape)
+    triples = -(-count // 3)
+    key = os.urandom(SEED_BYTES)
+    stream = hashlib.shake_128(_NOISE_TAG + key).digest(16 * triples)
+    words = np.frombuffer(stream, dtype="<u8").reshape(triples, 2)
+    half = np.uint64((1 << CBD_HALF_BITS) - 1)
+    out = np.empty((triples, 3), dtype=np.int8)
+    for lane, (first, second) in enumerate(((0, 0), (1, 1), (0, 1))):
+        shift = np.uint64(42) if lane == 2 else np.uint64(0)
+        other = np.uint64(42) if lane == 2 else np.uint64(CBD_HALF_BITS)
+        plus = np.bitwise_count((words[:, first] >> shift) & half).view(np.int8)
+        minus = np.bitwise_count((words[:, second] >> other) & half).view(np.int8)
+        np.subtract(plus, minus, out=out[:, lane])
+    return out.reshape(-1)[:count].reshape(shape)
+
+
+def linear_combination(weights: np.ndarray, polys: np.ndarray, q: int) -> np.ndarray:
+    """weights (rows, n) int64 @ polys (n, cols) uint64 < q, modulo q, exactly.
+
+    Float64 BLAS is exact on integers below 2**53: polys are split into unsigned digits of D
+    bits with max_row(sum |w|) * (2**D - 1) <= 2**53, so every partial sum of every product is
+    an exactly representable integer whatever order BLAS adds in; the digit products are then
+    recombined modulo q with exact integer arithmetic.
+    """
+    weights = np.asarray(weights, dtype=np.int64)
+    l1 = int(np.abs(weights).sum(axis=1).max()) if weights.size else 0
+    bits = q.bit_length()
+    digit = bits if l1 == 0 else min(bits, (_EXACT_FLOAT // l1 + 1).bit_length() - 1)
+    if digit < 1:
+        raise ValueError("weights too large for exact float64 accumulation")
+    digits = -(-bits // digit)
+    mask = np.uint64((1 << digit) - 1)
+    factors = [pow(2, k * digit, q) for k in range(digits)]
+    wf = weights.astype(np.float64)
+    rows, cols = weights.shape[0], polys.shape[1]
+    out = np.empty((rows, cols), dtype=np.uint64)
+    qq = np.uint64(q)
+    for start in range(0, cols, _MATMUL_COLUMNS):
+        block = polys[:, start : start + _MATMUL_COLUMNS]
+        acc = np.zeros((rows, block.shape[1]), dtype=np.uint64)
+        for k in range(digits):
+            part = block >> np.uint64(k * digit) if k else block
+            if k < digits - 1:
+                part = part & mask
+            exact = wf @ part.view(np.int64).astype(np.float64)
+            residue = np.remainder(exact.astype(np.int64), q).astype(np.uint64)
+            if factors[k] != 1:
+                residue = mulmod_const(residue, factors[k], q)
+            acc += residue
+            acc = np.where(acc >= qq, acc - qq, acc)
+        out[:, start : start + block.shape[1]] = acc
+    return out
+
+
+class NegacyclicProduct:
+    """Exact products a * s in Z_q[X]/(X^N + 1) for one fixed ternary s, with float64 FFTs.
+
+    The negacyclic product of real length-N polynomials is a cyclic product of length N/2
+    after folding (x_k + i x_{k+N/2}) and twisting by exp(i*pi*k/N). a is split into digits
+    of at most 36 bits so each digit product comes out of the FFT within a small fraction of
+    an integer (checked on every call: more than 1/8 raises) and rounds exactly. The digits
+    are recombined modulo q with one float-estimated quotient.
+    """
+
+    def __init__(self, secret: np.ndarray) -> None:
+        s = np.asarray(secret, dtype=np.float64)
+        self.degree = s.size
+        half = self.degree // 2
+        self._twist = np.exp(1j * np.pi * np.arange(half) / self.degree)
+        self._untwist = self._twist.conj()
+        self._secret_hat = np.fft.fft((s[:half] + 1j * s[half:]) * self._twist)
+
+    def _exact(self, digits: np.ndarray) -> np.ndarray:
+        """(rows, N) float64 integer digits -> their products with s, as exact float64 integers."""
+        half = self.degree // 2
+        folded = np.empty((digits.shape[0], half), dtype=np.complex128)
+        folded.real = digits[:, :half]
+        folded.imag = digits[:, half:]
+        folded *= self._twist
+        spectrum = np.fft.fft(folded, axis=1)
+        spectrum *= self._secret_hat
+        product = np.fft.ifft(spectrum, axis=1)
+        product *= self._untwist
+        values = np.empty(digits.shape, dtype=np.float64)
+        values[:, :half] = product.real
+        values[:, half:] = product.imag
+        rounded = np.rint(values)
+        values -= rounded
+        np.abs(values, out=values)
+        if values.max(initial=0.0) > 0.125:
+            raise RuntimeError("FFT product lost exactness; refusing to encrypt")
+        return rounded
+
+    def multiply(self, a: np.ndarray, q: int) -> np.ndarray:
+        """(count, N) uint64 a < q < 2**62 -> (a * s) mod q, uint64."""
+        bits = q.bit_length()
+        digits = -(-bits // _FFT_DIGIT_BITS)
+        width = -(-bits // digits)
+        mask = np.uint64((1 << width) - 1)
+        scales = [float(1 << (k * width)) / q for k in range(digits)]
+        out = np.empty(a.shape, dtype=np.uint64)
+        for start in range(0, a.shape[0], _FFT_ROWS):
+            block = a[start : start + _FFT_ROWS]
+            estimate = np.zeros(block.shape, dtype=np.float64)
+            total = np.zeros(block.shape, dtype=np.int64)
+            for k in range(digits):
+                part = (block >> np.uint64(k * width)) & mask
+                exact = self._exact(part.view(np.int64).astype(np.float64))
+                estimate += exact * scales[k]  # V/q to within 2**-38 (|V/q| <= N)
+                total += exact.astype(np.int64) << np.int64(k * width)  # V mod 2**64
+            out[start : start + block.shape[0]] = _reduce_estimated(total, estimate, q)
+        return out
+
+
+def _reduce_estimated(total: np.ndarray, estimate: np.ndarray, q: int) -> np.ndarray:
+    """V mod q from V mod 2**64 (int64, wrapping) and a float estimate of V/q off by < 1."""
+    quotient = np.floor(estimate).astype(np.int64)
+    r = total - quotient * np.int64(q)  # wraps mod 2**64; the true value is in [-q, 2q)
+    qq = np.int64(q)
+    r += (r >> np.int64(63)) & qq
+    r -= qq
+    r += (r >> np.int64(63)) & qq
+    return r.view(np.uint64)
 
 
 def find_ntt_primes(poly_modulus_degree: int, bit_sizes: list[int]) -> tuple[int, ...]:
@@ -308,6 +605,8 @@ class Context:
 
     def load_request(self, data: bytes) -> RequestCiphertext:
         """Validate and load one compact client ciphertext; SEAL re-expands c1 from the seed."""
+        if len(data) <= _FINGERPRINT_BYTES:
+            raise MalformedPayloadError(f"ciphertext of {len(data)} bytes is too short")
         if data[:_FINGERPRINT_BYTES] != self.params.fingerprint[:_FINGERPRINT_BYTES]:
             raise ParameterMismatchError(
                 "ciphertext was made for other encryption parameters: fetch the model's "
@@ -339,6 +638,111 @@ class Context:
         if ciphertext.size() != 2 or ciphertext.is_ntt_form():
             raise MalformedPayloadError("ciphertext must be a fresh 2-component BFV ciphertext")
         return RequestCiphertext(self, ciphertext)
+
+    # -- coeff-batch requests: n fresh ciphertexts travelling as arrays --------------------------
+    def batch_request_bytes(self, count: int) -> int:
+        """Size of a compact batch request of `count` ciphertexts (tag + seed + c0 limbs)."""
+        per = sum((self.n * b + 7) // 8 for b in self._data_bits)
+        return _FINGERPRINT_BYTES + SEED_BYTES + count * per
+
+    def compact_batch_request(self, seed: bytes, c0: np.ndarray) -> bytes:
+        """Parameter tag + the seed of every c1 + all c0 polynomials, bit-packed prime by prime."""
+        tag = self.params.fingerprint[:_FINGERPRINT_BYTES]
+        limbs = [pack_bits(c0[j], bits) for j, bits in enumerate(self._data_bits)]
+        return tag + seed + b"".join(limbs)
+
+    def load_batch_request(self, data: bytes, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Validate a compact batch request; (c0, c1) as (L, count, N) uint64 arrays.
+
+        Length plus every c0 coefficient below its prime is a complete well-formedness check
+        for fresh 2-component ciphertexts (c1 is expanded from the seed, so always in range);
+        SEAL never parses client bytes on this path.
+        """
+        c0 = np.empty((len(self.params.data_primes), count, self.n), dtype=np.uint64)
+        c1 = np.empty_like(c0)
+        for start, block0, block1 in self.iter_batch_request(data, count):
+            c0[:, start : start + block0.shape[1]] = block0
+            c1[:, start : start + block1.shape[1]] = block1
+        return c0, c1
+
+    def iter_batch_request(
+        self, data: bytes | memoryview, count: int, rows: int = 128
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """`load_batch_request` in blocks of `rows` ciphertexts: (first, c0, c1), each array
+        (L, rows, N). Tag and length are checked before the first block, the range of every
+        c0 coefficient block by block (cache-sized working set, no 100 MB intermediates)."""
+        seed = self._check_batch_request(data, count)
+        primes = self.params.data_primes
+        starts = [_FINGERPRINT_BYTES + SEED_BYTES]
+        for bits in self._data_bits[:-1]:
+            starts.append(starts[-1] + count * self.n * bits // 8)
+        for first in range(0, count, rows):
+            size = min(rows, count - first)
+            c0 = np.empty((len(primes), size, self.n), dtype=np.uint64)
+            for j, (q, bits) in enumerate(zip(primes, self._data_bits, strict=True)):
+                begin = starts[j] + first * self.n * bits // 8
+                part = data[begin : begin + size * self.n * bits // 8]
+                limb = unpack_bits(part, size * self.n, bits, out=c0[j].reshape(-1))
+                if limb.max(initial=0) >= q:
+                    raise MalformedPayloadError("batch request coefficient out of range")
+            yield first, c0, expand_uniform(seed, primes, size, self.n, first=first)
+
+    def _check_batch_request(self, data: bytes | memoryview, count: int) -> bytes:
+        """Tag and exact length of a batch request of `count` ciphertexts; returns the seed."""
+        if data[:_FINGERPRINT_BYTES] != self.params.fingerprint[:_FINGERPRINT_BYTES]:
+            raise ParameterMismatchError(
+                "batch request was made for other encryption parameters: fetch the model's "
+                "manifest again and re-encrypt"
+            )
+        expected = self.batch_request_bytes(count)
+        if len(data) != expected:
+            raise MalformedPayloadError(
+                f"batch request of {count} ciphertexts must be {expected} bytes for these "
+                f"parameters, got {len(data)}"
+            )
+        return bytes(data[_FINGERPRINT_BYTES : _FINGERPRINT_BYTES + SEED_BYTES])
+
+    def scale_plain(self, values: np.ndarray) -> np.ndarray:
+        """SEAL's BFV plaintext scaling round(q*m/t) (ties up) modulo each data prime.
+
+        values: integers, taken mod t; returns (L, *values.shape) uint64. The rounding error
+        (|.| <= 1/2 per coefficient) is what NoiseBudget calls `rounding`.
+        """
+        t = self.params.plain_modulus
+        primes = self.params.data_primes
+        q = math.prod(primes)
+        floor_q_t, q_mod_t, half = q // t, q % t, (t + 1) // 2
+        flat = np.mod(np.asarray(values, dtype=np.int64).reshape(-1), t)
+        if flat.size and int(flat.max()) < 1 << 17:  # client inputs: a small lookup table
+            unique, inverse = np.arange(int(flat.max()) + 1), flat
+        else:
+            unique, inverse = np.unique(flat, return_inverse=True)
+        scaled = [floor_q_t * m + (q_mod_t * m + half) // t for m in unique.tolist()]
+        table = np.array([[v % p for v in scaled] for p in primes], dtype=np.uint64)
+        return table[:, inverse].reshape((len(primes), *np.shape(values)))
+
+    def uniform_flood(self, shape: tuple[int, ...], log2_bound: int) -> np.ndarray:
+        """Integers uniform in [-2**k, 2**k) (k = log2_bound) from the OS CSPRNG, mod each prime.
+
+        A power-of-two range makes exact uniform sampling a matter of taking random bits:
+        k+1 bits in 31-bit limbs, each limb reduced with an exact modular multiply.
+        """
+        count = math.prod(shape)
+        bits = log2_bound + 1
+        limbs = -(-bits // 31)
+        raw = np.frombuffer(os.urandom(4 * limbs * count), dtype="<u4").reshape(limbs, count)
+        raw = raw.astype(np.uint64) & np.uint64(0x7FFFFFFF)
+        top = bits - 31 * (limbs - 1)
+        raw[-1] &= np.uint64((1 << top) - 1)
+        out = np.empty((len(self.data_primes), count), dtype=np.uint64)
+        for j, q in enumerate(self.params.data_primes):
+            qq = np.uint64(q)
+            acc = (qq - np.uint64(pow(2, log2_bound, q))) % qq + np.zeros(count, dtype=np.uint64)
+            for limb in range(limbs):
+                acc += _mulmod_small(raw[limb], pow(2, 31 * limb, q), q)
+                acc = np.where(acc >= qq, acc - qq, acc)
+            out[j] = acc
+        return out.reshape((len(self.data_primes), *shape))
 
     def load_evaluation_key(self, data: bytes) -> EvaluationKey:
         return EvaluationKey.from_bytes(self, data)
@@ -415,6 +819,8 @@ class SecretKey:
         self._secret = secret
         self._encryptor = seal.Encryptor(context.seal_context, secret)
         self._decryptor = seal.Decryptor(context.seal_context, secret)
+        self._ternary: np.ndarray | None = None
+        self._product: NegacyclicProduct | None = None
 
     @classmethod
     def generate(cls, context: Context) -> SecretKey:
@@ -455,7 +861,68 @@ class SecretKey:
     def encrypt(self, coefficients: np.ndarray) -> bytes:
         """Seeded symmetric encryption: the uniform half of the ciphertext travels as a seed."""
         plain = self._context.plaintext_from_coefficients(coefficients)
-        return self._context.compact_request(_SCRATCH.save(self._encryptor.encrypt_symmetric(plain)))
+        serialized = _SCRATCH.save(self._encryptor.encrypt_symmetric(plain))
+        return self._context.compact_request(serialized)
+
+    def ternary(self) -> np.ndarray:
+        """The secret polynomial's coefficients in {-1, 0, 1} (int8), recovered once.
+
+        Decrypting (c0, c1) = (0, K) with K = round(q1/t) at the last level gives
+        round(t*K*s/q1) = s exactly, since t*K/q1 is within t/(2*q1) <= 1/4 of 1.
+        """
+        if self._ternary is None:
+            q1, t = self._context.last_prime, self._context.params.plain_modulus
+            c1 = np.zeros(self._context.n, dtype=np.uint64)
+            c1[0] = (q1 + t // 2) // t
+            values = self.decrypt_last_level(np.zeros(self._context.n, dtype=np.uint64), c1)
+            if np.abs(values).max() > 1:
+                raise ParameterMismatchError("secret key is not ternary for these parameters")
+            self._ternary = values.astype(np.int8)
+        return self._ternary
+
+    def encrypt_columns(self, columns: np.ndarray) -> bytes:
+        """n fresh symmetric encryptions of sum_b columns[i, b] X^b, as a compact batch request.
+
+        SEAL's equation, computed with numpy: c1 = a (expanded from a fresh public seed),
+        c0 = -(a*s + e) + round(q*m/t) with e from SEAL's default centered binomial. Works
+        through the n ciphertexts in cache-sized blocks.
+        """
+        context = self._context
+        columns = np.asarray(columns, dtype=np.int64)
+        count, width = columns.shape
+        if width > context.n:
+            raise ValueError(f"at most N={context.n} values per polynomial")
+        if self._product is None:
+            self._product = NegacyclicProduct(self.ternary())
+        primes = context.params.data_primes
+        t = context.params.plain_modulus
+        columns = np.mod(columns, t)
+        # round(q*m/t) mod q_j for every value that occurs (inputs are small integers)
+        tables = context.scale_plain(np.arange(int(columns.max(initial=0)) + 1))
+        seed = os.urandom(SEED_BYTES)
+        header = _FINGERPRINT_BYTES + SEED_BYTES
+        sizes = [count * context.n * q.bit_length() // 8 for q in primes]  # N is a multiple of 8
+        out = np.zeros(header + sum(sizes) + 8, dtype=np.uint8)
+        out[:_FINGERPRINT_BYTES] = np.frombuffer(
+            context.params.fingerprint[:_FINGERPRINT_BYTES], np.uint8
+        )
+        out[_FINGERPRINT_BYTES:header] = np.frombuffer(seed, np.uint8)
+        offsets = [header + sum(sizes[:j]) for j in range(len(primes))]
+        for start in range(0, count, _FFT_ROWS):
+            stop = min(count, start + _FFT_ROWS)
+            a = expand_uniform(seed, primes, stop - start, context.n, first=start)
+            error = centered_binomial((stop - start, context.n)).astype(np.int64)
+            for j, q in enumerate(primes):
+                qq = np.int64(q)
+                value = -self._product.multiply(a[j], q).view(np.int64)  # -(a*s) in (-q, 0]
+                value[:, :width] += np.take(tables[j], columns[start:stop]).view(np.int64)
+                value -= error  # now in (-q - 21, q + 21)
+                value += (value >> np.int64(63)) & qq
+                value += (value >> np.int64(63)) & qq
+                value -= qq
+                value += (value >> np.int64(63)) & qq
+                offsets[j] = pack_bits_into(value.view(np.uint64), q.bit_length(), out, offsets[j])
+        return out[:-8].tobytes()
 
     def decrypt_last_level(self, c0: np.ndarray, c1: np.ndarray) -> np.ndarray:
         """Decrypt a one-prime ciphertext given as arrays; returns coefficients centered mod t."""

@@ -38,7 +38,9 @@ class InputSpec(_Strict):
     shape: list[int]
     low: float = Field(description="smallest input value the encoding represents")
     high: float = Field(description="largest input value the encoding represents")
-    bits: int = Field(ge=1, le=16, description="quantization bits per feature")
+    bits: int | None = Field(
+        default=None, ge=1, le=16, description="quantization bits per feature (BFV plans)"
+    )
     encoding: str
 
 

@@ -187,11 +187,12 @@ class _ModelChecks:
     key_parts: frozenset[str] = frozenset({"public", "relin", "galois"})
     batch_samples: int | None = None  # coeff-batch requests: most samples, None if not served
     batch_bytes: int | None = None  # ... and the exact size of their record
+    opaque: bool = False  # network plans: the body is one frame their worker-side plan parses
 
     @classmethod
     def of(cls, manifest: Manifest) -> _ModelChecks:
         if manifest.layout.get("kind") != LINEAR_LAYOUT:
-            return cls(manifest.name, manifest.max_batch)
+            return cls(manifest.name, manifest.max_batch, opaque=True)
         params = BFVParameters.from_dict(manifest.scheme)
         context = Context(params)  # templates only (tens of ms); no keys, no evaluation
         n = params.poly_modulus_degree
@@ -650,11 +651,14 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         async with svc.admission.admit():
             await svc.existing_key(tenant, key_id)
             body = await _body(request, settings.max_body_bytes, settings.body_timeout_seconds)
-            records = decode_request(
-                body, max_records=checks.max_batch, max_record_bytes=settings.max_key_bytes
-            )
-            if isinstance(records, list):  # a coeff-batch request is checked by its plan
-                checks.check_records(records)
+            if checks.opaque:
+                records: Any = [body]
+            else:
+                records = decode_request(
+                    body, max_records=checks.max_batch, max_record_bytes=settings.max_key_bytes
+                )
+                if isinstance(records, list):  # a coeff-batch request is checked by its plan
+                    checks.check_records(records)
             svc.metrics.bytes_in.inc(len(body))
             async with svc.admission.slot():
                 started = time.perf_counter()
@@ -663,7 +667,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                 except KeyNotFoundError:  # deleted meanwhile: the same answer as above
                     raise KeyNotFoundError(_UNKNOWN_KEY) from None
                 svc.metrics.stage.labels("evaluate").observe(time.perf_counter() - started)
-        payload = encode_response(results)
+        payload = results[0] if checks.opaque else encode_response(results)
         svc.metrics.bytes_out.inc(len(payload))
         svc.metrics.samples.inc(len(records))
         return Response(payload, media_type="application/octet-stream")

@@ -23,7 +23,7 @@ class ServiceSettings(BaseSettings):
     auth_file: str | None = None
     # Size limits: bodies are refused from Content-Length before they are read.
     max_body_bytes: int = Field(default=64 << 20, ge=1024)
-    max_key_bytes: int = Field(default=4 << 20, ge=1024)
+    max_key_bytes: int = Field(default=32 << 20, ge=1024)  # CNN key sets are ~17 MB
     # Per-tenant key store quotas (HTTP 429 when exceeded).
     max_keys_per_tenant: int = Field(default=1000, ge=1)
     max_key_bytes_per_tenant: int = Field(default=1 << 30, ge=1024)

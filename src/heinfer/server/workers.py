@@ -10,28 +10,47 @@ evaluation is a pure function of (request, key), so a retry is safe.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import multiprocessing
 import os
+import shutil
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from heinfer.errors import ParameterMismatchError, ServiceUnavailableError
 from heinfer.he.backend import EvaluationKey
 from heinfer.models import EncryptedModel, load_model
-from heinfer.plans.wire import decode_keys
+from heinfer.plans.linear import BATCH_LAYOUT_KIND, LinearPlan
+from heinfer.plans.network import NetworkPlan
+from heinfer.plans.wire import BatchRequest, BatchResponse, decode_keys
 from heinfer.server.keystore import KeyStore, open_key_store
 
 __all__ = ["WorkerPool"]
 
 log = logging.getLogger("heinfer.workers")
 T = TypeVar("T")
+# A coeff-batch record (36 MB for MNIST) costs ~150 ms to pickle through the pool's pipe;
+# above this size it goes to the worker as a private file on tmpfs instead (~10 ms each way).
+_HANDOFF_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class NetworkKeys:
+    """A network model's uploaded key parts; the plan keeps the parsed SEAL keys cached."""
+
+    parts: dict[str, bytes]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(v) for v in self.parts.values())
 
 
 @dataclass
@@ -40,7 +59,7 @@ class _WorkerState:
 
     models: dict[str, EncryptedModel]
     store: KeyStore
-    keys: OrderedDict[tuple[str, str, str], EvaluationKey]
+    keys: OrderedDict[tuple[str, str, str], EvaluationKey | NetworkKeys]
     key_bytes: int
     max_key_bytes: int
 
@@ -50,13 +69,25 @@ _STATE: _WorkerState | None = None  # per worker process, never in the service p
 
 def _initialize(model_paths: list[str], store_url: str, cache_bytes: int) -> None:
     global _STATE
+    _single_threaded_blas()
     models = {}
     for path in model_paths:
         model = load_model(path)
-        _ = model.plan.context  # build SEAL objects now, not on the first request
+        if isinstance(model.plan, LinearPlan):
+            _ = model.plan.context  # build SEAL objects now, not on the first request
         models[model.name] = model
     store = open_key_store(store_url, cache_bytes=0)
     _STATE = _WorkerState(models, store, OrderedDict(), 0, cache_bytes)
+
+
+def _single_threaded_blas() -> None:
+    """One BLAS thread per worker: the pool already runs one worker per core, and the batch
+    layout's matrix products (10 rows) gain nothing from threads but lose a lot to contention."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        return
+    threadpool_limits(1)
 
 
 def _state() -> _WorkerState:
@@ -65,7 +96,9 @@ def _state() -> _WorkerState:
     return _STATE
 
 
-def _evaluation_key(model: EncryptedModel, tenant: str, key_id: str) -> EvaluationKey:
+def _evaluation_key(
+    model: EncryptedModel, tenant: str, key_id: str
+) -> EvaluationKey | NetworkKeys:
     state = _state()
     cache_key = (model.name, tenant, key_id)
     cached = state.keys.get(cache_key)
@@ -82,7 +115,11 @@ def _evaluation_key(model: EncryptedModel, tenant: str, key_id: str) -> Evaluati
     return key
 
 
-def _parse_key(model: EncryptedModel, fingerprint: bytes, parts: dict[str, bytes]) -> EvaluationKey:
+def _parse_key(
+    model: EncryptedModel, fingerprint: bytes, parts: dict[str, bytes]
+) -> EvaluationKey | NetworkKeys:
+    if not isinstance(model.plan, LinearPlan):
+        return _parse_network_keys(model, model.plan, fingerprint, parts)
     if fingerprint != model.plan.params.fingerprint:
         raise ParameterMismatchError(
             f"this key was made for other encryption parameters than model {model.name!r}: "
@@ -93,10 +130,55 @@ def _parse_key(model: EncryptedModel, fingerprint: bytes, parts: dict[str, bytes
     return model.plan.load_key(parts["public"])
 
 
+def _parse_network_keys(
+    model: EncryptedModel, plan: NetworkPlan, fingerprint: bytes, parts: dict[str, bytes]
+) -> NetworkKeys:
+    if fingerprint != plan.key_fingerprint:
+        raise ParameterMismatchError(
+            f"this key was made for other encryption parameters than model {model.name!r}: "
+            "fetch its manifest and make keys for it"
+        )
+    wanted = {"public"} | ({"relin"} if model.manifest.keys.relin else set())
+    if model.manifest.keys.galois_steps:
+        wanted.add("galois")
+    if set(parts) != wanted:
+        raise ParameterMismatchError(
+            f"model {model.name!r} needs exactly these key parts: {sorted(wanted)}"
+        )
+    plan.load_keys(parts)  # SEAL's validating loaders, cached by content in the plan
+    return NetworkKeys(parts)
+
+
 def _infer(model_name: str, tenant: str, key_id: str, records: list[bytes]) -> list[bytes]:
     model = _state().models[model_name]
     key = _evaluation_key(model, tenant, key_id)
+    if isinstance(key, NetworkKeys):
+        assert not isinstance(model.plan, LinearPlan)
+        return [model.plan.evaluate(record, key.parts) for record in records]
+    assert isinstance(model.plan, LinearPlan)
     return [model.plan.evaluate(record, key) for record in records]
+
+
+def _infer_batch(
+    model_name: str, tenant: str, key_id: str, samples: int, record: bytes | str
+) -> bytes:
+    """One coeff-batch request: n feature ciphertexts for `samples` samples, one unit of work.
+
+    `record` is the request record, or the path of a handoff file holding it.
+    """
+    if isinstance(record, str):
+        with open(record, "rb") as fh:
+            record = fh.read()
+    model = _state().models[model_name]
+    plan = model.plan
+    if not isinstance(plan, LinearPlan):
+        raise ParameterMismatchError(
+            f"model {model_name!r} does not accept {BATCH_LAYOUT_KIND} requests"
+        )
+    plan.check_batch_samples(samples)  # cheap refusals before the key is fetched
+    key = _evaluation_key(model, tenant, key_id)
+    assert isinstance(key, EvaluationKey)  # a LinearPlan's keys parse to EvaluationKey
+    return plan.evaluate_batch(record, samples, key)
 
 
 def _validate_key(model_name: str, body: bytes) -> None:
@@ -120,6 +202,8 @@ class WorkerPool:
         self.restarts = 0
         self._lock = threading.Lock()
         self._executor = self._start()
+        base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        self._handoff_dir = tempfile.mkdtemp(prefix="heinfer-handoff-", dir=base)
 
     def _start(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
@@ -150,10 +234,35 @@ class WorkerPool:
                     ) from None
         raise AssertionError("unreachable")
 
+    @overload
     async def infer(
         self, model: str, tenant: str, key_id: str, records: list[bytes]
-    ) -> list[bytes]:
-        """Fan a batch out over all workers; results come back in request order."""
+    ) -> list[bytes]: ...
+
+    @overload
+    async def infer(
+        self, model: str, tenant: str, key_id: str, records: BatchRequest
+    ) -> BatchResponse: ...
+
+    async def infer(
+        self, model: str, tenant: str, key_id: str, records: list[bytes] | BatchRequest
+    ) -> list[bytes] | BatchResponse:
+        """Per-sample records fan out over all workers, results in request order; a coeff-batch
+        request is one unit of work on one worker (clients send several concurrently)."""
+        if isinstance(records, BatchRequest):
+            path = None
+            if len(records.record) > _HANDOFF_BYTES:
+                path = await asyncio.to_thread(self._handoff, records.record)  # None: full
+            try:
+                record = await self._call(
+                    _infer_batch, model, tenant, key_id, records.samples,
+                    path or bytes(records.record),
+                )
+            finally:
+                if path is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+            return BatchResponse(records.samples, record)
         size = max(1, math.ceil(len(records) / self.workers))
         chunks = [records[i : i + size] for i in range(0, len(records), size)]
         parts = await asyncio.gather(
@@ -175,5 +284,22 @@ class WorkerPool:
         processes = getattr(self._executor, "_processes", None) or {}
         return sorted(processes)
 
+    def _handoff(self, data: bytes | memoryview) -> str | None:
+        """Write a large record to a fresh 0600 file in the pool's tmpfs directory; None when
+        that fails (a small /dev/shm, as in containers): the record then goes by pipe."""
+        try:
+            fd, path = tempfile.mkstemp(dir=self._handoff_dir)
+        except OSError:
+            return None
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            return None
+        return path
+
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=False)
+        shutil.rmtree(self._handoff_dir, ignore_errors=True)

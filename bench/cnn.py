@@ -1,0 +1,328 @@
+"""Encrypted CNN on MNIST: heinfer's packed CKKS plan vs a TenSEAL tutorial-style CNN.
+
+    PYTHONPATH=src python bench/cnn.py [--retrain] [--agree-seconds 120] [--tenseal-images 10]
+
+Trains (or loads bench/results/cnn_spec.npz) the default `heinfer.nn.he_friendly_cnn`, reports
+plaintext accuracy, encrypted latency (median of ~20 single images, warm key cache), key /
+request / response bytes, agreement of encrypted argmax with the plaintext network on as many
+test digits as fit in the time budget, and the same for TenSEAL's "Encrypted convolution on
+MNIST" tutorial model (ts.ckks_vector, im2col_encoding, conv2d_im2col, square, mm) in the same
+run. Writes bench/results/cnn.json. Needs torch (CPU build: pip install torch==2.13.0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from heinfer.plans.network import NetworkCodec, NetworkSpec, compile_network, import_torch  # noqa: E402
+
+DATA = Path(os.environ.get("HEINFER_MNIST", "/work/shared/data/mnist"))
+RESULTS = ROOT / "bench" / "results"
+
+
+def idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as fh:
+        data = fh.read()
+    nd = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(nd)]
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * nd).reshape(dims)
+
+
+def load_mnist() -> tuple[np.ndarray, ...]:
+    Xtr = idx(DATA / "train-images-idx3-ubyte.gz").reshape(-1, 784) / 255.0
+    ytr = idx(DATA / "train-labels-idx1-ubyte.gz").astype(np.int64)
+    Xte = idx(DATA / "test-images-idx3-ubyte.gz").reshape(-1, 784) / 255.0
+    yte = idx(DATA / "test-labels-idx1-ubyte.gz").astype(np.int64)
+    return Xtr, ytr, Xte, yte
+
+
+def save_spec(spec: NetworkSpec, path: Path) -> None:
+    arrays: dict[str, np.ndarray] = {}
+    meta = []
+    for i, layer in enumerate(spec.layers):
+        entry = {}
+        for k, v in layer.items():
+            if isinstance(v, np.ndarray):
+                arrays[f"l{i}_{k}"] = v
+            else:
+                entry[k] = v
+        meta.append(entry)
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(path, **arrays)
+
+
+def load_spec(path: Path) -> NetworkSpec:
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(bytes(z["meta"]).decode())
+        layers = []
+        for i, entry in enumerate(meta):
+            layer = dict(entry)
+            for key in ("weight", "bias"):
+                if f"l{i}_{key}" in z:
+                    layer[key] = z[f"l{i}_{key}"]
+            layers.append(layer)
+    return NetworkSpec(layers)
+
+
+def bench_heinfer(spec: NetworkSpec, Xtr: np.ndarray, Xte: np.ndarray, args) -> dict:
+    t = time.perf_counter()
+    plan = compile_network(spec, "mnist-cnn", calibration=Xtr[:2000])
+    compile_s = time.perf_counter() - t
+    manifest = plan.manifest()
+    codec = NetworkCodec(manifest)
+    t = time.perf_counter()
+    codec.keygen()
+    keys = codec.public_keys()
+    keygen_s = time.perf_counter() - t
+    key_bytes = {k: len(v) for k, v in keys.items()}
+    plain = spec.predict_plain(Xte)
+    # cold call: key load + plaintext encoding of the weights
+    req = codec.encrypt(Xte[0])
+    t = time.perf_counter()
+    resp = plan.evaluate(req, keys)
+    cold_s = time.perf_counter() - t
+    lat, enc_t, dec_t = [], [], []
+    for i in range(args.latency_images):
+        t = time.perf_counter()
+        req = codec.encrypt(Xte[i])
+        enc_t.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        resp = plan.evaluate(req, keys)
+        lat.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        codec.decrypt(resp)
+        dec_t.append(time.perf_counter() - t)
+    req_bytes, resp_bytes = len(req), len(resp)
+    # agreement on as many test digits as fit in the budget
+    deadline = time.perf_counter() + args.agree_seconds
+    n, agree, max_err, _correct = 0, 0, 0.0, 0
+    while n < len(Xte) and time.perf_counter() < deadline:
+        batch = Xte[n : n + 8]
+        scores = codec.decrypt(plan.evaluate(codec.encrypt(batch), keys))
+        ref = plain[n : n + len(batch)]
+        agree += int((scores.argmax(1) == ref.argmax(1)).sum())
+        max_err = max(max_err, float(np.abs(scores - ref).max()))
+        n += len(batch)
+    sim = plan.simulate(Xte, np.random.default_rng(0))
+    return {
+        "params": manifest["params"],
+        "galois_steps": manifest["keys"]["galois_steps"],
+        "precision_claim": manifest["precision"]["score_abs_error"],
+        "compile_s": compile_s,
+        "keygen_s": keygen_s,
+        "key_bytes": key_bytes,
+        "key_bytes_total": sum(key_bytes.values()),
+        "request_bytes": req_bytes,
+        "response_bytes": resp_bytes,
+        "cold_first_call_s": cold_s,
+        "latency_median_s": statistics.median(lat),
+        "latency_p90_s": float(np.percentile(lat, 90)),
+        "client_encrypt_median_s": statistics.median(enc_t),
+        "client_decrypt_median_s": statistics.median(dec_t),
+        "throughput_img_per_s": 1.0 / statistics.median(lat),
+        "agreement_images": n,
+        "agreement": agree / max(n, 1),
+        "max_abs_score_error": max_err,
+        "simulated_agreement_all": float((sim.argmax(1) == plain.argmax(1)).mean()),
+    }
+
+
+def tenseal_tutorial(Xtr, ytr, Xte, yte, args) -> dict:
+    """TenSEAL's 'Encrypted convolution on MNIST' tutorial model and HE evaluation."""
+    import tenseal as ts
+    import torch
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+
+    class ConvNet(torch.nn.Module):
+        def __init__(self, hidden=64, output=10):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(1, 4, kernel_size=7, padding=0, stride=3)
+            self.fc1 = torch.nn.Linear(256, hidden)
+            self.fc2 = torch.nn.Linear(hidden, output)
+
+        def forward(self, x):
+            x = self.conv1(x)
+            x = x * x
+            x = x.view(-1, 256)
+            x = self.fc1(x)
+            x = x * x
+            return self.fc2(x)
+
+    model = ConvNet()
+    X = torch.tensor(Xtr, dtype=torch.float32).view(-1, 1, 28, 28)
+    y = torch.tensor(ytr)
+    opt = torch.optim.Adam(model.parameters(), lr=0.001)
+    for _ in range(10):  # the tutorial trains 10 epochs, batch 64
+        perm = torch.randperm(len(X))
+        for i in range(0, len(X), 64):
+            b = perm[i : i + 64]
+            loss = torch.nn.functional.cross_entropy(model(X[b]), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        plain = model(torch.tensor(Xte, dtype=torch.float32).view(-1, 1, 28, 28)).numpy()
+    acc = float((plain.argmax(1) == yte).mean())
+
+    # tutorial parameters
+    bits_scale = 26
+    context = ts.context(
+        ts.SCHEME_TYPE.CKKS,
+        poly_modulus_degree=8192,
+        coeff_mod_bit_sizes=[31] + [bits_scale] * 6 + [31],
+    )
+    context.global_scale = 2**bits_scale
+    t = time.perf_counter()
+    context.generate_galois_keys()
+    keygen_s = time.perf_counter() - t
+    public = context.copy()
+    public.make_context_public()
+    key_bytes = len(public.serialize(save_galois_keys=True, save_relin_keys=True))
+
+    w_conv = model.conv1.weight.data.view(4, 7, 7).tolist()
+    b_conv = model.conv1.bias.data.tolist()
+    fc1_w = model.fc1.weight.T.data.tolist()
+    fc1_b = model.fc1.bias.data.tolist()
+    fc2_w = model.fc2.weight.T.data.tolist()
+    fc2_b = model.fc2.bias.data.tolist()
+    lat, agree, n, req_b, resp_b = [], 0, 0, 0, 0
+    for i in range(args.tenseal_images):
+        img = Xte[i].reshape(28, 28).tolist()
+        enc_x, windows_nb = ts.im2col_encoding(context, img, 7, 7, 3)
+        req = enc_x.serialize()
+        req_b = len(req)
+        t = time.perf_counter()
+        enc_x = ts.lazy_ckks_vector_from(req)
+        enc_x.link_context(public)
+        channels = [
+            enc_x.conv2d_im2col(k, windows_nb) + b for k, b in zip(w_conv, b_conv, strict=True)
+        ]
+        out = ts.CKKSVector.pack_vectors(channels)
+        out.square_()
+        out = out.mm(fc1_w) + fc1_b
+        out.square_()
+        out = out.mm(fc2_w) + fc2_b
+        resp = out.serialize()
+        lat.append(time.perf_counter() - t)
+        resp_b = len(resp)
+        res = ts.lazy_ckks_vector_from(resp)
+        res.link_context(context)
+        scores = np.array(res.decrypt())
+        agree += int(scores.argmax() == plain[i].argmax())
+        n += 1
+    return {
+        "model": "TenSEAL tutorial ConvNet: conv 4x7x7 stride 3 -> square -> fc 256x64 -> "
+        "square -> fc 64x10",
+        "params": {"poly_modulus_degree": 8192, "coeff_modulus_bits": [31] + [26] * 6 + [31]},
+        "plain_accuracy": acc,
+        "keygen_s": keygen_s,
+        "key_bytes_total": key_bytes,
+        "request_bytes": req_b,
+        "response_bytes": resp_b,
+        "latency_median_s": statistics.median(lat),
+        "agreement_images": n,
+        "agreement": agree / max(n, 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--latency-images", type=int, default=20)
+    ap.add_argument("--agree-seconds", type=float, default=120.0)
+    ap.add_argument("--tenseal-images", type=int, default=10)
+    ap.add_argument("--skip-tenseal", action="store_true")
+    args = ap.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    Xtr, ytr, Xte, yte = load_mnist()
+    cache = RESULTS / "cnn_spec.npz"
+    train_s = None
+    if cache.exists() and not args.retrain:
+        spec = load_spec(cache)
+    else:
+        from heinfer.nn import train_mnist_cnn
+
+        t = time.perf_counter()
+        model = train_mnist_cnn(Xtr, ytr, epochs=args.epochs, seed=args.seed)
+        train_s = time.perf_counter() - t
+        spec = import_torch(model)
+        save_spec(spec, cache)
+    plain_acc = float((spec.predict_plain(Xte).argmax(1) == yte).mean())
+    print(f"plaintext accuracy {plain_acc:.4f} on {len(yte)} test digits", flush=True)
+    he = bench_heinfer(spec, Xtr, Xte, args)
+    he["plain_accuracy"] = plain_acc
+    he["train_s"] = train_s
+    ts_res = None if args.skip_tenseal else tenseal_tutorial(Xtr, ytr, Xte, yte, args)
+    result = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "heinfer": he,
+        "tenseal_tutorial": ts_res,
+    }
+    if ts_res:
+        result["latency_ratio_tenseal_over_heinfer"] = (
+            ts_res["latency_median_s"] / he["latency_median_s"]
+        )
+    rows = [
+        ("plaintext accuracy", f"{plain_acc:.4f}", ts_res and f"{ts_res['plain_accuracy']:.4f}"),
+        (
+            "latency / image (median)",
+            f"{he['latency_median_s'] * 1e3:.0f} ms",
+            ts_res and f"{ts_res['latency_median_s'] * 1e3:.0f} ms",
+        ),
+        (
+            "key upload",
+            f"{he['key_bytes_total'] / 1e6:.2f} MB",
+            ts_res and f"{ts_res['key_bytes_total'] / 1e6:.2f} MB",
+        ),
+        (
+            "request",
+            f"{he['request_bytes'] / 1e3:.0f} kB",
+            ts_res and f"{ts_res['request_bytes'] / 1e3:.0f} kB",
+        ),
+        (
+            "response",
+            f"{he['response_bytes'] / 1e3:.0f} kB",
+            ts_res and f"{ts_res['response_bytes'] / 1e3:.0f} kB",
+        ),
+        (
+            "argmax agreement",
+            f"{he['agreement']:.4f} ({he['agreement_images']} imgs)",
+            ts_res and f"{ts_res['agreement']:.4f} ({ts_res['agreement_images']} imgs)",
+        ),
+    ]
+    print(f"\n{'':28s} {'heinfer':>22s} {'TenSEAL tutorial':>22s}")
+    for name, a, b in rows:
+        print(f"{name:28s} {a:>22s} {b or '-':>22s}")
+    if ts_res:
+        ratio = result["latency_ratio_tenseal_over_heinfer"]
+        print(f"\nlatency ratio TenSEAL / heinfer: {ratio:.1f}x")
+    print(
+        f"max |score error| {he['max_abs_score_error']:.4f} (claim {he['precision_claim']:.4f});"
+        f" cold first call {he['cold_first_call_s']:.2f} s"
+    )
+    (RESULTS / "cnn.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

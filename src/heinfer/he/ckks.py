@@ -1,0 +1,500 @@
+"""The CKKS adapter: the only module of the network path that imports the SEAL binding.
+
+Everything the encrypted-network code (`heinfer.plans.network`) does with Microsoft SEAL goes
+through this file: parameter selection, key generation, encoding, the few evaluator calls the
+plans need, and (de)serialization of untrusted bytes with validation.
+
+Binding: `tenseal.sealapi` (SEAL 4.1). Its quirks are hidden here:
+
+* objects save/load only through file paths: we use a private tmpfs scratch directory with
+  unique file names per thread and call (`_Scratch`);
+* `KeyGenerator.create_galois_keys(list)` takes Galois *elements*, not rotation steps, so we
+  convert steps ourselves (`galois_element`, SEAL's generator 3);
+* the seeded `Serializable` return values of key generation are not registered in the binding,
+  so keys are serialized in full (zstd-compressed); ciphertexts from the client use seeded
+  symmetric encryption (`encrypt_symmetric(plain)` -> Serializable), which halves requests.
+
+Wire envelope: every object we emit is `MAGIC(4) | version(1) | kind(1) | fingerprint(8) | SEAL
+bytes`. The fingerprint is a hash of the exact parameters (N and every prime), so bytes made for
+other parameters are recognised *before* SEAL parses them (-> ParameterMismatchError) and bytes
+that are not ours, truncated or corrupt fail SEAL's validating loader (-> MalformedPayloadError).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import math
+import os
+import struct
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tenseal.sealapi as seal
+
+from heinfer.errors import MalformedPayloadError, ParameterMismatchError
+
+__all__ = [
+    "HE_STANDARD_MAX_LOG_Q",
+    "KIND_CIPHERTEXT",
+    "KIND_GALOIS",
+    "KIND_PUBLIC",
+    "KIND_RELIN",
+    "KIND_SECRET",
+    "CkksContext",
+    "CkksParameters",
+    "ClientKeys",
+    "ServerKeys",
+    "galois_element",
+    "select_parameters",
+]
+
+# HomomorphicEncryption.org Security Standard (Albrecht et al., Nov 2018), Table 1,
+# "uniform ternary secret" rows (SEAL samples the secret from {-1, 0, 1}), classical attacks,
+# lambda = 128: the largest total log2(q) (all primes, special prime included) per ring degree N.
+#   N:        1024  2048  4096  8192  16384  32768
+#   log2(q):    27    54   109   218    438    881
+HE_STANDARD_MAX_LOG_Q: dict[int, int] = {
+    1024: 27,
+    2048: 54,
+    4096: 109,
+    8192: 218,
+    16384: 438,
+    32768: 881,
+}
+
+MAGIC = b"HNC1"
+VERSION = 1
+KIND_CIPHERTEXT, KIND_PUBLIC, KIND_RELIN, KIND_GALOIS, KIND_SECRET = 1, 2, 3, 4, 5
+_KIND_NAMES = {
+    1: "ciphertext",
+    2: "public key",
+    3: "relinearization keys",
+    4: "Galois keys",
+    5: "secret key",
+}
+_ENVELOPE = struct.Struct("<4sBB8s")
+_SEAL_HEADER = struct.Struct("<HBBBBHQ")  # magic 0xA15E, header size, version, compr, -, size
+_MAX_OBJECT_BYTES = 256 << 20
+
+
+# -- scratch files for the path-only binding -----------------------------------------------------
+class _Scratch:
+    def __init__(self) -> None:
+        self._dir: Path | None = None
+        self._pid = 0
+        self._counter = itertools.count()
+        self._lock = threading.Lock()
+
+    def path(self) -> str:
+        with self._lock:
+            if self._dir is None or self._pid != os.getpid():
+                base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else None
+                self._dir = Path(tempfile.mkdtemp(prefix="heinfer-ckks-", dir=base))
+                self._pid = os.getpid()
+            return str(self._dir / f"{threading.get_ident()}-{next(self._counter)}")
+
+    def save(self, obj: Any) -> bytes:
+        path = self.path()
+        try:
+            obj.save(path)
+            with open(path, "rb") as fh:
+                return fh.read()
+        finally:
+            _unlink(path)
+
+    def load(self, obj: Any, context: Any, data: bytes) -> Any:
+        path = self.path()
+        try:
+            with open(path, "wb") as fh:
+                fh.write(data)
+            obj.load(context, path)
+            return obj
+        finally:
+            _unlink(path)
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+_SCRATCH = _Scratch()
+
+
+def galois_element(step: int, poly_modulus_degree: int) -> int:
+    """SEAL's Galois element for a left rotation by `step` slots (generator 3, as in SEAL 4)."""
+    slots = poly_modulus_degree // 2
+    step %= slots
+    if step == 0:
+        raise ValueError("rotation by 0 needs no key")
+    return pow(3, step, 2 * poly_modulus_degree)
+
+
+# -- parameters ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CkksParameters:
+    """A CKKS parameter set by value (exact primes), so server and client agree bit for bit.
+
+    `primes` follows SEAL: the last one is the special (key-switching) prime; ciphertexts live
+    modulo the others, and SEAL drops data primes from the end (rescale / mod switch).
+    """
+
+    poly_modulus_degree: int
+    primes: tuple[int, ...]
+
+    @property
+    def slots(self) -> int:
+        return self.poly_modulus_degree // 2
+
+    @property
+    def bit_sizes(self) -> list[int]:
+        return [p.bit_length() for p in self.primes]
+
+    @property
+    def data_primes(self) -> tuple[int, ...]:
+        return self.primes[:-1]
+
+    @property
+    def total_log_q(self) -> float:
+        return sum(math.log2(p) for p in self.primes)
+
+    @property
+    def fingerprint(self) -> bytes:
+        text = f"ckks:{self.poly_modulus_degree}:" + ",".join(map(str, self.primes))
+        return hashlib.sha256(text.encode()).digest()[:8]
+
+    def check_security(self) -> None:
+        limit = HE_STANDARD_MAX_LOG_Q.get(self.poly_modulus_degree)
+        if limit is None or self.total_log_q > limit:
+            raise ValueError(
+                f"log2(q)={self.total_log_q:.1f} exceeds the HE-standard 128-bit limit "
+                f"{limit} for N={self.poly_modulus_degree}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "poly_modulus_degree": self.poly_modulus_degree,
+            "coeff_modulus_bits": self.bit_sizes,
+            "coeff_modulus": [str(p) for p in self.primes],
+            "security_bits": 128,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CkksParameters:
+        params = cls(int(data["poly_modulus_degree"]), tuple(int(p) for p in data["coeff_modulus"]))
+        params.check_security()
+        return params
+
+
+def select_parameters(
+    bit_sizes: Sequence[int], *, min_slots: int = 0, security: int = 128
+) -> CkksParameters:
+    """Smallest ring degree whose HE-standard row admits these primes (and `min_slots` slots).
+
+    `bit_sizes` lists the data primes bottom-up followed by the special prime (SEAL order); the
+    multiplicative depth of the plan is what determines how many there are.
+    """
+    if security != 128:
+        raise ValueError("only the 128-bit row of the HE standard is used")
+    total = sum(bit_sizes)
+    for n in (4096, 8192, 16384, 32768):
+        if n // 2 < min_slots or total > HE_STANDARD_MAX_LOG_Q[n]:
+            continue
+        primes = tuple(int(m.value()) for m in seal.CoeffModulus.Create(n, list(bit_sizes)))
+        params = CkksParameters(n, primes)
+        if params.total_log_q <= HE_STANDARD_MAX_LOG_Q[n]:
+            return params
+    raise ValueError(f"no ring degree up to 32768 fits {total} bits of modulus at 128-bit security")
+
+
+# -- context -------------------------------------------------------------------------------------
+class CkksContext:
+    """SEAL context + encoder + evaluator for one parameter set, with levels by prime count."""
+
+    def __init__(self, params: CkksParameters) -> None:
+        params.check_security()
+        self.params = params
+        parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
+        parms.set_poly_modulus_degree(params.poly_modulus_degree)
+        parms.set_coeff_modulus([seal.Modulus(p) for p in params.primes])
+        self.seal_context = seal.SEALContext(parms, True, seal.SEC_LEVEL_TYPE.TC128)
+        if not self.seal_context.parameters_set():
+            raise ValueError(
+                f"SEAL rejected the parameters: {self.seal_context.parameters_error_message()}"
+            )
+        self.encoder = seal.CKKSEncoder(self.seal_context)
+        self.evaluator = seal.Evaluator(self.seal_context)
+        self.n = params.poly_modulus_degree
+        self.slots = self.n // 2
+        # parms_id per number of data primes still present (k = len(data_primes) .. 1).
+        self._parms_by_count: dict[int, list[int]] = {}
+        data = self.seal_context.first_context_data()
+        while data is not None:
+            count = len(data.parms().coeff_modulus())
+            self._parms_by_count[count] = list(data.parms_id())
+            data = data.next_context_data()
+        self.top_count = len(params.data_primes)
+        self.fingerprint = params.fingerprint
+
+    # levels ----------------------------------------------------------------------------------
+    def parms_id(self, prime_count: int) -> list[int]:
+        return self._parms_by_count[prime_count]
+
+    def prime_count(self, ct: Any) -> int:
+        return int(ct.coeff_modulus_size())
+
+    # encoding --------------------------------------------------------------------------------
+    def encode(self, values: np.ndarray, scale: float, prime_count: int) -> Any:
+        """Encode real (or complex) slot values at `scale` for a ciphertext at that level."""
+        plain = seal.Plaintext()
+        vals = np.asarray(values)
+        if vals.shape != (self.slots,):
+            full = np.zeros(self.slots, dtype=vals.dtype)
+            full[: vals.size] = vals.reshape(-1)
+            vals = full
+        if np.iscomplexobj(vals):
+            self.encoder.encode(
+                vals.astype(np.complex128).tolist(), self.parms_id(prime_count), float(scale), plain
+            )
+        else:
+            self.encoder.encode(
+                vals.astype(np.float64).tolist(), self.parms_id(prime_count), float(scale), plain
+            )
+        return plain
+
+    def decode(self, plain: Any) -> np.ndarray:
+        return np.asarray(self.encoder.decode_double(plain), dtype=np.float64)
+
+    # evaluator (thin wrappers so plans never touch the binding) -------------------------------
+    def rotate(self, ct: Any, step: int, galois: Any) -> Any:
+        out = seal.Ciphertext()
+        self.evaluator.rotate_vector(ct, step, galois, out)
+        return out
+
+    def multiply_plain(self, ct: Any, plain: Any) -> Any:
+        out = seal.Ciphertext()
+        self.evaluator.multiply_plain(ct, plain, out)
+        return out
+
+    def add_inplace(self, ct: Any, other: Any) -> None:
+        self.evaluator.add_inplace(ct, other)
+
+    def add(self, a: Any, b: Any) -> Any:
+        out = seal.Ciphertext()
+        self.evaluator.add(a, b, out)
+        return out
+
+    def add_plain_inplace(self, ct: Any, plain: Any) -> None:
+        self.evaluator.add_plain_inplace(ct, plain)
+
+    def add_plain(self, ct: Any, plain: Any) -> Any:
+        out = seal.Ciphertext()
+        self.evaluator.add_plain(ct, plain, out)
+        return out
+
+    def multiply_relin_rescale(self, a: Any, b: Any, relin: Any) -> Any:
+        out = seal.Ciphertext()
+        if a is b:
+            self.evaluator.square(a, out)
+        else:
+            self.evaluator.multiply(a, b, out)
+        self.evaluator.relinearize_inplace(out, relin)
+        self.evaluator.rescale_to_next_inplace(out)
+        return out
+
+    def rescale_inplace(self, ct: Any) -> None:
+        self.evaluator.rescale_to_next_inplace(ct)
+
+    def mod_switch_to(self, ct: Any, prime_count: int) -> None:
+        if self.prime_count(ct) != prime_count:
+            self.evaluator.mod_switch_to_inplace(ct, self.parms_id(prime_count))
+
+    # serialization ---------------------------------------------------------------------------
+    def wrap(self, kind: int, seal_bytes: bytes) -> bytes:
+        return _ENVELOPE.pack(MAGIC, VERSION, kind, self.fingerprint) + seal_bytes
+
+    def unwrap(self, kind: int, data: bytes, *, max_bytes: int = _MAX_OBJECT_BYTES) -> bytes:
+        what = _KIND_NAMES.get(kind, "object")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise MalformedPayloadError(f"{what}: expected bytes, got {type(data).__name__}")
+        data = bytes(data)
+        if len(data) < _ENVELOPE.size + _SEAL_HEADER.size:
+            raise MalformedPayloadError(f"{what}: {len(data)} bytes is too short")
+        if len(data) > max_bytes:
+            raise MalformedPayloadError(f"{what}: {len(data)} bytes exceeds {max_bytes}")
+        magic, version, got_kind, fingerprint = _ENVELOPE.unpack_from(data)
+        if magic != MAGIC:
+            raise MalformedPayloadError(f"{what}: not a heinfer CKKS object (bad magic)")
+        if version != VERSION:
+            raise ParameterMismatchError(f"{what}: envelope version {version}, expected {VERSION}")
+        if got_kind != kind:
+            raise MalformedPayloadError(
+                f"expected {what}, got {_KIND_NAMES.get(got_kind, f'kind {got_kind}')}"
+            )
+        if fingerprint != self.fingerprint:
+            raise ParameterMismatchError(
+                f"{what} was made for other encryption parameters than this model's"
+            )
+        body = data[_ENVELOPE.size :]
+        smagic, hsize, major, _minor, _compr, _res, size = _SEAL_HEADER.unpack_from(body)
+        if smagic != 0xA15E or hsize != 16 or major != 4 or size != len(body):
+            raise MalformedPayloadError(f"{what}: corrupt or truncated SEAL serialization")
+        return body
+
+    def _load(self, kind: int, obj: Any, data: bytes, max_bytes: int = _MAX_OBJECT_BYTES) -> Any:
+        body = self.unwrap(kind, data, max_bytes=max_bytes)
+        try:
+            return _SCRATCH.load(obj, self.seal_context, body)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise MalformedPayloadError(
+                f"{_KIND_NAMES[kind]} failed SEAL validation: {exc}"
+            ) from exc
+
+    def save_ciphertext(self, ct: Any) -> bytes:
+        return self.wrap(KIND_CIPHERTEXT, _SCRATCH.save(ct))
+
+    def load_ciphertext(
+        self,
+        data: bytes,
+        *,
+        prime_count: int | None = None,
+        scale: float | None = None,
+        max_bytes: int = _MAX_OBJECT_BYTES,
+    ) -> Any:
+        """Validated load; `prime_count`/`scale` pin the level and scale the plan expects."""
+        ct = self._load(KIND_CIPHERTEXT, seal.Ciphertext(), data, max_bytes)
+        if ct.size() != 2:
+            raise ParameterMismatchError(f"ciphertext has {ct.size()} polynomials, expected 2")
+        if prime_count is not None and self.prime_count(ct) != prime_count:
+            raise ParameterMismatchError(
+                f"ciphertext is at a level with {self.prime_count(ct)} primes, expected "
+                f"{prime_count}"
+            )
+        if scale is not None and not math.isclose(ct.scale, scale, rel_tol=1e-9):
+            raise ParameterMismatchError(
+                f"ciphertext scale 2^{math.log2(ct.scale):.3f} is not the manifest's "
+                f"2^{math.log2(scale):.3f}"
+            )
+        return ct
+
+    def load_public_key(self, data: bytes) -> Any:
+        return self._load(KIND_PUBLIC, seal.PublicKey(), data)
+
+    def load_relin_keys(self, data: bytes) -> Any:
+        return self._load(KIND_RELIN, seal.RelinKeys(), data)
+
+    def load_galois_keys(self, data: bytes, steps: Sequence[int]) -> Any:
+        keys = self._load(KIND_GALOIS, seal.GaloisKeys(), data)
+        missing = [s for s in steps if not keys.has_key(galois_element(s, self.n))]
+        if missing:
+            raise ParameterMismatchError(f"Galois keys lack the rotation steps {missing}")
+        return keys
+
+    def encryptor(self, public_key: Any) -> Any:
+        return seal.Encryptor(self.seal_context, public_key)
+
+    def encrypt_public(self, encryptor: Any, plain: Any) -> Any:
+        out = seal.Ciphertext()
+        encryptor.encrypt(plain, out)
+        return out
+
+
+# -- keys ----------------------------------------------------------------------------------------
+class ClientKeys:
+    """Client-side key material: the secret key never leaves this object unless asked to."""
+
+    def __init__(self, ctx: CkksContext, secret: Any | None = None) -> None:
+        self.ctx = ctx
+        if secret is None:
+            secret = seal.KeyGenerator(ctx.seal_context).secret_key()
+        self._secret = secret
+        self._keygen = seal.KeyGenerator(ctx.seal_context, secret)
+        self._encryptor = seal.Encryptor(ctx.seal_context, secret)
+        self._decryptor = seal.Decryptor(ctx.seal_context, secret)
+
+    def __repr__(self) -> str:  # never print key material
+        return f"ClientKeys(N={self.ctx.n})"
+
+    @classmethod
+    def from_secret_bytes(cls, ctx: CkksContext, data: bytes) -> ClientKeys:
+        return cls(ctx, ctx._load(KIND_SECRET, seal.SecretKey(), data))
+
+    def secret_bytes(self) -> bytes:
+        return self.ctx.wrap(KIND_SECRET, _SCRATCH.save(self._secret))
+
+    def public_keys(self, galois_steps: Sequence[int], relin: bool = True) -> dict[str, bytes]:
+        ctx = self.ctx
+        public = seal.PublicKey()
+        self._keygen.create_public_key(public)
+        out = {"public": ctx.wrap(KIND_PUBLIC, _SCRATCH.save(public))}
+        if relin:
+            rk = seal.RelinKeys()
+            self._keygen.create_relin_keys(rk)
+            out["relin"] = ctx.wrap(KIND_RELIN, _SCRATCH.save(rk))
+        if galois_steps:
+            gk = seal.GaloisKeys()
+            elements = sorted({galois_element(s, ctx.n) for s in galois_steps})
+            self._keygen.create_galois_keys(elements, gk)
+            out["galois"] = ctx.wrap(KIND_GALOIS, _SCRATCH.save(gk))
+        return out
+
+    def encrypt(self, values: np.ndarray, scale: float) -> bytes:
+        """Seeded symmetric encryption at the top level (half the bytes of a full ciphertext)."""
+        plain = self.ctx.encode(values, scale, self.ctx.top_count)
+        serializable = self._encryptor.encrypt_symmetric(plain)
+        return self.ctx.wrap(KIND_CIPHERTEXT, _SCRATCH.save(serializable))
+
+    def decrypt_ciphertext(self, ct: Any) -> np.ndarray:
+        """All slots (real parts) of a loaded ciphertext."""
+        plain = seal.Plaintext()
+        self._decryptor.decrypt(ct, plain)
+        return self.ctx.decode(plain)
+
+    def decrypt(self, data: bytes, *, prime_count: int | None = None) -> np.ndarray:
+        return self.decrypt_ciphertext(self.ctx.load_ciphertext(data, prime_count=prime_count))
+
+
+class ServerKeys:
+    """The evaluation keys a client uploaded, loaded and validated once (cache these)."""
+
+    def __init__(
+        self, ctx: CkksContext, keys: dict[str, bytes], steps: Sequence[int], relin: bool
+    ) -> None:
+        if not isinstance(keys, dict):
+            raise MalformedPayloadError("keys must be a dict of serialized keys")
+        if "public" not in keys:
+            raise MalformedPayloadError("keys lack the public key")
+        self.public = ctx.load_public_key(keys["public"])
+        self.encryptor = ctx.encryptor(self.public)
+        self.relin = None
+        if relin:
+            if "relin" not in keys:
+                raise MalformedPayloadError("keys lack the relinearization keys")
+            self.relin = ctx.load_relin_keys(keys["relin"])
+        self.galois = None
+        if steps:
+            if "galois" not in keys:
+                raise MalformedPayloadError("keys lack the Galois keys")
+            self.galois = ctx.load_galois_keys(keys["galois"], steps)
+
+
+def os_random_uniform(count: int) -> np.ndarray:
+    """Uniform floats in [0, 1) from the OS CSPRNG (53 random bits each)."""
+    raw = np.frombuffer(os.urandom(8 * count), dtype=np.uint64) >> np.uint64(11)
+    return raw.astype(np.float64) * (1.0 / (1 << 53))
+
+
+def os_random_normal(count: int) -> np.ndarray:
+    """Standard normal samples from the OS CSPRNG (Box-Muller)."""
+    half = (count + 1) // 2
+    u1 = 1.0 - os_random_uniform(half)  # (0, 1]
+    u2 = os_random_uniform(half)
+    r = np.sqrt(-2.0 * np.log(u1))
+    return np.concatenate([r * np.cos(2 * np.pi * u2), r * np.sin(2 * np.pi * u2)])[:count]

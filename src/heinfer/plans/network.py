@@ -1,0 +1,1233 @@
+"""Encrypted neural networks (CKKS, LoLa/CryptoNets style): import, compile, evaluate.
+
+Pipeline::
+
+    spec = import_torch(model)            # or import_onnx(path); NetworkSpec = numpy weights
+    plan = compile_network(spec, "mnist") # server side, private (weights as plaintexts)
+    codec = NetworkCodec(plan.manifest()) # client side, from the public manifest only
+    codec.keygen(); keys = codec.public_keys()
+    scores = codec.decrypt(plan.evaluate(codec.encrypt(X), keys))
+
+Network shape: linear blocks (any mix of Conv2d / AvgPool2d / Flatten / Linear, composed into
+one affine map each) separated by degree-2 activations (Square, PolyAct a*x^2+b*x), at most two
+activations. Each activation costs one ciphertext-ciphertext multiplication and one rescale.
+
+Packing (one ciphertext per image, N=8192 -> 4096 slots for one activation):
+
+* Input: the client writes `copies` copies of the 784 pixels at offsets 0, 784, 1568, ...
+  (manifest `input.layout`). For a conv layer, output channel f lives in copy f at the slot of
+  its window's top-left pixel, so the whole first layer is `sum_t P_t * rot(x, t)` over the
+  kernel offsets t = 28*a + b: 25 shifts, evaluated baby-step/giant-step with baby steps
+  1..4 (4 rotations with the key for 1) and giant steps by Horner in 28 (4 rotations, key 28).
+  Any other first layer falls back to a generic diagonal decomposition.
+* Later blocks: hybrid diagonal method (Juvekar et al., GAZELLE) over the whole slot vector with
+  R = next power of two >= outputs rows: R diagonals (BSGS, keys 1 and B), then a fold
+  (rotate-and-sum over the S/R blocks, radix 4, keys R, 4R, 16R, ...). The fold leaves output i
+  replicated in every slot s = i (mod R), and rows >= outputs hold exact zeros by construction, so
+  no slot carries a partial sum of the model.
+* Rotation keys: only the steps above (manifest `keys.galois_steps`).
+
+Scales / levels (one activation; the chain is [q0 39, q1 39, qc 20, qa 56 | P 60] bits, 214 of
+the 218 bits that the HE standard allows at N=8192 for 128-bit security, see he/ckks.py):
+input at 2^28, first-layer weights at 2^19, product 2^47, square 2^94, rescale by qa -> 2^38;
+last-layer weights at 2^50 so that product/qc = 2^68 after the last rescale. The response sits at
+the lowest level that can hold 2^68 * scores plus flooding noise: the two 39-bit primes.
+
+Model privacy of responses (same contract as the linear plans): after the last rescale the server
+adds a fresh public-key encryption of a plaintext that holds the last-layer bias in the output
+slots, uniform random values in all other slots, and flooding noise. Flooding: the ring noise
+e = tau0 + tau1*s left by the last rescale (tau uniform in [-1/2,1/2]^N, s ternary) has, by
+Hoeffding, every coefficient below sqrt(N*61*ln2/2) except with probability N*2^-60, so
+||e||_2 <= B = sqrt(N)*(sqrt(N*61*ln2/2) + 1/2) (2^15.5 at N=8192). Coefficient-wise Gaussian
+flooding with sigma = 2^40 * B / sqrt(2*pi) makes the statistical distance between the flooded
+noise and a noise-free one at most ||e||_2 / (sigma*sqrt(2*pi)) <= 2^-40 (statistical security
+parameter 40). In slots that is a real-part standard deviation sigma*sqrt(N/2)/2^68 ~ 0.0045 on
+the scores. What flooding cannot hide is the CKKS approximation error of the earlier layers
+(about 2^-12 relative), which is part of the decrypted value; it is far below the flooding noise
+but is not covered by the 40-bit argument (documented in the manifest under `privacy`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from heinfer.errors import (
+    BadInputError,
+    MalformedPayloadError,
+    ModelFormatError,
+    PayloadTooLargeError,
+    ShapeError,
+    UnsupportedModelError,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "NetworkCodec",
+    "NetworkPlan",
+    "NetworkSpec",
+    "compile_network",
+    "decode_frames",
+    "encode_frames",
+    "import_onnx",
+    "import_torch",
+]
+
+FORMAT_VERSION = 1
+INPUT_SHAPE = (1, 28, 28)
+REQUEST_MAGIC = b"HNQ1"
+RESPONSE_MAGIC = b"HNR1"
+MAX_IMAGES_PER_REQUEST = 256
+STAT_SECURITY_BITS = 40
+_FRAME = struct.Struct("<4sI")
+_LEN = struct.Struct("<I")
+
+# Scale plan (log2). See the module docstring.
+LOG_INPUT_SCALE = 28
+LOG_FIRST_PRODUCT = 47
+LOG_MID_WEIGHT = 19
+LOG_FINAL_SCALE = 68
+FINAL_PRIME_BITS = [39, 39]
+CLEAN_PRIME_BITS = 20
+ACT_PRIME_BITS = [56, 60]
+SPECIAL_PRIME_BITS = 60
+MASK_RANGE = 256.0
+FOLD_RADIX = 4
+
+
+# ================================================================================================
+# framing
+# ================================================================================================
+def encode_frames(magic: bytes, blobs: list[bytes]) -> bytes:
+    parts = [_FRAME.pack(magic, len(blobs))]
+    for blob in blobs:
+        parts += [_LEN.pack(len(blob)), blob]
+    return b"".join(parts)
+
+
+def decode_frames(
+    magic: bytes, body: bytes, max_records: int, max_record_bytes: int
+) -> list[bytes]:
+    if not isinstance(body, (bytes, bytearray, memoryview)):
+        raise MalformedPayloadError("payload must be bytes")
+    body = bytes(body)
+    if len(body) < _FRAME.size:
+        raise MalformedPayloadError("payload too short")
+    got, count = _FRAME.unpack_from(body)
+    if got != magic:
+        raise MalformedPayloadError(f"payload does not start with {magic!r}")
+    if count == 0:
+        raise MalformedPayloadError("payload holds no ciphertexts")
+    if count > max_records:
+        raise PayloadTooLargeError(f"{count} ciphertexts; at most {max_records} per call")
+    out, off = [], _FRAME.size
+    for i in range(count):
+        if off + _LEN.size > len(body):
+            raise MalformedPayloadError(f"payload truncated before record {i}")
+        (n,) = _LEN.unpack_from(body, off)
+        off += _LEN.size
+        if n > max_record_bytes:
+            raise PayloadTooLargeError(f"record {i} is {n} bytes; at most {max_record_bytes}")
+        if off + n > len(body):
+            raise MalformedPayloadError(f"payload truncated inside record {i}")
+        out.append(body[off : off + n])
+        off += n
+    if off != len(body):
+        raise MalformedPayloadError("unexpected bytes after the last record")
+    return out
+
+
+# ================================================================================================
+# NetworkSpec: numpy weights + layers
+# ================================================================================================
+def _im2col(x: np.ndarray, kh: int, kw: int, stride: int) -> np.ndarray:
+    """x: (n, C, H, W) -> (n, C, kh, kw, Ho, Wo) view."""
+    n, c, h, w = x.shape
+    ho, wo = (h - kh) // stride + 1, (w - kw) // stride + 1
+    s = x.strides
+    return np.lib.stride_tricks.as_strided(
+        x,
+        (n, c, kh, kw, ho, wo),
+        (s[0], s[1], s[2], s[3], s[2] * stride, s[3] * stride),
+        writeable=False,
+    )
+
+
+def _apply_layer(layer: dict[str, Any], z: np.ndarray) -> np.ndarray:
+    kind = layer["type"]
+    if kind == "conv2d":
+        if z.ndim == 2:
+            z = z.reshape(z.shape[0], *INPUT_SHAPE)
+        p = int(layer["padding"])
+        if p:
+            z = np.pad(z, ((0, 0), (0, 0), (p, p), (p, p)))
+        w = layer["weight"]
+        cols = _im2col(np.ascontiguousarray(z), w.shape[2], w.shape[3], int(layer["stride"]))
+        out = np.einsum("ncijhw,fcij->nfhw", cols, w, optimize=True)
+        return out + layer["bias"][None, :, None, None]
+    if kind == "avgpool":
+        if z.ndim == 2:
+            z = z.reshape(z.shape[0], *INPUT_SHAPE)
+        k, st = int(layer["kernel"]), int(layer["stride"])
+        cols = _im2col(np.ascontiguousarray(z), k, k, st)
+        return cols.mean(axis=(2, 3))
+    if kind == "flatten":
+        return z.reshape(z.shape[0], -1)
+    if kind == "linear":
+        z = z.reshape(z.shape[0], -1)
+        return z @ layer["weight"].T + layer["bias"]
+    if kind == "poly":
+        return layer["a"] * z * z + layer["b"] * z
+    raise UnsupportedModelError(f"unknown layer type {kind!r}")
+
+
+@dataclass
+class NetworkSpec:
+    """A network as plain numpy: `layers` is a list of dicts (see `_apply_layer`)."""
+
+    layers: list[dict[str, Any]]
+    input_shape: tuple[int, ...] = INPUT_SHAPE
+    _plan_cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for layer in self.layers:
+            for key in ("weight", "bias"):
+                if key in layer:
+                    layer[key] = np.asarray(layer[key], dtype=np.float64)
+        if self.activation_count() > 2:
+            raise UnsupportedModelError(
+                "at most two activations (multiplicative depth 5) are supported"
+            )
+
+    def activation_count(self) -> int:
+        return sum(1 for layer in self.layers if layer["type"] == "poly")
+
+    def predict_plain(self, X: np.ndarray) -> np.ndarray:
+        z = _as_batch(X)
+        for layer in self.layers:
+            z = _apply_layer(layer, z)
+        return z.reshape(z.shape[0], -1)
+
+    def blocks(self) -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]]]:
+        """Linear segments and the activations between them."""
+        segments: list[list[dict[str, Any]]] = [[]]
+        acts: list[dict[str, Any]] = []
+        for layer in self.layers:
+            if layer["type"] == "poly":
+                acts.append(layer)
+                segments.append([])
+            else:
+                segments[-1].append(layer)
+        return segments, acts
+
+    def affine_blocks(self) -> tuple[list[tuple[np.ndarray, np.ndarray, tuple]], list[dict]]:
+        """Each linear segment as (M, b, out_shape): segment(z) = M @ z + b."""
+        segments, acts = self.blocks()
+        out = []
+        shape: tuple[int, ...] = (int(np.prod(self.input_shape)),)
+        for seg in segments:
+            dim = int(np.prod(shape))
+            zero = np.zeros((1, *shape))
+            eye = np.eye(dim).reshape(dim, *shape)
+            b0 = zero
+            for layer in seg:
+                b0 = _apply_layer(layer, b0)
+            out_shape = b0.shape[1:]
+            cols = eye
+            for layer in seg:
+                cols = _apply_layer(layer, cols)
+            bias = b0.reshape(-1)
+            M = (cols.reshape(dim, -1) - bias[None, :]).T
+            out.append((M, bias, out_shape))
+            shape = out_shape
+        return out, acts
+
+    def simulate(self, X: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        """The compiled plan run on plaintext slot vectors with CKKS-like noise of its parameters
+        (encoding, fresh encryption, key switching, rescaling, flooding): accuracy without keys."""
+        if "plan" not in self._plan_cache:
+            self._plan_cache["plan"] = compile_network(self, "simulation")
+        return self._plan_cache["plan"].simulate(X, rng)
+
+
+def _as_batch(X: np.ndarray) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim == 1:
+        X = X[None, :]
+    if X.ndim != 2 or X.shape[1] != 784:
+        raise ShapeError(f"expected shape (784,) or (n, 784), got {X.shape}")
+    return X
+
+
+# ================================================================================================
+# import from torch / ONNX
+# ================================================================================================
+_NOT_HE = "{name} is not HE-friendly: use heinfer.nn.Square or heinfer.nn.PolyAct"
+
+
+def import_torch(module: Any) -> NetworkSpec:
+    """torch.nn.Sequential of Conv2d/AvgPool2d/Flatten/Unflatten/Linear/Square/PolyAct."""
+    import torch  # noqa: F401  (torch is an optional extra; only this function needs it)
+
+    layers: list[dict[str, Any]] = []
+    mods = list(module.children()) if hasattr(module, "children") else list(module)
+    if not mods:
+        raise UnsupportedModelError("expected a torch.nn.Sequential with layers")
+    for mod in mods:
+        name = type(mod).__name__
+        if name == "Sequential":
+            layers += import_torch(mod).layers
+        elif name == "Conv2d":
+            if mod.groups != 1 or mod.dilation != (1, 1) or mod.padding_mode != "zeros":
+                raise UnsupportedModelError("Conv2d: groups/dilation/padding_mode unsupported")
+            if (
+                mod.stride[0] != mod.stride[1]
+                or not isinstance(mod.padding, tuple)
+                or (mod.padding[0] != mod.padding[1])
+            ):
+                raise UnsupportedModelError("Conv2d: only square stride and padding")
+            w = mod.weight.detach().double().numpy()
+            b = mod.bias.detach().double().numpy() if mod.bias is not None else np.zeros(len(w))
+            layers.append(
+                {
+                    "type": "conv2d",
+                    "weight": w,
+                    "bias": b,
+                    "stride": int(mod.stride[0]),
+                    "padding": int(mod.padding[0]),
+                }
+            )
+        elif name == "Linear":
+            w = mod.weight.detach().double().numpy()
+            b = mod.bias.detach().double().numpy() if mod.bias is not None else np.zeros(len(w))
+            layers.append({"type": "linear", "weight": w, "bias": b})
+        elif name == "AvgPool2d":
+            k = mod.kernel_size if isinstance(mod.kernel_size, int) else mod.kernel_size[0]
+            s = mod.stride if isinstance(mod.stride, int) else (mod.stride or (k,))[0]
+            if mod.padding not in (0, (0, 0)) or mod.ceil_mode:
+                raise UnsupportedModelError("AvgPool2d: padding/ceil_mode unsupported")
+            layers.append({"type": "avgpool", "kernel": int(k), "stride": int(s or k)})
+        elif name in ("Flatten", "Unflatten", "Identity", "Dropout"):
+            if name == "Flatten":
+                layers.append({"type": "flatten"})
+        elif name == "Square":
+            layers.append({"type": "poly", "a": 1.0, "b": 0.0})
+        elif name == "PolyAct":
+            layers.append({"type": "poly", "a": float(mod.a.detach()), "b": float(mod.b.detach())})
+        elif name in (
+            "ReLU",
+            "Sigmoid",
+            "Tanh",
+            "GELU",
+            "LeakyReLU",
+            "ELU",
+            "SiLU",
+            "Softmax",
+            "LogSoftmax",
+            "MaxPool2d",
+            "Softplus",
+            "Hardtanh",
+            "ReLU6",
+        ):
+            raise UnsupportedModelError(_NOT_HE.format(name=name))
+        else:
+            raise UnsupportedModelError(
+                f"layer {name} is not supported: use Conv2d, AvgPool2d, Flatten, Linear and "
+                "heinfer.nn.Square / heinfer.nn.PolyAct"
+            )
+    return NetworkSpec(layers)
+
+
+def import_onnx(path: str) -> NetworkSpec:
+    """An ONNX export of the same kind of network (Gemm/MatMul/Add/Conv/AveragePool/Flatten/
+    Reshape/Mul). Activations are recognised symbolically: any Mul/Add combination that is a
+    degree-2 polynomial of the previous linear output becomes a PolyAct."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(path)
+    graph = model.graph
+    consts: dict[str, np.ndarray] = {
+        t.name: numpy_helper.to_array(t).astype(np.float64) for t in graph.initializer
+    }
+    # Poly state: tensor name -> (c2, c1, c0) polynomial of the pending pre-activation tensor.
+    polys: dict[str, tuple[float, float, float]] = {}
+    layers: list[dict[str, Any]] = []
+    current = graph.input[0].name
+    shape_like: set[str] = set()
+
+    def attr(node: Any, name: str, default: Any) -> Any:
+        for a in node.attribute:
+            if a.name == name:
+                return onnx.helper.get_attribute_value(a)
+        return default
+
+    def scalar(name: str) -> float | None:
+        if name in consts and consts[name].size == 1:
+            return float(consts[name].reshape(-1)[0])
+        return None
+
+    def flush(name: str) -> None:
+        nonlocal current
+        if name in polys:
+            c2, c1, c0 = polys.pop(name)
+            if c2 == 0.0:
+                raise UnsupportedModelError("linear activation in ONNX graph is unsupported")
+            layers.append({"type": "poly", "a": c2, "b": c1})
+            if c0 != 0.0:
+                layers.append({"type": "_const", "value": c0})
+        current = name
+
+    for node in graph.node:
+        op = node.op_type
+        ins = list(node.input)
+        out = node.output[0]
+        if op == "Constant":
+            consts[out] = numpy_helper.to_array(attr(node, "value", None)).astype(np.float64)
+            continue
+        if op == "Shape" or (
+            op not in ("Conv", "Gemm", "MatMul")
+            and ins
+            and all(i in consts or i in shape_like or i == "" for i in ins)
+        ):
+            shape_like.update(node.output)  # shape arithmetic feeding Reshape: not data
+            continue
+        if op in ("Mul", "Add", "Sub"):
+            a, b = ins
+            pa = polys.get(a, (0.0, 1.0, 0.0) if a == current else None)
+            pb = polys.get(b, (0.0, 1.0, 0.0) if b == current else None)
+            sa, sb = scalar(a), scalar(b)
+            if op == "Mul" and pa and pb:
+                if pa[0] or pb[0]:
+                    raise UnsupportedModelError("activation of degree > 2 in ONNX graph")
+                polys[out] = (pa[1] * pb[1], pa[1] * pb[2] + pa[2] * pb[1], pa[2] * pb[2])
+            elif op == "Mul" and ((pa and sb is not None) or (pb and sa is not None)):
+                p, s = (pa, sb) if pa else (pb, sa)
+                assert p is not None and s is not None
+                polys[out] = (p[0] * s, p[1] * s, p[2] * s)
+            elif op in ("Add", "Sub") and pa and pb:
+                sg = -1.0 if op == "Sub" else 1.0
+                polys[out] = tuple(x + sg * y for x, y in zip(pa, pb, strict=True))  # type: ignore
+            elif op in ("Add", "Sub") and pa and sb is not None:
+                sg = -1.0 if op == "Sub" else 1.0
+                polys[out] = (pa[0], pa[1], pa[2] + sg * sb)
+            elif op == "Add" and pa and b in consts and layers and layers[-1]["type"] == "linear":
+                layers[-1]["bias"] = layers[-1]["bias"] + consts[b].reshape(-1)
+                current = out
+            else:
+                raise UnsupportedModelError(f"ONNX {op} node {node.name!r} is not supported here")
+            if out in polys and polys[out] == (0.0, 1.0, 0.0):
+                polys.pop(out)
+                current = out
+            continue
+        if op in (
+            "Relu",
+            "Sigmoid",
+            "Tanh",
+            "Gelu",
+            "LeakyRelu",
+            "Elu",
+            "Softmax",
+            "MaxPool",
+            "LogSoftmax",
+            "Softplus",
+            "HardSigmoid",
+            "Clip",
+        ):
+            raise UnsupportedModelError(_NOT_HE.format(name=op))
+        src = ins[0]
+        if src != current:
+            flush(src)
+            if src != current:
+                raise UnsupportedModelError(f"ONNX node {node.name!r}: not a sequential network")
+        if op == "Conv":
+            w = consts[ins[1]]
+            b = consts[ins[2]] if len(ins) > 2 and ins[2] else np.zeros(w.shape[0])
+            strides = attr(node, "strides", [1, 1])
+            pads = attr(node, "pads", [0, 0, 0, 0])
+            if attr(node, "group", 1) != 1 or len(set(strides)) != 1 or len(set(pads)) != 1:
+                raise UnsupportedModelError("ONNX Conv: only square stride/padding, group 1")
+            layers.append(
+                {
+                    "type": "conv2d",
+                    "weight": w,
+                    "bias": b,
+                    "stride": int(strides[0]),
+                    "padding": int(pads[0]),
+                }
+            )
+        elif op == "Gemm":
+            w = consts[ins[1]]
+            if attr(node, "transB", 0) == 0:
+                w = w.T
+            b = consts[ins[2]] if len(ins) > 2 and ins[2] else np.zeros(w.shape[0])
+            alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
+            layers.append({"type": "linear", "weight": alpha * w, "bias": beta * b.reshape(-1)})
+        elif op == "MatMul":
+            w = consts[ins[1]].T
+            layers.append({"type": "linear", "weight": w, "bias": np.zeros(w.shape[0])})
+        elif op == "AveragePool":
+            k = attr(node, "kernel_shape", [1, 1])
+            s = attr(node, "strides", k)
+            if len(set(k)) != 1 or len(set(s)) != 1 or any(attr(node, "pads", [0])):
+                raise UnsupportedModelError("ONNX AveragePool: square kernel, no padding")
+            layers.append({"type": "avgpool", "kernel": int(k[0]), "stride": int(s[0])})
+        elif op == "Flatten":
+            layers.append({"type": "flatten"})
+        elif op in ("Reshape", "Identity", "Dropout"):
+            pass  # our numpy layers reshape as needed (Unflatten to 1x28x28 / Flatten)
+        else:
+            raise UnsupportedModelError(f"ONNX op {op} is not supported")
+        current = out
+    flush(graph.output[0].name) if graph.output[0].name in polys else None
+    # fold constant offsets of activations into the next linear block's bias
+    final: list[dict[str, Any]] = []
+    pending = 0.0
+    for layer in layers:
+        if layer["type"] == "_const":
+            pending += layer["value"]
+            continue
+        if pending and layer["type"] in ("linear", "conv2d"):
+            if layer["type"] == "linear":
+                layer["bias"] = layer["bias"] + pending * layer["weight"].sum(axis=1)
+            else:
+                layer["bias"] = layer["bias"] + pending * layer["weight"].sum(axis=(1, 2, 3))
+            pending = 0.0
+        elif pending and layer["type"] == "avgpool":
+            pass  # constant passes through average pooling unchanged
+        final.append(layer)
+    if pending:
+        raise UnsupportedModelError("constant offset after the last layer is unsupported")
+    return NetworkSpec(final)
+
+
+# ================================================================================================
+# compilation
+# ================================================================================================
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _bsgs_split(shifts: np.ndarray, slots: int) -> int:
+    """Giant step B minimising (max baby step) + (max giant index) over the given shifts."""
+    best, best_cost = 1, None
+    for B in range(1, slots):
+        b = shifts % B
+        g = shifts // B
+        cost = int(b.max()) + int(g.max())
+        if best_cost is None or cost < best_cost:
+            best, best_cost = B, cost
+        if int(shifts.max()) + 1 < B:
+            break
+    return best
+
+
+def _fold_steps(rows: int, slots: int) -> list[tuple[int, int]]:
+    """(key step, rotations) chunks of a rotate-and-sum over slots/rows blocks, radix 4."""
+    steps, span = [], rows
+    while span < slots:
+        radix = min(FOLD_RADIX, slots // span)
+        steps.append((span, radix - 1))
+        span *= radix
+    return steps
+
+
+def _place_first(M: np.ndarray, slots: int) -> tuple[int, np.ndarray] | None:
+    """Translation-structured placement: output o at copy(o)*784 + anchor(o)."""
+    dim = M.shape[1]
+    nz = M != 0
+    anchors = np.where(nz.any(axis=1), nz.argmax(axis=1), 0)
+    copy_index = np.zeros(M.shape[0], dtype=np.int64)
+    seen: dict[int, int] = {}
+    for o, a in enumerate(anchors.tolist()):
+        copy_index[o] = seen.get(a, 0)
+        seen[a] = copy_index[o] + 1
+    copies = int(copy_index.max()) + 1
+    if copies * dim > slots:
+        return None
+    return copies, copy_index * dim + anchors
+
+
+@dataclass
+class _Hybrid:
+    rows: int  # R
+    n_out: int
+    diag: np.ndarray  # (R, S) diagonal d at row d
+    used: np.ndarray  # which d are nonzero
+    B: int
+    fold: list[tuple[int, int]]
+
+
+def compile_network(
+    spec: NetworkSpec, name: str, calibration: np.ndarray | None = None
+) -> NetworkPlan:
+    """Compile a NetworkSpec into a server-side NetworkPlan (parameters chosen from depth).
+
+    `calibration` (optional (n, 784) inputs) tightens the value bounds used to normalise the
+    layers; without it worst-case interval bounds over inputs in [0, 1] are used.
+    """
+    from heinfer.he.ckks import select_parameters
+
+    blocks, acts = spec.affine_blocks()
+    n_act = len(acts)
+    if n_act == 0:
+        raise UnsupportedModelError("network has no activation: serve it as a linear model")
+    if blocks[0][0].shape[1] != 784:
+        raise UnsupportedModelError("input must be 784 values (1x28x28)")
+    act_bits = list(reversed(ACT_PRIME_BITS[:n_act]))
+    bits = [*FINAL_PRIME_BITS, CLEAN_PRIME_BITS, *act_bits, SPECIAL_PRIME_BITS]
+    params = select_parameters(bits)
+    S = params.slots
+
+    # -- value bounds and normalisation (fold scalars into the following block) ---------------
+    Ms = [blk[0].copy() for blk in blocks]
+    bs = [blk[1].copy() for blk in blocks]
+    cs: list[float] = []
+    for k, act in enumerate(acts):
+        a, b = float(act["a"]), float(act["b"])
+        if a == 0.0:
+            raise UnsupportedModelError("PolyAct with a == 0 is linear: fold it into the layers")
+        Ms[k + 1] = Ms[k + 1] * a
+        cs.append(b / a)
+
+    # bound of each pre-activation block output, then normalise it to |u| <= 4
+    def block_bound(k: int, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        Mp, Mn = np.maximum(Ms[k], 0), np.minimum(Ms[k], 0)
+        return Mp @ hi + Mn @ lo + bs[k], Mp @ lo + Mn @ hi + bs[k]
+
+    lo, hi = np.zeros(784), np.ones(784)
+    alphas = []
+    calib = _as_batch(calibration) if calibration is not None else None
+    z = calib
+    for k in range(n_act + 1):
+        hi_k, lo_k = block_bound(k, lo, hi)
+        bound = float(np.max(np.maximum(np.abs(hi_k), np.abs(lo_k))))
+        if z is not None:
+            u = z @ Ms[k].T + bs[k]
+            bound = min(bound, 4.0 * float(np.abs(u).max()) + 1e-9)
+        if k == n_act:
+            out_bound = bound
+            break
+        alpha = max(bound / 4.0, 1e-12)
+        alphas.append(alpha)
+        Ms[k] /= alpha
+        bs[k] /= alpha
+        cs[k] /= alpha
+        Ms[k + 1] = Ms[k + 1] * alpha * alpha
+        hi_k, lo_k = hi_k / alpha, lo_k / alpha
+        c = cs[k]
+        # x(x+c) over [lo, hi]
+        cand = np.stack([lo_k * (lo_k + c), hi_k * (hi_k + c)])
+        inside = (lo_k <= -c / 2) & (-c / 2 <= hi_k)
+        lo = np.where(inside, -c * c / 4, cand.min(axis=0))
+        hi = cand.max(axis=0)
+        if z is not None:
+            uu = z @ Ms[k].T + bs[k]
+            z = uu * (uu + c)
+    q_final = float(params.primes[0]) * float(params.primes[1])
+    log_df = min(LOG_FINAL_SCALE, math.floor(math.log2(q_final / (8.0 * max(out_bound, 1.0)))))
+
+    # -- first block placement ---------------------------------------------------------------
+    M0 = Ms[0]
+    placed = _place_first(M0, S)
+    if placed is not None:
+        nz_shifts = (_first_shifts(M0, placed[1], 784) % S)[M0 != 0]
+        if len(np.unique(nz_shifts)) > 256:
+            placed = None
+    if placed is None:
+        if M0.shape[0] > S:
+            raise UnsupportedModelError(f"first layer has {M0.shape[0]} outputs > {S} slots")
+        copies, out_slots = 1, np.arange(M0.shape[0])
+    else:
+        copies, out_slots = placed
+    shifts_full = _first_shifts(M0, out_slots, 784) % S
+    T = np.unique(shifts_full[M0 != 0])
+    first_diag = np.zeros((len(T), S))
+    t_index = {int(t): i for i, t in enumerate(T.tolist())}
+    rows, cols = np.nonzero(M0)
+    for o, j in zip(rows.tolist(), cols.tolist(), strict=True):
+        first_diag[t_index[int(shifts_full[o, j])], out_slots[o]] = M0[o, j]
+    first_B = _bsgs_split(T, S)
+    first_bias = np.zeros(S)
+    first_bias[out_slots] = bs[0]
+    first_c = np.zeros(S)
+    first_c[out_slots] = cs[0]
+
+    # -- later blocks: hybrid diagonal method ---------------------------------------------------
+    hybrids: list[_Hybrid] = []
+    in_slots = out_slots  # slot of each input feature of the next block
+    extra = []  # per block: (bias vector, c vector) for intermediate blocks
+    for k in range(1, n_act + 1):
+        W = Ms[k]
+        m = W.shape[0]
+        R = _next_pow2(m)
+        if R > S:
+            raise UnsupportedModelError(f"layer with {m} outputs exceeds {S} slots")
+        diag = np.zeros((R, S))
+        rr, kk = np.nonzero(W)
+        s_in = in_slots[kk]
+        d = (s_in - rr) % R
+        s = (s_in - d) % S
+        diag[d, s] = W[rr, kk]
+        used = np.nonzero(np.abs(diag).sum(axis=1) > 0)[0]
+        B = _bsgs_split(used, S) if len(used) else 1
+        hybrids.append(_Hybrid(R, m, diag, used, B, _fold_steps(R, S)))
+        rep = np.arange(S) % R
+        valid = rep < m
+        bias_vec = np.where(valid, bs[k][np.minimum(rep, m - 1)], 0.0)
+        c_vec = np.where(valid, cs[k] if k < n_act else 0.0, 0.0)
+        extra.append((bias_vec, c_vec))
+        in_slots = np.arange(m)
+
+    arrays: dict[str, np.ndarray] = {
+        "first_shifts": T.astype(np.int64),
+        "first_diag": first_diag,
+        "first_bias": first_bias,
+        "first_c": first_c,
+        "first_meta": np.array([first_B, copies], dtype=np.int64),
+        "final_bias": bs[-1].copy(),
+        "scales": np.array([float(log_df), float(out_bound)]),
+    }
+    for k, hy in enumerate(hybrids):
+        arrays[f"h{k}_diag"] = hy.diag
+        arrays[f"h{k}_used"] = hy.used.astype(np.int64)
+        arrays[f"h{k}_meta"] = np.array([hy.rows, hy.n_out, hy.B], dtype=np.int64)
+        arrays[f"h{k}_bias"] = extra[k][0]
+        arrays[f"h{k}_c"] = extra[k][1]
+    manifest = _build_manifest(name, params, arrays, n_act, spec)
+    return NetworkPlan(manifest, arrays)
+
+
+def _first_shifts(M: np.ndarray, out_slots: np.ndarray, dim: int) -> np.ndarray:
+    """Shift t[o, j] = slot of pixel j in the copy of output o  -  slot of output o."""
+    base = (out_slots // dim) * dim
+    return base[:, None] + np.arange(dim)[None, :] - out_slots[:, None]
+
+
+def _galois_steps(arrays: dict[str, np.ndarray], n_act: int, S: int) -> list[int]:
+    steps: set[int] = set()
+    T = arrays["first_shifts"]
+    B = int(arrays["first_meta"][0])
+    if T.size and int((T % B).max()) > 0:
+        steps.add(1)
+    if T.size and int((T // B).max()) > 0:
+        steps.add(B)
+    for k in range(n_act):
+        R, _m, Bh = (int(v) for v in arrays[f"h{k}_meta"])
+        used = arrays[f"h{k}_used"]
+        if used.size and int((used % Bh).max()) > 0:
+            steps.add(1)
+        if used.size and int((used // Bh).max()) > 0:
+            steps.add(Bh)
+        for step, count in _fold_steps(R, S):
+            if count:
+                steps.add(step)
+    return sorted(s % S for s in steps if s % S)
+
+
+def _flood_sigma(n: int) -> tuple[float, float]:
+    """(noise l2 bound B, coefficient sigma) for 2^-40 statistical distance (module docstring)."""
+    bound = math.sqrt(n) * (math.sqrt(n * 61 * math.log(2) / 2) + 0.5)
+    sigma = 2.0**STAT_SECURITY_BITS * bound / math.sqrt(2 * math.pi)
+    return bound, sigma
+
+
+def _build_manifest(
+    name: str, params: Any, arrays: dict[str, np.ndarray], n_act: int, spec: NetworkSpec | None
+) -> dict[str, Any]:
+    S = params.slots
+    n = params.poly_modulus_degree
+    log_df = float(arrays["scales"][0])
+    bound, sigma = _flood_sigma(n)
+    slot_std = sigma * math.sqrt(n / 2) / 2.0**log_df
+    n_out = int(arrays[f"h{n_act - 1}_meta"][1])
+    copies = int(arrays["first_meta"][1])
+    steps = _galois_steps(arrays, n_act, S)
+    return {
+        "format": "heinfer-network",
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "kind": "network",
+        "input": {
+            "shape": [784],
+            "range": [0.0, 1.0],
+            "encoding": "ckks-real",
+            "layout": {"type": "copies", "copies": copies, "stride": 784, "slots": S},
+            "scale_log2": LOG_INPUT_SCALE,
+            "level": "top",
+            "encryption": "seeded-symmetric",
+            "images_per_ciphertext": 1,
+            "max_images_per_request": MAX_IMAGES_PER_REQUEST,
+        },
+        "output": {
+            "shape": [n_out],
+            "slots": list(range(n_out)),
+            "take": "real",
+            "level_primes": 2,
+            "scale_log2": log_df,
+        },
+        "scheme": "ckks",
+        "params": params.to_dict(),
+        "scale_log2": {"input": LOG_INPUT_SCALE, "output": log_df},
+        "keys": {"public": True, "relin": True, "galois_steps": steps},
+        "precision": {
+            "score_abs_error": float(10 * slot_std + 0.02),
+            "flood_noise_std": float(slot_std),
+        },
+        "privacy": {
+            "statistical_security_bits": STAT_SECURITY_BITS,
+            "flood_noise_l2_bound_log2": math.log2(bound),
+            "flood_sigma_log2": math.log2(sigma),
+            "rerandomized": True,
+            "masked_slots": f"all but output.slots (uniform in +-{MASK_RANGE:g})",
+            "not_covered": "CKKS approximation error of earlier layers (~2^-12 relative)",
+        },
+        "activations": n_act,
+    }
+
+
+# ================================================================================================
+# the plan (server side)
+# ================================================================================================
+class _KeyCache:
+    def __init__(self, size: int = 4) -> None:
+        self._items: OrderedDict[bytes, Any] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def get(self, ident: bytes, make: Any) -> Any:
+        with self._lock:
+            if ident in self._items:
+                self._items.move_to_end(ident)
+                return self._items[ident]
+        value = make()
+        with self._lock:
+            self._items[ident] = value
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+        return value
+
+
+class NetworkPlan:
+    """Server-side compiled network: private weights, public `manifest()`."""
+
+    def __init__(self, manifest: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        self._manifest = manifest
+        self._arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        self.n_act = int(manifest["activations"])
+        self._ctx: Any = None
+        self._plains: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+        self._keys = _KeyCache()
+        self.last_timings: dict[str, float] = {}
+
+    # -- persistence ---------------------------------------------------------------------------
+    def manifest(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self._manifest))
+
+    @property
+    def key_fingerprint(self) -> bytes:
+        """32 bytes naming the parameters keys must be made for (the key upload header)."""
+        return network_key_fingerprint(self._manifest)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {k: v.copy() for k, v in self._arrays.items()}
+
+    @classmethod
+    def from_arrays(cls, manifest: dict[str, Any], arrays: dict[str, np.ndarray]) -> NetworkPlan:
+        if manifest.get("format") != "heinfer-network" or manifest.get("format_version") != (
+            FORMAT_VERSION
+        ):
+            raise ModelFormatError("not a heinfer network manifest of a supported version")
+        n_act = int(manifest["activations"])
+        need = [
+            "first_shifts",
+            "first_diag",
+            "first_bias",
+            "first_c",
+            "first_meta",
+            "final_bias",
+            "scales",
+        ]
+        for k in range(n_act):
+            need += [f"h{k}_diag", f"h{k}_used", f"h{k}_meta", f"h{k}_bias", f"h{k}_c"]
+        missing = [k for k in need if k not in arrays]
+        if missing:
+            raise ModelFormatError(f"network arrays missing: {missing}")
+        from heinfer.he.ckks import CkksParameters
+
+        params = CkksParameters.from_dict(manifest["params"])
+        rebuilt = _build_manifest(manifest["name"], params, dict(arrays), n_act, None)
+        if rebuilt["keys"] != manifest["keys"] or rebuilt["input"] != manifest["input"]:
+            raise ModelFormatError("network manifest does not match its arrays")
+        return cls(manifest, {k: np.asarray(arrays[k]) for k in need})
+
+    # -- HE state --------------------------------------------------------------------------------
+    @property
+    def ctx(self) -> Any:
+        if self._ctx is None:
+            from heinfer.he.ckks import CkksContext, CkksParameters
+
+            self._ctx = CkksContext(CkksParameters.from_dict(self._manifest["params"]))
+        return self._ctx
+
+    def _scales(self) -> dict[str, Any]:
+        """Exact scales per stage (SEAL divides by the exact primes)."""
+        primes = [int(p) for p in self._manifest["params"]["coeff_modulus"]]
+        data = primes[:-1]
+        top = len(data)
+        d0 = 2.0**LOG_INPUT_SCALE
+        w0 = 2.0**LOG_FIRST_PRODUCT / d0
+        prod = d0 * w0
+        stage_in = []  # scale of each hybrid block's input ciphertext
+        for k in range(self.n_act):
+            q = float(data[top - 1 - k])
+            scale_in = prod * prod / q
+            stage_in.append(scale_in)
+            if k + 1 < self.n_act:
+                prod = scale_in * 2.0**LOG_MID_WEIGHT
+        df = 2.0 ** float(self._arrays["scales"][0])
+        q_clean = float(data[2])
+        wf = df * q_clean / stage_in[-1]
+        wscales = [2.0**LOG_MID_WEIGHT] * (self.n_act - 1) + [wf]
+        return {"d0": d0, "w0": w0, "stage_in": stage_in, "w": wscales, "df": df, "top": top}
+
+    def _prepare(self) -> dict[str, Any]:
+        with self._lock:
+            if self._plains is not None:
+                return self._plains
+            ctx, a, sc = self.ctx, self._arrays, self._scales()
+            top = sc["top"]
+            T = a["first_shifts"].astype(np.int64)
+            B = int(a["first_meta"][0])
+            S = ctx.slots
+            groups: dict[int, list[tuple[int, Any]]] = {}
+            for i, t in enumerate(T.tolist()):
+                g, b = divmod(int(t), B)
+                pre = np.roll(a["first_diag"][i], g * B)
+                groups.setdefault(g, []).append((b, ctx.encode(pre, sc["w0"], top)))
+            prod_scale = sc["d0"] * sc["w0"]
+            first = {
+                "B": B,
+                "groups": groups,
+                "max_b": int((T % B).max()) if T.size else 0,
+                "bias": ctx.encode(a["first_bias"], prod_scale, top),
+                "biasc": ctx.encode(a["first_bias"] + a["first_c"], prod_scale, top)
+                if np.any(a["first_c"])
+                else None,
+            }
+            hyb = []
+            for k in range(self.n_act):
+                R, m, Bh = (int(v) for v in a[f"h{k}_meta"])
+                level = top - 1 - k
+                used = a[f"h{k}_used"].astype(np.int64)
+                hgroups: dict[int, list[tuple[int, Any]]] = {}
+                for d in used.tolist():
+                    g, b = divmod(int(d), Bh)
+                    pre = np.roll(a[f"h{k}_diag"][d], g * Bh)
+                    hgroups.setdefault(g, []).append((b, ctx.encode(pre, sc["w"][k], level)))
+                entry = {
+                    "R": R,
+                    "m": m,
+                    "B": Bh,
+                    "groups": hgroups,
+                    "max_b": int((used % Bh).max()) if used.size else 0,
+                    "fold": _fold_steps(R, S),
+                    "level": level,
+                }
+                if k + 1 < self.n_act:
+                    ps = sc["stage_in"][k] * sc["w"][k]
+                    entry["bias"] = ctx.encode(a[f"h{k}_bias"], ps, level)
+                    entry["biasc"] = (
+                        ctx.encode(a[f"h{k}_bias"] + a[f"h{k}_c"], ps, level)
+                        if np.any(a[f"h{k}_c"])
+                        else None
+                    )
+                hyb.append(entry)
+            self._plains = {"first": first, "hyb": hyb, "scales": sc}
+            return self._plains
+
+    def load_keys(self, keys: dict[str, bytes]) -> None:
+        """Validate uploaded key parts with SEAL's loaders (and keep them parsed for later)."""
+        self._server_keys(keys)
+
+    def _server_keys(self, keys: dict[str, bytes]) -> Any:
+        from heinfer.he.ckks import ServerKeys
+
+        if not isinstance(keys, dict) or not all(
+            isinstance(v, (bytes, bytearray)) for v in keys.values()
+        ):
+            raise MalformedPayloadError("keys must map names to serialized key bytes")
+        h = hashlib.blake2b(digest_size=16)
+        for name in ("public", "relin", "galois"):
+            v = keys.get(name, b"")
+            h.update(len(v).to_bytes(8, "little"))
+            h.update(v)
+        steps = self._manifest["keys"]["galois_steps"]
+        return self._keys.get(h.digest(), lambda: ServerKeys(self.ctx, keys, steps, True))
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def _matvec(
+        self, ct: Any, groups: dict[int, list[tuple[int, Any]]], B: int, max_b: int, galois: Any
+    ) -> Any:
+        ctx = self.ctx
+        babies = [ct]
+        for _ in range(max_b):
+            babies.append(ctx.rotate(babies[-1], 1, galois))
+        acc = None
+        for g in range(max(groups), -1, -1):
+            if acc is not None:
+                acc = ctx.rotate(acc, B, galois)
+            for b, plain in groups.get(g, []):
+                term = ctx.multiply_plain(babies[b], plain)
+                if acc is None:
+                    acc = term
+                else:
+                    ctx.add_inplace(acc, term)
+        return acc
+
+    def _activate(self, acc: Any, bias: Any, biasc: Any, relin: Any) -> Any:
+        ctx = self.ctx
+        x = ctx.add_plain(acc, bias)
+        if biasc is None:
+            return ctx.multiply_relin_rescale(x, x, relin)
+        t = ctx.add_plain(acc, biasc)
+        return ctx.multiply_relin_rescale(x, t, relin)
+
+    def evaluate_ciphertext(self, ct: Any, skeys: Any, raw: bool = False) -> Any:
+        ctx = self.ctx
+        P = self._prepare()
+        f = P["first"]
+        acc = self._matvec(ct, f["groups"], f["B"], f["max_b"], skeys.galois)
+        ct = self._activate(acc, f["bias"], f["biasc"], skeys.relin)
+        for k, hy in enumerate(P["hyb"]):
+            acc = self._matvec(ct, hy["groups"], hy["B"], hy["max_b"], skeys.galois)
+            for step, count in hy["fold"]:
+                t, total = acc, None
+                for _ in range(count):
+                    t = ctx.rotate(t, step, skeys.galois)
+                    if total is None:
+                        total = ctx.add(acc, t)
+                    else:
+                        ctx.add_inplace(total, t)
+                acc = total if total is not None else acc
+            if k + 1 < self.n_act:
+                ct = self._activate(acc, hy["bias"], hy["biasc"], skeys.relin)
+            else:
+                ctx.rescale_inplace(acc)
+                ct = acc
+        ctx.mod_switch_to(ct, 2)
+        if raw:
+            return ct
+        return self._finalize(ct, skeys)
+
+    def _finalize(self, ct: Any, skeys: Any) -> Any:
+        """Mask non-output slots, add the final bias, flood and re-randomize (pk encryption)."""
+        from heinfer.he.ckks import os_random_normal, os_random_uniform
+
+        ctx = self.ctx
+        S, n = ctx.slots, ctx.n
+        m = int(self._manifest["output"]["shape"][0])
+        values = np.empty(S, dtype=np.complex128)
+        values[:m] = self._arrays["final_bias"]
+        values[m:] = (2.0 * os_random_uniform(S - m) - 1.0) * MASK_RANGE
+        _bound, sigma = _flood_sigma(n)
+        # slots z with iid complex Gaussian parts of std s give coefficients of std
+        # scale*s*sqrt(2/N); we want sigma (in units of the ciphertext modulus) -> s below.
+        s = sigma * math.sqrt(n / 2) / ct.scale
+        noise = os_random_normal(2 * S).reshape(2, S) * s
+        values += noise[0] + 1j * noise[1]
+        plain = ctx.encode(values, ct.scale, 2)
+        ctx.add_inplace(ct, ctx.encrypt_public(skeys.encryptor, plain))
+        return ct
+
+    def evaluate(self, request: bytes, keys: dict[str, bytes]) -> bytes:
+        t0 = time.perf_counter()
+        skeys = self._server_keys(keys)
+        t1 = time.perf_counter()
+        ctx = self.ctx
+        max_bytes = 64 + 16 * ctx.n * len(self._manifest["params"]["coeff_modulus"])
+        blobs = decode_frames(REQUEST_MAGIC, request, MAX_IMAGES_PER_REQUEST, max_bytes)
+        scale = 2.0 ** self._manifest["input"]["scale_log2"]
+        top = len(self._manifest["params"]["coeff_modulus"]) - 1
+        cts = [
+            ctx.load_ciphertext(b, prime_count=top, scale=scale, max_bytes=max_bytes) for b in blobs
+        ]
+        out = [ctx.save_ciphertext(self.evaluate_ciphertext(ct, skeys)) for ct in cts]
+        t2 = time.perf_counter()
+        self.last_timings = {"keys_s": t1 - t0, "eval_s": t2 - t1}
+        return encode_frames(RESPONSE_MAGIC, out)
+
+    # -- plaintext simulation --------------------------------------------------------------------
+    def simulate(self, X: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Slot-level emulation of `evaluate` with CKKS-like Gaussian noise (no encryption)."""
+        rng = rng or np.random.default_rng()
+        X = _as_batch(X)
+        from heinfer.he.ckks import CkksParameters
+
+        params = CkksParameters.from_dict(self._manifest["params"])
+        n, S = params.poly_modulus_degree, params.slots
+        a = self._arrays
+        sc = self._scales()
+        q_max = max(params.data_primes)
+        P = params.primes[-1]
+        enc_err = math.sqrt(n / 24)  # plaintext rounding, slot std before dividing by the scale
+        fresh_err = 3.2 * math.sqrt(n / 2)
+        ks_err = 2.0**11 * (1 + 16 * q_max / P)
+        rs_err = math.sqrt(n / 2) * math.sqrt(n / 18)
+
+        def noisy(v: np.ndarray, std: float) -> np.ndarray:
+            return v + rng.normal(0, std, v.shape)
+
+        def rot(v: np.ndarray, k: int, scale: float) -> np.ndarray:
+            return noisy(np.roll(v, -k, axis=-1), ks_err / scale)
+
+        copies = int(a["first_meta"][1])
+        v = np.zeros((X.shape[0], S))
+        for c in range(copies):
+            v[:, c * 784 : (c + 1) * 784] = X
+        v = noisy(v, fresh_err / sc["d0"])
+
+        def matvec(
+            v: np.ndarray, diag: np.ndarray, idx: np.ndarray, B: int, scale: float, wscale: float
+        ) -> np.ndarray:
+            max_b = int((idx % B).max())
+            babies = [v]
+            for _ in range(max_b):
+                babies.append(rot(babies[-1], 1, scale))
+            acc = None
+            gmax = int((idx // B).max())
+            for g in range(gmax, -1, -1):
+                if acc is not None:
+                    acc = rot(acc, B, scale * wscale)
+                for i, t in enumerate(idx.tolist()):
+                    if t // B != g:
+                        continue
+                    w = noisy(np.roll(diag[i], g * B), enc_err / wscale)
+                    term = babies[t % B] * w
+                    acc = term if acc is None else acc + term
+            assert acc is not None
+            return acc
+
+        T = a["first_shifts"]
+        acc = matvec(v, a["first_diag"], T, int(a["first_meta"][0]), sc["d0"], sc["w0"])
+        x = acc + a["first_bias"]
+        y = x * (x + a["first_c"])
+        for k in range(self.n_act):
+            y = noisy(y, rs_err / sc["stage_in"][k])
+            R, _m, Bh = (int(t) for t in a[f"h{k}_meta"])
+            used = a[f"h{k}_used"]
+            acc = matvec(y, a[f"h{k}_diag"][used], used, Bh, sc["stage_in"][k], sc["w"][k])
+            for step, count in _fold_steps(R, S):
+                t, total = acc, acc
+                for _ in range(count):
+                    t = rot(t, step, sc["stage_in"][k] * sc["w"][k])
+                    total = total + t
+                acc = total
+            if k + 1 < self.n_act:
+                x = acc + a[f"h{k}_bias"]
+                y = x * (x + a[f"h{k}_c"])
+            else:
+                y = acc
+        m = int(self._manifest["output"]["shape"][0])
+        flood = self._manifest["precision"]["flood_noise_std"]
+        out = y[:, :m] + a["final_bias"][None, :]
+        return noisy(out, math.hypot(flood, rs_err / sc["df"]))
+
+
+# ================================================================================================
+# client codec
+# ================================================================================================
+def network_key_fingerprint(manifest: dict[str, Any]) -> bytes:
+    """Key uploads carry 32 bytes naming the parameter set; derived from the CKKS primes."""
+    from heinfer.he.ckks import CkksParameters
+
+    params = CkksParameters.from_dict(manifest["params"])
+    return hashlib.sha256(b"heinfer-ckks-keys:" + params.fingerprint).digest()
+
+
+class NetworkCodec:
+    """Client side, built from the public manifest only: keys, encryption, decryption."""
+
+    def __init__(self, manifest: dict[str, Any]) -> None:
+        from heinfer.he.ckks import CkksContext, CkksParameters
+
+        if manifest.get("format") != "heinfer-network":
+            raise ModelFormatError("not a heinfer network manifest")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise ModelFormatError(f"unsupported network format {manifest.get('format_version')}")
+        self.manifest = json.loads(json.dumps(manifest))
+        self.ctx = CkksContext(CkksParameters.from_dict(manifest["params"]))
+        layout = manifest["input"]["layout"]
+        if layout["type"] != "copies" or layout["slots"] != self.ctx.slots:
+            raise ModelFormatError("unsupported input layout")
+        self._copies = int(layout["copies"])
+        self._stride = int(layout["stride"])
+        self._scale = 2.0 ** float(manifest["input"]["scale_log2"])
+        self._out_slots = np.asarray(manifest["output"]["slots"], dtype=np.int64)
+        self._keys: Any = None
+
+    @property
+    def key_fingerprint(self) -> bytes:
+        return network_key_fingerprint(self.manifest)
+
+    @property
+    def has_keys(self) -> bool:
+        return self._keys is not None
+
+    def keygen(self) -> None:
+        from heinfer.he.ckks import ClientKeys
+
+        self._keys = ClientKeys(self.ctx)
+
+    def _need(self) -> Any:
+        if self._keys is None:
+            raise BadInputError("no keys: call keygen() or load_secret() first")
+        return self._keys
+
+    def public_keys(self) -> dict[str, bytes]:
+        spec = self.manifest["keys"]
+        return self._need().public_keys(spec["galois_steps"], relin=bool(spec["relin"]))
+
+    def secret_bytes(self) -> bytes:
+        return self._need().secret_bytes()
+
+    def load_secret(self, data: bytes) -> None:
+        from heinfer.he.ckks import ClientKeys
+
+        self._keys = ClientKeys.from_secret_bytes(self.ctx, data)
+
+    def layout(self, x: np.ndarray) -> np.ndarray:
+        v = np.zeros(self.ctx.slots)
+        for c in range(self._copies):
+            v[c * self._stride : c * self._stride + 784] = x
+        return v
+
+    def encrypt(self, X: np.ndarray) -> bytes:
+        X = _as_batch(X)
+        if X.shape[0] > MAX_IMAGES_PER_REQUEST:
+            raise PayloadTooLargeError(f"at most {MAX_IMAGES_PER_REQUEST} images per request")
+        if not np.all(np.isfinite(X)):
+            raise BadInputError("input contains NaN or infinity")
+        keys = self._need()
+        return encode_frames(REQUEST_MAGIC, [keys.encrypt(self.layout(x), self._scale) for x in X])
+
+    def decrypt_slots(self, payload: bytes) -> np.ndarray:
+        """All slots of every result ciphertext, shape (n, slots) (diagnostics and tests)."""
+        keys = self._need()
+        max_bytes = 64 + 16 * self.ctx.n * len(self.manifest["params"]["coeff_modulus"])
+        blobs = decode_frames(RESPONSE_MAGIC, payload, MAX_IMAGES_PER_REQUEST, max_bytes)
+        prime_count = int(self.manifest["output"]["level_primes"])
+        return np.stack([keys.decrypt(b, prime_count=prime_count) for b in blobs])
+
+    def decrypt(self, payload: bytes) -> np.ndarray:
+        return self.decrypt_slots(payload)[:, self._out_slots]
