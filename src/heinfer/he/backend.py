@@ -13,11 +13,13 @@ then parms_id, flags and a raw uint64 array), which gives the plans coefficient-
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import itertools
 import math
 import os
+import shutil
 import struct
 import tempfile
 import threading
@@ -56,7 +58,15 @@ T = TypeVar("T")
 
 def _scratch_dir() -> Path:
     base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else Path(tempfile.gettempdir())
-    return Path(tempfile.mkdtemp(prefix="heinfer-", dir=base))
+    path = Path(tempfile.mkdtemp(prefix="heinfer-", dir=base))
+    atexit.register(_remove_scratch, path, os.getpid())
+    return path
+
+
+def _remove_scratch(path: Path, owner: int) -> None:
+    """At exit, remove this process's (empty) scratch directory, never a parent's."""
+    if os.getpid() == owner:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class _Scratch:

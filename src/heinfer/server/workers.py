@@ -15,7 +15,6 @@ import logging
 import math
 import multiprocessing
 import os
-import shutil
 import tempfile
 import threading
 from collections import OrderedDict
@@ -202,8 +201,7 @@ class WorkerPool:
         self.restarts = 0
         self._lock = threading.Lock()
         self._executor = self._start()
-        base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-        self._handoff_dir = tempfile.mkdtemp(prefix="heinfer-handoff-", dir=base)
+        self._handoff_dir = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 
     def _start(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
@@ -285,10 +283,10 @@ class WorkerPool:
         return sorted(processes)
 
     def _handoff(self, data: bytes | memoryview) -> str | None:
-        """Write a large record to a fresh 0600 file in the pool's tmpfs directory; None when
-        that fails (a small /dev/shm, as in containers): the record then goes by pipe."""
+        """Write a large record to a fresh 0600 file on tmpfs (removed after the call); None
+        when that fails (a small /dev/shm, as in containers): the record then goes by pipe."""
         try:
-            fd, path = tempfile.mkstemp(dir=self._handoff_dir)
+            fd, path = tempfile.mkstemp(prefix="heinfer-batch-", dir=self._handoff_dir)
         except OSError:
             return None
         try:
@@ -302,4 +300,3 @@ class WorkerPool:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=False)
-        shutil.rmtree(self._handoff_dir, ignore_errors=True)
