@@ -56,12 +56,18 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _prepare_clients(url: str, count: int, X: np.ndarray) -> list[tuple[str, list[bytes]]]:
+def _prepare_clients(
+    url: str, count: int, X: np.ndarray, batch: bool
+) -> list[tuple[str, list[bytes]]]:
     clients = []
     for i in range(count):
         client = heinfer.Client(url, model="mnist")
         key_id = client.upload_keys()
-        bodies = [client.encrypt(X[(i * 3 + k) % len(X)]) for k in range(3)]
+        if batch:  # one full coeff-batch request (N images) per client
+            images = np.resize(np.roll(X, i, axis=0), (client.batch_capacity, X.shape[1]))
+            bodies = [client.encrypt(images, layout="coeff-batch")]
+        else:
+            bodies = [client.encrypt(X[(i * 3 + k) % len(X)]) for k in range(3)]
         clients.append((key_id, bodies))
         client.close()
     return clients
@@ -111,11 +117,16 @@ async def _run_level(
 
 
 def run(
-    workers: int, levels: list[int], duration: float, model_path: Path, X: np.ndarray
+    workers: int,
+    levels: list[int],
+    duration: float,
+    model_path: Path,
+    X: np.ndarray,
+    batch: bool = False,
 ) -> dict[str, Any]:
     service = Service(model_path, workers)
     try:
-        clients = _prepare_clients(service.url, max(levels), X)
+        clients = _prepare_clients(service.url, max(levels), X, batch)
         results = []
         for level in levels:
             asyncio.run(_run_level(service.url, clients[:level], min(3.0, duration)))  # warm-up
@@ -178,6 +189,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, os.cpu_count() or 2])
+    parser.add_argument(
+        "--batch", action="store_true", help="each request is one full coeff-batch (N images)"
+    )
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     from sklearn.linear_model import LogisticRegression
@@ -191,7 +205,9 @@ def main() -> None:
     model_path = heinfer.compile(estimator, name="mnist", input_range=(0.0, 1.0)).save(
         RESULTS / "mnist-load.heinfer"
     )
-    report = [run(w, args.clients, args.duration, model_path, X) for w in args.workers]
+    report = [
+        run(w, args.clients, args.duration, model_path, X, args.batch) for w in args.workers
+    ]
     if len(report) >= 2:
         base, best = report[0], report[-1]
         for lv_base, lv_best in zip(base["levels"], best["levels"], strict=True):
@@ -199,9 +215,10 @@ def main() -> None:
                 f"clients={lv_base['clients']}: {best['workers']} workers / {base['workers']} = "
                 f"{lv_best['requests_per_s'] / lv_base['requests_per_s']:.2f}x throughput"
             )
-    out = {"loadavg": os.getloadavg(), "cpus": os.cpu_count(), "runs": report}
-    (RESULTS / "load.json").write_text(json.dumps(out, indent=2))
-    _plot(report, RESULTS / "load.png")
+    out = {"loadavg": os.getloadavg(), "cpus": os.cpu_count(), "batch": args.batch, "runs": report}
+    name = "load-batch" if args.batch else "load"
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2))
+    _plot(report, RESULTS / f"{name}.png")
 
 
 if __name__ == "__main__":
