@@ -13,19 +13,12 @@ then parms_id, flags and a raw uint64 array), which gives the plans coefficient-
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import hashlib
-import itertools
 import math
 import os
-import shutil
 import struct
-import tempfile
-import threading
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import tenseal.sealapi as seal
@@ -33,6 +26,7 @@ import zstandard
 
 from heinfer.errors import MalformedPayloadError, ParameterMismatchError
 from heinfer.he.params import BFVParameters
+from heinfer.he.scratch import SCRATCH
 
 __all__ = [
     "Context",
@@ -53,61 +47,7 @@ _CT_META = struct.Struct("<4QBQQQdQ")
 _MAX_DECOMPRESSED = 64 << 20
 _FINGERPRINT_BYTES = 8
 
-T = TypeVar("T")
-
-
-def _scratch_dir() -> Path:
-    base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else Path(tempfile.gettempdir())
-    path = Path(tempfile.mkdtemp(prefix="heinfer-", dir=base))
-    atexit.register(_remove_scratch, path, os.getpid())
-    return path
-
-
-def _remove_scratch(path: Path, owner: int) -> None:
-    """At exit, remove this process's (empty) scratch directory, never a parent's."""
-    if os.getpid() == owner:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-class _Scratch:
-    """Per-process scratch files for the path-only SEAL binding; unique per thread and call."""
-
-    def __init__(self) -> None:
-        self._dir: Path | None = None
-        self._pid = 0
-        self._counter = itertools.count()
-
-    def path(self) -> str:
-        if self._dir is None or self._pid != os.getpid():
-            self._dir, self._pid = _scratch_dir(), os.getpid()
-        return str(self._dir / f"{threading.get_ident()}-{next(self._counter)}")
-
-    def save(self, obj: Any) -> bytes:
-        path = self.path()
-        try:
-            obj.save(path)
-            with open(path, "rb") as fh:
-                return fh.read()
-        finally:
-            _unlink(path)
-
-    def load(self, obj: T, context: Any, data: bytes) -> T:
-        path = self.path()
-        try:
-            with open(path, "wb") as fh:
-                fh.write(data)
-            obj.load(context, path)  # type: ignore[attr-defined]
-            return obj
-        finally:
-            _unlink(path)
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
-_SCRATCH = _Scratch()
+_SCRATCH = SCRATCH
 
 
 def _seal_version() -> tuple[int, int]:

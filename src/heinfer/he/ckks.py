@@ -22,23 +22,19 @@ that are not ours, truncated or corrupt fail SEAL's validating loader (-> Malfor
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import itertools
 import math
 import os
 import struct
-import tempfile
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tenseal.sealapi as seal
 
 from heinfer.errors import MalformedPayloadError, ParameterMismatchError
+from heinfer.he.scratch import SCRATCH
 
 __all__ = [
     "HE_STANDARD_MAX_LOG_Q",
@@ -84,48 +80,7 @@ _SEAL_HEADER = struct.Struct("<HBBBBHQ")  # magic 0xA15E, header size, version, 
 _MAX_OBJECT_BYTES = 256 << 20
 
 
-# -- scratch files for the path-only binding -----------------------------------------------------
-class _Scratch:
-    def __init__(self) -> None:
-        self._dir: Path | None = None
-        self._pid = 0
-        self._counter = itertools.count()
-        self._lock = threading.Lock()
-
-    def path(self) -> str:
-        with self._lock:
-            if self._dir is None or self._pid != os.getpid():
-                base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else None
-                self._dir = Path(tempfile.mkdtemp(prefix="heinfer-ckks-", dir=base))
-                self._pid = os.getpid()
-            return str(self._dir / f"{threading.get_ident()}-{next(self._counter)}")
-
-    def save(self, obj: Any) -> bytes:
-        path = self.path()
-        try:
-            obj.save(path)
-            with open(path, "rb") as fh:
-                return fh.read()
-        finally:
-            _unlink(path)
-
-    def load(self, obj: Any, context: Any, data: bytes) -> Any:
-        path = self.path()
-        try:
-            with open(path, "wb") as fh:
-                fh.write(data)
-            obj.load(context, path)
-            return obj
-        finally:
-            _unlink(path)
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
-_SCRATCH = _Scratch()
+_SCRATCH = SCRATCH
 
 
 def galois_element(step: int, poly_modulus_degree: int) -> int:
