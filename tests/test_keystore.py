@@ -438,12 +438,8 @@ class MemoryStore(KeyStore):
         if self.data.pop((tenant, key_id), None) is None:
             raise KeyNotFoundError("no")
 
-    def list_keys(self, tenant: str) -> list[str]:
-        return sorted(k for t, k in self.data if t == tenant)
-
-    def usage(self, tenant: str) -> tuple[int, int]:
-        sizes = [len(v) for (t, _), v in self.data.items() if t == tenant]
-        return len(sizes), sum(sizes)
+    def _scan(self, tenant: str) -> list[tuple[str, int]]:
+        return sorted((k, len(v)) for (t, k), v in self.data.items() if t == tenant)
 
     def check(self) -> None:
         pass

@@ -142,12 +142,17 @@ class KeyStore(ABC):
         """Remove the key; `KeyNotFoundError` if the tenant has no such key."""
 
     @abstractmethod
+    def _scan(self, tenant: str) -> list[tuple[str, int]]:
+        """(key id, size in bytes) of each of the tenant's keys, sorted by id."""
+
     def list_keys(self, tenant: str) -> list[str]:
         """The tenant's key ids, sorted."""
+        return [name for name, _ in self._scan(tenant)]
 
-    @abstractmethod
     def usage(self, tenant: str) -> tuple[int, int]:
         """(key count, total bytes) of the tenant, for quota checks before a put."""
+        found = self._scan(tenant)
+        return len(found), sum(size for _, size in found)
 
     @abstractmethod
     def check(self) -> None:
@@ -307,13 +312,6 @@ class FileKeyStore(KeyStore):
             raise self._unavailable("list", exc) from exc
         found.sort()
         return found
-
-    def list_keys(self, tenant: str) -> list[str]:
-        return [name for name, _ in self._scan(tenant)]
-
-    def usage(self, tenant: str) -> tuple[int, int]:
-        found = self._scan(tenant)
-        return len(found), sum(size for _, size in found)
 
     def check(self) -> None:
         try:
@@ -499,13 +497,6 @@ class AzureKeyStore(KeyStore):
                 return []  # no container yet: nobody has stored anything
         found.sort()
         return found
-
-    def list_keys(self, tenant: str) -> list[str]:
-        return [name for name, _ in self._scan(tenant)]
-
-    def usage(self, tenant: str) -> tuple[int, int]:
-        found = self._scan(tenant)
-        return len(found), sum(size for _, size in found)
 
     def check(self) -> None:
         from azure.core.exceptions import ResourceNotFoundError
@@ -764,13 +755,6 @@ class S3KeyStore(KeyStore):
         found.sort()
         return found
 
-    def list_keys(self, tenant: str) -> list[str]:
-        return [name for name, _ in self._scan(tenant)]
-
-    def usage(self, tenant: str) -> tuple[int, int]:
-        found = self._scan(tenant)
-        return len(found), sum(size for _, size in found)
-
     def check(self) -> None:
         from botocore.exceptions import ClientError
 
@@ -920,11 +904,8 @@ class CachedKeyStore(KeyStore):
                 self._generation += 1
                 self._evict_locked(key)
 
-    def list_keys(self, tenant: str) -> list[str]:
-        return self._inner.list_keys(tenant)
-
-    def usage(self, tenant: str) -> tuple[int, int]:
-        return self._inner.usage(tenant)
+    def _scan(self, tenant: str) -> list[tuple[str, int]]:
+        return self._inner._scan(tenant)  # listings are never cached: quotas need them fresh
 
     def check(self) -> None:
         self._inner.check()
