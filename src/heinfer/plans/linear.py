@@ -102,6 +102,16 @@ class NoiseBudget:
     result_prime_bits: int
     data_bits: int
 
+    def summary(self, data_bits: int) -> dict[str, Any]:
+        """The bounds as published in a manifest, with the parameters' actual data bits."""
+        return {
+            "value_bound": self.value_bound,
+            "leak_bound": self.leak_bound,
+            "eta_target": self.eta_target,
+            "plain_bits": self.plain_bits,
+            "data_bits": data_bits,
+        }
+
 
 @dataclass(frozen=True)
 class _Groups:
@@ -394,14 +404,7 @@ def _batch_layout(
         "result_prime_bits": params.coeff_modulus[0].bit_length(),
         "output_scale": scale,
         "flood_bound": str(budget.flood_bound),
-        "noise": {
-            "value_bound": budget.value_bound,
-            "leak_bound": budget.leak_bound,
-            "eta_target": budget.eta_target,
-            "plain_bits": budget.plain_bits,
-            "data_bits": data_bits,
-            "error_variance": CBD_VARIANCE,
-        },
+        "noise": {**budget.summary(data_bits), "error_variance": CBD_VARIANCE},
         "encoding": (
             "B samples per request, B <= max_samples; ciphertext i (0 <= i < n_features) "
             "encrypts sum_b x_int[b, i] X^b; request = 8-byte parameter tag, 32-byte seed, then "
@@ -507,13 +510,7 @@ def compile_linear(
             "result_prime_bits": result_prime_bits,
             "output_scale": scale,
             "flood_bound": str(budget.flood_bound),
-            "noise": {
-                "value_bound": budget.value_bound,
-                "leak_bound": budget.leak_bound,
-                "eta_target": budget.eta_target,
-                "plain_bits": budget.plain_bits,
-                "data_bits": data_bits,
-            },
+            "noise": budget.summary(data_bits),
             "batch": _batch_layout(params, n_features, max_batch, scale, batch, data_bits),
         },
         keys=KeysSpec(public=True, relin=False, galois_steps=[]),
