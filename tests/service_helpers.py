@@ -8,7 +8,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -52,3 +55,16 @@ class RunningService:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+@contextmanager
+def protections(plan: Any, **flags: bool) -> Iterator[None]:
+    """Switch a plan's privacy treatment off (negative controls), restoring it afterwards."""
+    saved = {name: getattr(plan, name) for name in flags}
+    for name, value in flags.items():
+        setattr(plan, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(plan, name, value)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -57,6 +55,7 @@ from heinfer.plans.wire import (
     encode_request,
     encode_response,
 )
+from service_helpers import protections
 
 
 @pytest.fixture(scope="module")
@@ -65,18 +64,6 @@ def setup(mnist_model: heinfer.EncryptedModel) -> dict[str, Any]:
     secret = SecretKey.generate(codec.context)
     key = mnist_model.plan.load_key(secret.public_key_bytes())
     return {"plan": mnist_model.plan, "codec": codec, "secret": secret, "key": key}
-
-
-@contextmanager
-def protections(plan: Any, **flags: bool) -> Iterator[None]:
-    saved = {name: getattr(plan, name) for name in flags}
-    for name, value in flags.items():
-        setattr(plan, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(plan, name, value)
 
 
 # -- correctness -------------------------------------------------------------------------------

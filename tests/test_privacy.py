@@ -6,8 +6,6 @@ detect the leak, so the test can fail.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -17,6 +15,7 @@ from scipy.stats import chisquare
 import heinfer
 from heinfer.he.backend import SecretKey
 from heinfer.plans.linear import LinearCodec
+from service_helpers import protections
 
 
 @pytest.fixture(scope="module")
@@ -26,18 +25,6 @@ def setup(mnist_model: heinfer.EncryptedModel, mnist: dict[str, np.ndarray]) -> 
     key = mnist_model.plan.load_key(secret.public_key_bytes())
     record = codec.encrypt(secret, mnist["X_test"][:1])[0]
     return {"plan": mnist_model.plan, "secret": secret, "key": key, "record": record}
-
-
-@contextmanager
-def protections(plan: Any, **flags: bool) -> Iterator[None]:
-    saved = {name: getattr(plan, name) for name in flags}
-    for name, value in flags.items():
-        setattr(plan, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(plan, name, value)
 
 
 def _non_output_pvalue(setup: dict[str, Any]) -> float:
