@@ -65,30 +65,46 @@ from heinfer.errors import (
     BadInputError,
     MalformedPayloadError,
     ModelFormatError,
+    ParameterMismatchError,
     PayloadTooLargeError,
     ShapeError,
     UnsupportedModelError,
 )
 
 __all__ = [
+    "BATCH_LAYOUT",
+    "BATCH_REQUEST_MAGIC",
+    "BATCH_RESPONSE_MAGIC",
     "FORMAT_VERSION",
+    "SINGLE_LAYOUT",
     "NetworkCodec",
     "NetworkPlan",
     "NetworkSpec",
     "compile_network",
+    "decode_batch_frames",
     "decode_frames",
+    "encode_batch_frames",
     "encode_frames",
     "import_onnx",
     "import_torch",
 ]
 
-FORMAT_VERSION = 1
+# 2: the plan also holds the batched layout's sparse block matrices (`bt*` arrays). Version 1
+# models (single-image layout only) still load and serve single images.
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 INPUT_SHAPE = (1, 28, 28)
+INPUT_DIM = 784
 REQUEST_MAGIC = b"HNQ1"
 RESPONSE_MAGIC = b"HNR1"
+BATCH_REQUEST_MAGIC = b"HNB1"
+BATCH_RESPONSE_MAGIC = b"HNS1"
+SINGLE_LAYOUT = "ckks-network"
+BATCH_LAYOUT = "ckks-network-batch"
 MAX_IMAGES_PER_REQUEST = 256
 STAT_SECURITY_BITS = 40
 _FRAME = struct.Struct("<4sI")
+_BATCH_FRAME = struct.Struct("<4sII")  # magic, images, ciphertexts
 _LEN = struct.Struct("<I")
 
 # Scale plan (log2). See the module docstring.
@@ -144,6 +160,56 @@ def decode_frames(
     if off != len(body):
         raise MalformedPayloadError("unexpected bytes after the last record")
     return out
+
+
+def encode_batch_frames(magic: bytes, images: int, blobs: list[bytes]) -> bytes:
+    """Batched-layout body: magic, image count, ciphertext count, then length-prefixed blobs."""
+    parts = [_BATCH_FRAME.pack(magic, images, len(blobs))]
+    for blob in blobs:
+        parts += [_LEN.pack(len(blob)), blob]
+    return b"".join(parts)
+
+
+def decode_batch_frames(
+    magic: bytes, body: bytes, *, count: int, max_images: int, max_record_bytes: int
+) -> tuple[int, list[bytes]]:
+    """(images, blobs) of a batched-layout body holding exactly `count` ciphertexts."""
+    if not isinstance(body, (bytes, bytearray, memoryview)):
+        raise MalformedPayloadError("payload must be bytes")
+    view = memoryview(body)
+    if len(view) < _BATCH_FRAME.size:
+        raise MalformedPayloadError("batched payload too short")
+    got, images, records = _BATCH_FRAME.unpack_from(view)
+    if got != magic:
+        raise MalformedPayloadError(f"payload does not start with {magic!r}")
+    if images == 0:
+        raise MalformedPayloadError("batched payload holds no images")
+    if images > max_images:
+        raise PayloadTooLargeError(f"{images} images; at most {max_images} per batched call")
+    if records != count:
+        raise MalformedPayloadError(
+            f"batched payload must hold exactly {count} ciphertexts, not {records}"
+        )
+    out, off = [], _BATCH_FRAME.size
+    for i in range(records):
+        if off + _LEN.size > len(view):
+            raise MalformedPayloadError(f"payload truncated before record {i}")
+        (n,) = _LEN.unpack_from(view, off)
+        off += _LEN.size
+        if n > max_record_bytes:
+            raise PayloadTooLargeError(f"record {i} is {n} bytes; at most {max_record_bytes}")
+        if off + n > len(view):
+            raise MalformedPayloadError(f"payload truncated inside record {i}")
+        out.append(bytes(view[off : off + n]))
+        off += n
+    if off != len(view):
+        raise MalformedPayloadError("unexpected bytes after the last record")
+    return int(images), out
+
+
+def _max_ciphertext_bytes(manifest: dict[str, Any]) -> int:
+    params = manifest["params"]
+    return 64 + 16 * int(params["poly_modulus_degree"]) * len(params["coeff_modulus"])
 
 
 # ================================================================================================
@@ -697,6 +763,12 @@ def compile_network(
         "final_bias": bs[-1].copy(),
         "scales": np.array([float(log_df), float(out_bound)]),
     }
+    for k, M in enumerate(Ms):
+        ptr, col, val = _csr(M)
+        arrays[f"bt{k}_ptr"], arrays[f"bt{k}_col"], arrays[f"bt{k}_val"] = ptr, col, val
+        if k < n_act:
+            arrays[f"bt{k}_bias"] = bs[k].copy()
+            arrays[f"bt{k}_c"] = np.full(M.shape[0], cs[k])
     for k, hy in enumerate(hybrids):
         arrays[f"h{k}_diag"] = hy.diag
         arrays[f"h{k}_used"] = hy.used.astype(np.int64)
@@ -734,6 +806,213 @@ def _galois_steps(arrays: dict[str, np.ndarray], n_act: int, S: int) -> list[int
     return sorted(s % S for s in steps if s % S)
 
 
+def _scale_plan(primes: list[int], n_act: int, log_df: float) -> dict[str, Any]:
+    """Exact scales per stage for both layouts (SEAL divides by the exact primes)."""
+    data = primes[:-1]
+    top = len(data)
+    d0 = 2.0**LOG_INPUT_SCALE
+    w0 = 2.0**LOG_FIRST_PRODUCT / d0
+    prod = d0 * w0
+    stage_in = []  # scale of each later block's input ciphertext
+    for k in range(n_act):
+        q = float(data[top - 1 - k])
+        scale_in = prod * prod / q
+        stage_in.append(scale_in)
+        if k + 1 < n_act:
+            prod = scale_in * 2.0**LOG_MID_WEIGHT
+    df = 2.0**log_df
+    q_clean = float(data[2])
+    wf = df * q_clean / stage_in[-1]
+    wscales = [2.0**LOG_MID_WEIGHT] * (n_act - 1) + [wf]
+    return {"d0": d0, "w0": w0, "stage_in": stage_in, "w": wscales, "df": df, "top": top}
+
+
+def _noise_model(params: Any) -> dict[str, float]:
+    """Slot-domain noise standard deviations (before dividing by the scale) of each operation:
+    plaintext rounding, fresh encryption, key switching, rescaling."""
+    n = params.poly_modulus_degree
+    q_max = max(params.data_primes)
+    P = params.primes[-1]
+    return {
+        "enc": math.sqrt(n / 24),
+        "fresh": 3.2 * math.sqrt(n / 2),
+        "ks": 2.0**11 * (1 + 16 * q_max / P),
+        "rs": math.sqrt(n / 2) * math.sqrt(n / 18),
+    }
+
+
+# -- batched layout: sparse block matrices ------------------------------------------------------
+@dataclass(frozen=True)
+class _Block:
+    """One affine block of the batched layout in CSR form (rows = outputs)."""
+
+    ptr: np.ndarray
+    col: np.ndarray
+    val: np.ndarray
+    bias: np.ndarray
+    c: np.ndarray  # activation offset per output: y = x * (x + c); zeros for the last block
+    in_dim: int
+
+    @property
+    def rows(self) -> int:
+        return len(self.ptr) - 1
+
+    def dense(self) -> np.ndarray:
+        M = np.zeros((self.rows, self.in_dim))
+        np.add.at(M, (np.repeat(np.arange(self.rows), np.diff(self.ptr)), self.col), self.val)
+        return M
+
+
+def _csr(M: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rows, cols = np.nonzero(M)
+    ptr = np.zeros(M.shape[0] + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=M.shape[0]), out=ptr[1:])
+    return ptr, cols.astype(np.int64), M[rows, cols].astype(np.float64)
+
+
+def _has_batch(arrays: dict[str, np.ndarray]) -> bool:
+    return "bt0_ptr" in arrays
+
+
+def _batch_array_names(n_act: int) -> list[str]:
+    names = []
+    for k in range(n_act + 1):
+        names += [f"bt{k}_ptr", f"bt{k}_col", f"bt{k}_val"]
+        if k < n_act:
+            names += [f"bt{k}_bias", f"bt{k}_c"]
+    return names
+
+
+def _batch_blocks(arrays: dict[str, np.ndarray], n_act: int) -> list[_Block]:
+    """The batched layout's blocks, checked (ModelFormatError on anything inconsistent)."""
+    blocks, in_dim = [], INPUT_DIM
+    for k in range(n_act + 1):
+        ptr, col, val = (np.asarray(arrays[f"bt{k}_{x}"]) for x in ("ptr", "col", "val"))
+        if k < n_act:
+            bias, c = np.asarray(arrays[f"bt{k}_bias"]), np.asarray(arrays[f"bt{k}_c"])
+        else:
+            bias = np.asarray(arrays["final_bias"])
+            c = np.zeros(bias.shape)
+        ok = (
+            ptr.ndim == col.ndim == val.ndim == bias.ndim == c.ndim == 1
+            and ptr.dtype.kind == "i"
+            and col.dtype.kind == "i"
+            and val.dtype.kind == "f"
+            and bias.dtype.kind == "f"
+            and c.dtype.kind == "f"
+            and len(ptr) == len(bias) + 1 == len(c) + 1
+            and len(col) == len(val)
+            and len(bias) >= 1
+        )
+        ok = (
+            ok and int(ptr[0]) == 0 and int(ptr[-1]) == len(col) and bool(np.all(np.diff(ptr) >= 0))
+        )
+        ok = ok and (col.size == 0 or (int(col.min()) >= 0 and int(col.max()) < in_dim))
+        ok = ok and bool(np.all(np.isfinite(val)) and np.all(np.isfinite(bias)))
+        ok = ok and bool(np.all(np.isfinite(c)))
+        if not ok:
+            raise ModelFormatError(f"batched-layout block {k} arrays are inconsistent")
+        blocks.append(
+            _Block(
+                ptr.astype(np.int64),
+                col.astype(np.int64),
+                val.astype(np.float64),
+                bias.astype(np.float64),
+                c.astype(np.float64),
+                in_dim,
+            )
+        )
+        in_dim = len(bias)
+    return blocks
+
+
+def _quantize(M: np.ndarray, scale: float) -> np.ndarray:
+    """Weights as SEAL's scalar encoder stores them at `scale` (those rounding to 0 skipped)."""
+    q = np.round(M * scale) / scale
+    return np.where(np.abs(M * scale) > 0.5, q, 0.0)
+
+
+def _weight_scales(sc: dict[str, Any], n_act: int) -> list[float]:
+    """Scale of block k's weights in the batched layout (the single-image plan's scales)."""
+    return [sc["w0"], *sc["w"][:n_act]]
+
+
+def _batch_precision(
+    params: Any, arrays: dict[str, np.ndarray], n_act: int, flood_std: float
+) -> dict[str, float]:
+    """Score error of the batched layout: Gaussian noise of every operation propagated through
+    the blocks (|u| <= 4 after normalisation, so x(x+c) amplifies noise by at most 8+|c|), plus
+    a worst-case bound on the scalar-weight rounding, plus the flooding noise."""
+    primes = [int(p) for p in params.primes]
+    sc = _scale_plan(primes, n_act, float(arrays["scales"][0]))
+    noise = _noise_model(params)
+    blocks = _batch_blocks(arrays, n_act)
+    std = np.full(INPUT_DIM, math.hypot(noise["fresh"], noise["enc"]) / sc["d0"])
+    rnd = np.zeros(INPUT_DIM)
+    vmax = np.ones(INPUT_DIM)
+    for k, (blk, wscale) in enumerate(zip(blocks, _weight_scales(sc, n_act), strict=True)):
+        M = blk.dense()
+        std_u = np.sqrt((M * M) @ (std * std))
+        rnd_u = np.abs(M) @ rnd + np.abs(_quantize(M, wscale) - M) @ vmax
+        if k == n_act:
+            break
+        prod_scale = sc["d0"] * sc["w0"] if k == 0 else sc["stage_in"][k - 1] * wscale
+        gain = 8.0 + np.abs(blk.c)
+        std = np.hypot(gain * std_u, noise["rs"] / sc["stage_in"][k])
+        rnd = gain * (rnd_u + 1.0 / prod_scale)
+        vmax = 4.0 * (4.0 + np.abs(blk.c))
+    compute_std = float(np.max(np.hypot(std_u, noise["rs"] / sc["df"])))
+    total = math.hypot(compute_std, flood_std)
+    rounding = float(np.max(rnd_u))
+    return {
+        "score_abs_error": float(10 * total + rounding + 0.02),
+        "flood_noise_std": float(flood_std),
+        "compute_noise_std": compute_std,
+        "weight_rounding_bound": rounding,
+    }
+
+
+def _batch_manifest(
+    params: Any, arrays: dict[str, np.ndarray], n_act: int, flood_std: float
+) -> dict[str, Any]:
+    blocks = _batch_blocks(arrays, n_act)
+    n_out = blocks[-1].rows
+    return {
+        "layout": BATCH_LAYOUT,
+        "packing": "slot i = image i; one ciphertext per input pixel; unused slots zero",
+        "max_images": params.slots,
+        "ciphertexts": INPUT_DIM,
+        "request_magic": BATCH_REQUEST_MAGIC.decode(),
+        "response_magic": BATCH_RESPONSE_MAGIC.decode(),
+        "input": {
+            "scale_log2": LOG_INPUT_SCALE,
+            "level": "top",
+            "encryption": "seeded-symmetric",
+        },
+        "output": {
+            "ciphertexts": n_out,
+            "take": "real",
+            "level_primes": 2,
+            "scale_log2": float(arrays["scales"][0]),
+            "masked_slots": f"slots >= images (uniform in +-{MASK_RANGE:g})",
+        },
+        "keys": {"public": True, "relin": True, "galois_steps": []},
+        "precision": _batch_precision(params, arrays, n_act, flood_std),
+        "work": {
+            "plain_multiplications": int(sum(len(b.val) for b in blocks)),
+            "ciphertext_multiplications": int(sum(b.rows for b in blocks[:-1])),
+        },
+    }
+
+
+def _mask(count: int) -> np.ndarray:
+    """Uniform values in +-MASK_RANGE from the OS CSPRNG for slots that must not carry model
+    values."""
+    from heinfer.he.ckks import os_random_uniform
+
+    return (2.0 * os_random_uniform(count) - 1.0) * MASK_RANGE
+
+
 def _flood_sigma(n: int) -> tuple[float, float]:
     """(noise l2 bound B, coefficient sigma) for 2^-40 statistical distance (module docstring)."""
     bound = math.sqrt(n) * (math.sqrt(n * 61 * math.log(2) / 2) + 0.5)
@@ -752,9 +1031,9 @@ def _build_manifest(
     n_out = int(arrays[f"h{n_act - 1}_meta"][1])
     copies = int(arrays["first_meta"][1])
     steps = _galois_steps(arrays, n_act, S)
-    return {
+    manifest: dict[str, Any] = {
         "format": "heinfer-network",
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if _has_batch(arrays) else 1,
         "name": name,
         "kind": "network",
         "input": {
@@ -793,6 +1072,9 @@ def _build_manifest(
         },
         "activations": n_act,
     }
+    if _has_batch(arrays):
+        manifest["batch"] = _batch_manifest(params, arrays, n_act, slot_std)
+    return manifest
 
 
 # ================================================================================================
@@ -826,6 +1108,7 @@ class NetworkPlan:
         self.n_act = int(manifest["activations"])
         self._ctx: Any = None
         self._plains: dict[str, Any] | None = None
+        self._batch_plan: dict[str, Any] | None = None
         self._lock = threading.Lock()
         self._keys = _KeyCache()
         self.last_timings: dict[str, float] = {}
@@ -844,10 +1127,14 @@ class NetworkPlan:
 
     @classmethod
     def from_arrays(cls, manifest: dict[str, Any], arrays: dict[str, np.ndarray]) -> NetworkPlan:
-        if manifest.get("format") != "heinfer-network" or manifest.get("format_version") != (
-            FORMAT_VERSION
-        ):
-            raise ModelFormatError("not a heinfer network manifest of a supported version")
+        if manifest.get("format") != "heinfer-network":
+            raise ModelFormatError("not a heinfer network manifest")
+        version = manifest.get("format_version")
+        if version not in SUPPORTED_FORMAT_VERSIONS:
+            raise ModelFormatError(
+                f"network format version {version} is not supported by this heinfer (reads "
+                f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); upgrade heinfer"
+            )
         n_act = int(manifest["activations"])
         need = [
             "first_shifts",
@@ -860,15 +1147,25 @@ class NetworkPlan:
         ]
         for k in range(n_act):
             need += [f"h{k}_diag", f"h{k}_used", f"h{k}_meta", f"h{k}_bias", f"h{k}_c"]
+        if version == FORMAT_VERSION:
+            need += _batch_array_names(n_act)
         missing = [k for k in need if k not in arrays]
         if missing:
             raise ModelFormatError(f"network arrays missing: {missing}")
         from heinfer.he.ckks import CkksParameters
 
         params = CkksParameters.from_dict(manifest["params"])
-        rebuilt = _build_manifest(manifest["name"], params, dict(arrays), n_act, None)
-        if rebuilt["keys"] != manifest["keys"] or rebuilt["input"] != manifest["input"]:
+        rebuilt = _build_manifest(
+            manifest["name"], params, {k: arrays[k] for k in need}, n_act, None
+        )
+        if any(
+            rebuilt.get(k) != manifest.get(k) for k in ("format_version", "keys", "input", "batch")
+        ):
             raise ModelFormatError("network manifest does not match its arrays")
+        if "batch" in rebuilt:
+            single_out = int(np.asarray(arrays[f"h{n_act - 1}_meta"])[1])
+            if rebuilt["batch"]["output"]["ciphertexts"] != single_out:
+                raise ModelFormatError("the two layouts of this network disagree on its outputs")
         return cls(manifest, {k: np.asarray(arrays[k]) for k in need})
 
     # -- HE state --------------------------------------------------------------------------------
@@ -883,23 +1180,7 @@ class NetworkPlan:
     def _scales(self) -> dict[str, Any]:
         """Exact scales per stage (SEAL divides by the exact primes)."""
         primes = [int(p) for p in self._manifest["params"]["coeff_modulus"]]
-        data = primes[:-1]
-        top = len(data)
-        d0 = 2.0**LOG_INPUT_SCALE
-        w0 = 2.0**LOG_FIRST_PRODUCT / d0
-        prod = d0 * w0
-        stage_in = []  # scale of each hybrid block's input ciphertext
-        for k in range(self.n_act):
-            q = float(data[top - 1 - k])
-            scale_in = prod * prod / q
-            stage_in.append(scale_in)
-            if k + 1 < self.n_act:
-                prod = scale_in * 2.0**LOG_MID_WEIGHT
-        df = 2.0 ** float(self._arrays["scales"][0])
-        q_clean = float(data[2])
-        wf = df * q_clean / stage_in[-1]
-        wscales = [2.0**LOG_MID_WEIGHT] * (self.n_act - 1) + [wf]
-        return {"d0": d0, "w0": w0, "stage_in": stage_in, "w": wscales, "df": df, "top": top}
+        return _scale_plan(primes, self.n_act, float(self._arrays["scales"][0]))
 
     def _prepare(self) -> dict[str, Any]:
         with self._lock:
@@ -956,6 +1237,25 @@ class NetworkPlan:
             self._plains = {"first": first, "hyb": hyb, "scales": sc}
             return self._plains
 
+    @property
+    def has_batch(self) -> bool:
+        """Whether this plan offers the batched layout (every plan compiled by FORMAT_VERSION 2)."""
+        return "batch" in self._manifest
+
+    def key_part_sets(self) -> list[frozenset[str]]:
+        """Key uploads this plan accepts: the manifest's full set (both layouts) and, with the
+        batched layout, its smaller set (public + relin: batches only)."""
+        specs = [self._manifest["keys"]]
+        if self.has_batch:
+            specs.append(self._manifest["batch"]["keys"])
+        out = []
+        for spec in specs:
+            parts = {"public"} | ({"relin"} if spec["relin"] else set())
+            if spec["galois_steps"]:
+                parts.add("galois")
+            out.append(frozenset(parts))
+        return out
+
     def load_keys(self, keys: dict[str, bytes]) -> None:
         """Validate uploaded key parts with SEAL's loaders (and keep them parsed for later)."""
         self._server_keys(keys)
@@ -972,7 +1272,8 @@ class NetworkPlan:
             v = keys.get(name, b"")
             h.update(len(v).to_bytes(8, "little"))
             h.update(v)
-        steps = self._manifest["keys"]["galois_steps"]
+        # A batch-only upload has no Galois part: load it without; single images then refuse it.
+        steps = self._manifest["keys"]["galois_steps"] if "galois" in keys else []
         return self._keys.get(h.digest(), lambda: ServerKeys(self.ctx, keys, steps, True))
 
     # -- evaluation ------------------------------------------------------------------------------
@@ -1032,30 +1333,54 @@ class NetworkPlan:
 
     def _finalize(self, ct: Any, skeys: Any) -> Any:
         """Mask non-output slots, add the final bias, flood and re-randomize (pk encryption)."""
-        from heinfer.he.ckks import os_random_normal, os_random_uniform
-
-        ctx = self.ctx
-        S, n = ctx.slots, ctx.n
+        S = self.ctx.slots
         m = int(self._manifest["output"]["shape"][0])
         values = np.empty(S, dtype=np.complex128)
         values[:m] = self._arrays["final_bias"]
-        values[m:] = (2.0 * os_random_uniform(S - m) - 1.0) * MASK_RANGE
+        values[m:] = _mask(S - m)
+        return self._flood_and_rerandomize(ct, values, skeys)
+
+    def _finalize_batch(self, ct: Any, images: int, bias: float, skeys: Any) -> Any:
+        """The same treatment for one score of a batch: bias in the image slots, the mask in
+        the slots no image occupies (they hold the network applied to zeros: model values)."""
+        values = np.empty(self.ctx.slots, dtype=np.complex128)
+        values[:images] = bias
+        values[images:] = _mask(self.ctx.slots - images)
+        return self._flood_and_rerandomize(ct, values, skeys)
+
+    def _flood_and_rerandomize(self, ct: Any, values: np.ndarray, skeys: Any) -> Any:
+        """Add one fresh public-key encryption of `values` + flooding noise (module docstring)."""
+        from heinfer.he.ckks import os_random_normal
+
+        ctx = self.ctx
+        S, n = ctx.slots, ctx.n
         _bound, sigma = _flood_sigma(n)
         # slots z with iid complex Gaussian parts of std s give coefficients of std
         # scale*s*sqrt(2/N); we want sigma (in units of the ciphertext modulus) -> s below.
         s = sigma * math.sqrt(n / 2) / ct.scale
         noise = os_random_normal(2 * S).reshape(2, S) * s
-        values += noise[0] + 1j * noise[1]
+        values = values + noise[0] + 1j * noise[1]
         plain = ctx.encode(values, ct.scale, 2)
         ctx.add_inplace(ct, ctx.encrypt_public(skeys.encryptor, plain))
         return ct
 
     def evaluate(self, request: bytes, keys: dict[str, bytes]) -> bytes:
+        """One request body of either layout (dispatched on its magic) -> response body."""
+        if isinstance(request, (bytes, bytearray, memoryview)) and (
+            bytes(request[:4]) == BATCH_REQUEST_MAGIC
+        ):
+            return self.evaluate_batch(request, keys)
         t0 = time.perf_counter()
         skeys = self._server_keys(keys)
+        if skeys.galois is None and self._manifest["keys"]["galois_steps"]:
+            raise ParameterMismatchError(
+                "this key upload has no Galois keys (the batch-only set): single-image requests "
+                "need the full key set of the manifest's `keys`; upload it, or send batched "
+                f"({BATCH_REQUEST_MAGIC.decode()}) requests"
+            )
         t1 = time.perf_counter()
         ctx = self.ctx
-        max_bytes = 64 + 16 * ctx.n * len(self._manifest["params"]["coeff_modulus"])
+        max_bytes = _max_ciphertext_bytes(self._manifest)
         blobs = decode_frames(REQUEST_MAGIC, request, MAX_IMAGES_PER_REQUEST, max_bytes)
         scale = 2.0 ** self._manifest["input"]["scale_log2"]
         top = len(self._manifest["params"]["coeff_modulus"]) - 1
@@ -1067,23 +1392,187 @@ class NetworkPlan:
         self.last_timings = {"keys_s": t1 - t0, "eval_s": t2 - t1}
         return encode_frames(RESPONSE_MAGIC, out)
 
-    # -- plaintext simulation --------------------------------------------------------------------
-    def simulate(self, X: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-        """Slot-level emulation of `evaluate` with CKKS-like Gaussian noise (no encryption)."""
+    # -- batched layout --------------------------------------------------------------------------
+    def _prepare_batch(self) -> dict[str, Any]:
+        """Per block, (index, weight) lists: block 0 by output (gather over pixels), later blocks
+        by input (scatter each activation into the next block's accumulators). Weights that the
+        scalar encoder would round to 0 are dropped (SEAL refuses a product with 0)."""
+        with self._lock:
+            if self._batch_plan is not None:
+                return self._batch_plan
+            sc = self._scales()
+            blocks = _batch_blocks(self._arrays, self.n_act)
+            wscales = _weight_scales(sc, self.n_act)
+            lists: list[list[list[tuple[int, float]]]] = []
+            for k, (blk, wscale) in enumerate(zip(blocks, wscales, strict=True)):
+                rows = np.repeat(np.arange(blk.rows), np.diff(blk.ptr))
+                keep = np.abs(blk.val * wscale) > 0.5
+                rows, cols, vals = rows[keep], blk.col[keep], blk.val[keep]
+                by, to = (rows, cols) if k == 0 else (cols, rows)
+                order = np.argsort(by, kind="stable")
+                groups: list[list[tuple[int, float]]] = [
+                    [] for _ in range(blk.rows if k == 0 else blk.in_dim)
+                ]
+                for g, i, w in zip(
+                    by[order].tolist(), to[order].tolist(), vals[order].tolist(), strict=True
+                ):
+                    groups[g].append((i, w))
+                lists.append(groups)
+            self._batch_plan = {"blocks": blocks, "lists": lists, "wscales": wscales, "scales": sc}
+            return self._batch_plan
+
+    def evaluate_batch(self, request: bytes, keys: dict[str, bytes]) -> bytes:
+        """A batched request (HNB1: n images, one ciphertext per pixel) -> HNS1 (n, one
+        ciphertext per score). Every ciphertext is validated before any evaluation."""
+        if not self.has_batch:
+            raise ParameterMismatchError(
+                "this model was compiled before the batched layout existed (network format 1): "
+                "recompile it with this heinfer, or send single-image requests"
+            )
+        t0 = time.perf_counter()
+        skeys = self._server_keys(keys)
+        ctx = self.ctx
+        max_bytes = _max_ciphertext_bytes(self._manifest)
+        images, blobs = decode_batch_frames(
+            BATCH_REQUEST_MAGIC,
+            request,
+            count=INPUT_DIM,
+            max_images=ctx.slots,
+            max_record_bytes=max_bytes,
+        )
+        scale = 2.0 ** self._manifest["batch"]["input"]["scale_log2"]
+        top = len(self._manifest["params"]["coeff_modulus"]) - 1
+        xs = [
+            ctx.load_ciphertext(b, prime_count=top, scale=scale, max_bytes=max_bytes) for b in blobs
+        ]
+        del blobs
+        t1 = time.perf_counter()
+        outs = self.evaluate_batch_ciphertexts(xs, images, skeys)
+        body = encode_batch_frames(
+            BATCH_RESPONSE_MAGIC, images, [ctx.save_ciphertext(ct) for ct in outs]
+        )
+        t2 = time.perf_counter()
+        self.last_timings = {"keys_load_s": t1 - t0, "eval_s": t2 - t1}
+        return body
+
+    def evaluate_batch_ciphertexts(
+        self, xs: list[Any], images: int, skeys: Any, raw: bool = False
+    ) -> list[Any]:
+        """The batched network on 784 pixel ciphertexts: scalar multiply-and-add only (no
+        rotations), streamed so that only the inputs and one layer of accumulators are live."""
+        ctx = self.ctx
+        P = self._prepare_batch()
+        blocks, lists, wscales, sc = P["blocks"], P["lists"], P["wscales"], P["scales"]
+        top = sc["top"]
+        relin = skeys.relin
+
+        def zero(scale: float, level: int) -> Any:
+            # a unit that no (nonzero) weight reaches: a fresh encryption of 0
+            return ctx.encrypt_public(skeys.encryptor, ctx.encode(np.zeros(1), scale, level))
+
+        def activate(acc: Any, bias: float, c: float) -> Any:
+            level = ctx.prime_count(acc)
+            x = ctx.add_plain(acc, ctx.encode_scalar(bias, acc.scale, level))
+            if c == 0.0:
+                return ctx.multiply_relin_rescale(x, x, relin)
+            t = ctx.add_plain(acc, ctx.encode_scalar(bias + c, acc.scale, level))
+            return ctx.multiply_relin_rescale(x, t, relin)
+
+        def scatter(
+            y: Any, targets: list[tuple[int, float]], accs: list[Any], wscale: float
+        ) -> None:
+            level = ctx.prime_count(y)
+            for i, w in targets:
+                term = ctx.multiply_plain(y, ctx.encode_scalar(w, wscale, level))
+                if accs[i] is None:
+                    accs[i] = term
+                else:
+                    ctx.add_inplace(accs[i], term)
+
+        first = blocks[0]
+        accs: list[Any] = [None] * blocks[1].rows
+        for h, taps in enumerate(lists[0]):
+            acc = None
+            for j, w in taps:
+                term = ctx.multiply_plain(xs[j], ctx.encode_scalar(w, wscales[0], top))
+                if acc is None:
+                    acc = term
+                else:
+                    ctx.add_inplace(acc, term)
+            if acc is None:
+                acc = zero(sc["d0"] * wscales[0], top)
+            y = activate(acc, float(first.bias[h]), float(first.c[h]))
+            scatter(y, lists[1][h], accs, wscales[1])
+        for k in range(1, self.n_act):
+            current, accs = accs, [None] * blocks[k + 1].rows
+            for i in range(len(current)):
+                acc = current[i]
+                current[i] = None  # free as we go
+                if acc is None:
+                    acc = zero(sc["stage_in"][k - 1] * wscales[k], top - k)
+                y = activate(acc, float(blocks[k].bias[i]), float(blocks[k].c[i]))
+                scatter(y, lists[k + 1][i], accs, wscales[k + 1])
+        outs = []
+        final_bias = blocks[-1].bias
+        for i, acc in enumerate(accs):
+            if acc is None:
+                acc = zero(sc["stage_in"][-1] * wscales[-1], top - self.n_act)
+            ctx.rescale_inplace(acc)
+            ctx.mod_switch_to(acc, 2)
+            outs.append(
+                acc if raw else self._finalize_batch(acc, images, float(final_bias[i]), skeys)
+            )
+        return outs
+
+    def simulate_batch(self, X: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Emulation of `evaluate_batch` (images in slots) with the noise of each operation:
+        fresh encryption, the scalar encoder's exact weight rounding, relinearization,
+        rescaling and flooding. The batched precision claim in the manifest bounds it."""
+        if not self.has_batch:
+            raise ParameterMismatchError("this model has no batched layout (network format 1)")
         rng = rng or np.random.default_rng()
         X = _as_batch(X)
         from heinfer.he.ckks import CkksParameters
 
         params = CkksParameters.from_dict(self._manifest["params"])
-        n, S = params.poly_modulus_degree, params.slots
+        noise = _noise_model(params)
+        P = self._prepare_batch()
+        blocks, wscales, sc = P["blocks"], P["wscales"], P["scales"]
+        v = X + rng.normal(0, math.hypot(noise["fresh"], noise["enc"]) / sc["d0"], X.shape)
+        prod = sc["d0"] * wscales[0]
+        for k, blk in enumerate(blocks):
+            u = v @ _quantize(blk.dense(), wscales[k]).T
+            if k == self.n_act:
+                break
+            x = u + np.round(blk.bias * prod) / prod
+            y = x * (u + np.round((blk.bias + blk.c) * prod) / prod)
+            rs = math.hypot(noise["rs"] / sc["stage_in"][k], noise["ks"] / prod)
+            v = y + rng.normal(0, rs, y.shape)
+            prod = sc["stage_in"][k] * wscales[k + 1]
+        out = u + rng.normal(0, noise["rs"] / sc["df"], u.shape) + blocks[-1].bias[None, :]
+        flood = self._manifest["batch"]["precision"]["flood_noise_std"]
+        return out + rng.normal(0, flood, out.shape)
+
+    # -- plaintext simulation --------------------------------------------------------------------
+    def simulate(
+        self, X: np.ndarray, rng: np.random.Generator | None = None, *, layout: str = SINGLE_LAYOUT
+    ) -> np.ndarray:
+        """Slot-level emulation of `evaluate` with CKKS-like Gaussian noise (no encryption);
+        `layout=BATCH_LAYOUT` emulates the batched layout (`simulate_batch`)."""
+        if layout == BATCH_LAYOUT:
+            return self.simulate_batch(X, rng)
+        if layout != SINGLE_LAYOUT:
+            raise BadInputError(f"unknown layout {layout!r}: {SINGLE_LAYOUT} or {BATCH_LAYOUT}")
+        rng = rng or np.random.default_rng()
+        X = _as_batch(X)
+        from heinfer.he.ckks import CkksParameters
+
+        params = CkksParameters.from_dict(self._manifest["params"])
+        S = params.slots
         a = self._arrays
         sc = self._scales()
-        q_max = max(params.data_primes)
-        P = params.primes[-1]
-        enc_err = math.sqrt(n / 24)  # plaintext rounding, slot std before dividing by the scale
-        fresh_err = 3.2 * math.sqrt(n / 2)
-        ks_err = 2.0**11 * (1 + 16 * q_max / P)
-        rs_err = math.sqrt(n / 2) * math.sqrt(n / 18)
+        noise = _noise_model(params)
+        enc_err, fresh_err, ks_err, rs_err = (noise[k] for k in ("enc", "fresh", "ks", "rs"))
 
         def noisy(v: np.ndarray, std: float) -> np.ndarray:
             return v + rng.normal(0, std, v.shape)
@@ -1163,7 +1652,7 @@ class NetworkCodec:
 
         if manifest.get("format") != "heinfer-network":
             raise ModelFormatError("not a heinfer network manifest")
-        if manifest.get("format_version") != FORMAT_VERSION:
+        if manifest.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
             raise ModelFormatError(f"unsupported network format {manifest.get('format_version')}")
         self.manifest = json.loads(json.dumps(manifest))
         self.ctx = CkksContext(CkksParameters.from_dict(manifest["params"]))
@@ -1174,6 +1663,13 @@ class NetworkCodec:
         self._stride = int(layout["stride"])
         self._scale = 2.0 ** float(manifest["input"]["scale_log2"])
         self._out_slots = np.asarray(manifest["output"]["slots"], dtype=np.int64)
+        self.batch: dict[str, Any] | None = manifest.get("batch")
+        if self.batch is not None and (
+            self.batch.get("layout") != BATCH_LAYOUT
+            or self.batch.get("max_images") != self.ctx.slots
+            or self.batch.get("ciphertexts") != INPUT_DIM
+        ):
+            raise ModelFormatError("unsupported batched layout")
         self._keys: Any = None
 
     @property
@@ -1194,9 +1690,27 @@ class NetworkCodec:
             raise BadInputError("no keys: call keygen() or load_secret() first")
         return self._keys
 
-    def public_keys(self) -> dict[str, bytes]:
+    @property
+    def batch_capacity(self) -> int:
+        """Most images one batched request holds (0: the plan has no batched layout)."""
+        return int(self.batch["max_images"]) if self.batch is not None else 0
+
+    def public_keys(self, layout: str | None = None) -> dict[str, bytes]:
+        """Key parts to upload: by default the manifest's full set (both layouts);
+        `layout=BATCH_LAYOUT` only what batches need (public + relin, no Galois keys)."""
         spec = self.manifest["keys"]
+        if layout == BATCH_LAYOUT:
+            spec = self._need_batch()["keys"]
+        elif layout not in (None, SINGLE_LAYOUT):
+            raise BadInputError(f"unknown layout {layout!r}: {SINGLE_LAYOUT} or {BATCH_LAYOUT}")
         return self._need().public_keys(spec["galois_steps"], relin=bool(spec["relin"]))
+
+    def _need_batch(self) -> dict[str, Any]:
+        if self.batch is None:
+            raise ParameterMismatchError(
+                "this model has no batched layout (compiled with network format 1)"
+            )
+        return self.batch
 
     def secret_bytes(self) -> bytes:
         return self._need().secret_bytes()
@@ -1212,7 +1726,12 @@ class NetworkCodec:
             v[c * self._stride : c * self._stride + 784] = x
         return v
 
-    def encrypt(self, X: np.ndarray) -> bytes:
+    def encrypt(self, X: np.ndarray, layout: str | None = None) -> bytes:
+        """A request body: one ciphertext per image (default), or `layout=BATCH_LAYOUT`."""
+        if layout == BATCH_LAYOUT:
+            return self.encrypt_batch(X)
+        if layout not in (None, SINGLE_LAYOUT):
+            raise BadInputError(f"unknown layout {layout!r}: {SINGLE_LAYOUT} or {BATCH_LAYOUT}")
         X = _as_batch(X)
         if X.shape[0] > MAX_IMAGES_PER_REQUEST:
             raise PayloadTooLargeError(f"at most {MAX_IMAGES_PER_REQUEST} images per request")
@@ -1221,13 +1740,48 @@ class NetworkCodec:
         keys = self._need()
         return encode_frames(REQUEST_MAGIC, [keys.encrypt(self.layout(x), self._scale) for x in X])
 
+    def encrypt_batch(self, X: np.ndarray) -> bytes:
+        """A batched request body (HNB1): pixel j of image i in slot i of ciphertext j."""
+        batch = self._need_batch()
+        X = _as_batch(X)
+        if X.shape[0] > batch["max_images"]:
+            raise PayloadTooLargeError(f"at most {batch['max_images']} images per batched request")
+        if not np.all(np.isfinite(X)):
+            raise BadInputError("input contains NaN or infinity")
+        keys = self._need()
+        scale = 2.0 ** float(batch["input"]["scale_log2"])
+        columns = np.zeros((INPUT_DIM, self.ctx.slots))
+        columns[:, : X.shape[0]] = X.T
+        blobs = [keys.encrypt(column, scale) for column in columns]
+        return encode_batch_frames(BATCH_REQUEST_MAGIC, X.shape[0], blobs)
+
+    def decrypt_batch_slots(self, payload: bytes) -> tuple[int, np.ndarray]:
+        """(images, every slot of every score ciphertext (outputs, slots)) of an HNS1 body."""
+        batch = self._need_batch()
+        keys = self._need()
+        images, blobs = decode_batch_frames(
+            BATCH_RESPONSE_MAGIC,
+            payload,
+            count=int(batch["output"]["ciphertexts"]),
+            max_images=int(batch["max_images"]),
+            max_record_bytes=_max_ciphertext_bytes(self.manifest),
+        )
+        prime_count = int(batch["output"]["level_primes"])
+        return images, np.stack([keys.decrypt(b, prime_count=prime_count) for b in blobs])
+
     def decrypt_slots(self, payload: bytes) -> np.ndarray:
         """All slots of every result ciphertext, shape (n, slots) (diagnostics and tests)."""
         keys = self._need()
-        max_bytes = 64 + 16 * self.ctx.n * len(self.manifest["params"]["coeff_modulus"])
+        max_bytes = _max_ciphertext_bytes(self.manifest)
         blobs = decode_frames(RESPONSE_MAGIC, payload, MAX_IMAGES_PER_REQUEST, max_bytes)
         prime_count = int(self.manifest["output"]["level_primes"])
         return np.stack([keys.decrypt(b, prime_count=prime_count) for b in blobs])
 
     def decrypt(self, payload: bytes) -> np.ndarray:
+        """Scores (n, outputs) from a response body of either layout."""
+        if isinstance(payload, (bytes, bytearray, memoryview)) and (
+            bytes(payload[:4]) == BATCH_RESPONSE_MAGIC
+        ):
+            images, slots = self.decrypt_batch_slots(payload)
+            return np.ascontiguousarray(slots[:, :images].T)
         return self.decrypt_slots(payload)[:, self._out_slots]
