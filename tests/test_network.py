@@ -13,8 +13,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from heinfer.errors import MalformedPayloadError, ParameterMismatchError, UnsupportedModelError
-from heinfer.plans.network import NetworkCodec, NetworkPlan, NetworkSpec, compile_network
+from heinfer.errors import (
+    HeinferError,
+    MalformedPayloadError,
+    ModelFormatError,
+    ParameterMismatchError,
+    PayloadTooLargeError,
+    UnsupportedModelError,
+)
+from heinfer.plans.network import (
+    BATCH_LAYOUT,
+    BATCH_REQUEST_MAGIC,
+    BATCH_RESPONSE_MAGIC,
+    NetworkCodec,
+    NetworkPlan,
+    NetworkSpec,
+    compile_network,
+    decode_batch_frames,
+    encode_batch_frames,
+)
 
 MNIST = Path(os.environ.get("HEINFER_MNIST", "/work/shared/data/mnist"))
 
@@ -38,14 +55,14 @@ def mnist() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return Xtr, ytr, Xte, yte
 
 
-def _numpy_cnn(Xtr: np.ndarray, ytr: np.ndarray) -> NetworkSpec:
-    """conv(3 random 5x5 filters) -> square -> avgpool 2 -> linear 10 fitted by ridge (no torch)."""
+def _numpy_cnn(Xtr: np.ndarray, ytr: np.ndarray, filters: int = 3, stride: int = 1) -> NetworkSpec:
+    """conv(random 5x5 filters) -> square -> avgpool 2 -> linear 10 fitted by ridge (no torch)."""
     rng = np.random.default_rng(0)
     conv = {
         "type": "conv2d",
-        "weight": rng.normal(0, 0.25, (3, 1, 5, 5)),
-        "bias": rng.normal(0, 0.1, 3),
-        "stride": 1,
+        "weight": rng.normal(0, 0.25, (filters, 1, 5, 5)),
+        "bias": rng.normal(0, 0.1, filters),
+        "stride": stride,
         "padding": 0,
     }
     front = NetworkSpec(
@@ -188,6 +205,165 @@ def test_other_parameters_rejected(he_setup):
         plan.evaluate(req, keys)
     with pytest.raises(ParameterMismatchError):
         plan.evaluate(codec.encrypt(X[0]), foreign.public_keys(manifest["keys"]["galois_steps"]))
+
+
+# -- batched layout (slot i = image i, one ciphertext per pixel) ---------------------------------
+# A smaller conv (2 filters, stride 2: 288 hidden units) keeps one batch at a few seconds here.
+BATCH_IMAGES = 48
+
+
+@pytest.fixture(scope="module")
+def batch_setup(mnist):
+    Xtr, ytr, Xte, yte = mnist
+    spec = _numpy_cnn(Xtr, ytr, filters=2, stride=2)
+    plan = compile_network(spec, "test-cnn-batch", calibration=Xtr[:500])
+    codec = NetworkCodec(plan.manifest())
+    codec.keygen()
+    keys = codec.public_keys(BATCH_LAYOUT)  # batch-only: public + relin
+    X = Xte[:BATCH_IMAGES]
+    request = codec.encrypt(X, layout=BATCH_LAYOUT)
+    response = plan.evaluate(request, keys)
+    return spec, plan, codec, keys, X, yte[:BATCH_IMAGES], request, response
+
+
+def test_batched_scores_match_plaintext(batch_setup):
+    spec, plan, codec, keys, X, y, _request, response = batch_setup
+    manifest = plan.manifest()
+    batch = manifest["batch"]
+    assert set(keys) == {"public", "relin"} and batch["keys"]["galois_steps"] == []
+    scores = codec.decrypt(response)
+    ref = spec.predict_plain(X)
+    assert scores.shape == (BATCH_IMAGES, 10)
+    assert np.array_equal(scores.argmax(1), ref.argmax(1))
+    assert np.abs(scores - ref).max() <= batch["precision"]["score_abs_error"]
+    assert (ref.argmax(1) == y).mean() >= 0.7
+    # the output sits where the single-image path leaves it: two primes, 2^log_df
+    assert batch["output"]["level_primes"] == manifest["output"]["level_primes"] == 2
+    assert batch["output"]["scale_log2"] == manifest["output"]["scale_log2"]
+
+
+def test_batched_empty_slots_are_masked(batch_setup):
+    """Slots >= n hold the network applied to an all-zero image (model values) before masking;
+    the negative control evaluates without the final treatment and finds them there."""
+    spec, plan, codec, keys, _X, _y, request, response = batch_setup
+    n, full = codec.decrypt_batch_slots(response)
+    assert n == BATCH_IMAGES and full.shape == (10, plan.ctx.slots)
+    at_zero = spec.predict_plain(np.zeros((1, 784)))[0]
+    rest = full[:, n:]
+    assert np.mean(np.abs(rest - at_zero[:, None]) < 0.05) < 0.01
+    assert np.abs(rest).max() <= 256 + np.abs(at_zero).max() + 1
+    assert 100 < rest.std() < 200  # uniform on [-256, 256] has std 147.8
+
+    ctx = plan.ctx
+    _n, blobs = decode_batch_frames(
+        BATCH_REQUEST_MAGIC, request, count=784, max_images=ctx.slots, max_record_bytes=1 << 20
+    )
+    xs = [ctx.load_ciphertext(b) for b in blobs]
+    raw = plan.evaluate_batch_ciphertexts(xs, n, plan._server_keys(keys), raw=True)
+    unmasked = np.stack([codec._need().decrypt_ciphertext(ct) for ct in raw])
+    # without the final bias, slots >= n carry f(0) - bias: the model leaks there unmasked
+    final_bias = spec.layers[-1]["bias"]
+    assert np.abs(unmasked[:, n:] - (at_zero - final_bias)[:, None]).max() < 0.01
+
+
+def test_batched_frames_rejected(batch_setup):
+    _spec, plan, codec, keys, _X, _y, request, response = batch_setup
+    ctx = plan.ctx
+    _n, blobs = decode_batch_frames(
+        BATCH_REQUEST_MAGIC, request, count=784, max_images=ctx.slots, max_record_bytes=1 << 20
+    )
+    bad_bodies = [  # built one at a time: each is ~150 MB
+        lambda: request[:-100],  # truncated inside the last record
+        lambda: request[:10],  # truncated header
+        lambda: request + b"\x00",  # trailing bytes
+        lambda: encode_batch_frames(BATCH_REQUEST_MAGIC, BATCH_IMAGES, blobs[:-1]),  # 783
+        lambda: encode_batch_frames(BATCH_REQUEST_MAGIC, BATCH_IMAGES, [*blobs, blobs[0]]),
+        lambda: encode_batch_frames(BATCH_REQUEST_MAGIC, 0, blobs),  # no images
+        lambda: encode_batch_frames(BATCH_REQUEST_MAGIC, 2, [b"junk" * 10, *blobs[1:]]),
+        lambda: BATCH_REQUEST_MAGIC + bytes(40),
+    ]
+    for make in bad_bodies:
+        with pytest.raises(MalformedPayloadError) as info:
+            plan.evaluate(make(), keys)
+        assert 400 <= info.value.status < 500
+    with pytest.raises(PayloadTooLargeError):
+        plan.evaluate(encode_batch_frames(BATCH_REQUEST_MAGIC, ctx.slots + 1, blobs), keys)
+    with pytest.raises(MalformedPayloadError):
+        codec.decrypt(response[:-50])
+    with pytest.raises(MalformedPayloadError):  # a response frame is not a request
+        plan.evaluate(BATCH_RESPONSE_MAGIC + response[4:], keys)
+    with pytest.raises(PayloadTooLargeError):
+        codec.encrypt(np.zeros((ctx.slots + 1, 784)), layout=BATCH_LAYOUT)
+    assert (
+        len(
+            decode_batch_frames(
+                BATCH_REQUEST_MAGIC,
+                request,
+                count=784,
+                max_images=ctx.slots,
+                max_record_bytes=1 << 20,
+            )[1]
+        )
+        == 784
+    )
+
+
+def test_batch_only_keys_refuse_single_images(batch_setup):
+    _spec, plan, codec, keys, X, _y, _request, _response = batch_setup
+    assert frozenset(keys) in plan.key_part_sets()
+    assert frozenset({"public", "relin", "galois"}) in plan.key_part_sets()
+    with pytest.raises(ParameterMismatchError, match="Galois") as info:
+        plan.evaluate(codec.encrypt(X[:1]), keys)
+    assert isinstance(info.value, HeinferError) and info.value.status == 422
+    full = codec.public_keys()
+    assert set(full) == {"public", "relin", "galois"}
+    batch_bytes = sum(len(v) for v in keys.values())
+    assert batch_bytes < 4e6 < sum(len(v) for v in full.values())
+    out = codec.decrypt(plan.evaluate(codec.encrypt(X[:1]), full))  # the full set serves both
+    assert out.shape == (1, 10)
+
+
+def test_batched_simulation_within_claim(batch_setup, mnist):
+    spec, plan, *_ = batch_setup
+    X = mnist[2][:300]
+    ref = spec.predict_plain(X)
+    claim = plan.manifest()["batch"]["precision"]["score_abs_error"]
+    sim = plan.simulate(X, np.random.default_rng(0), layout=BATCH_LAYOUT)
+    assert np.abs(sim - ref).max() < claim
+    assert np.abs(sim - ref).max() > 0  # noise is modelled, not skipped
+
+
+def test_format_1_models_load_and_refuse_batches(batch_setup):
+    spec, plan, codec, keys, X, _y, request, _response = batch_setup
+    arrays = plan.to_arrays()
+    manifest = plan.manifest()
+    again = NetworkPlan.from_arrays(manifest, arrays)
+    assert again.manifest() == manifest
+    old_manifest = {k: v for k, v in manifest.items() if k != "batch"}
+    old_manifest["format_version"] = 1
+    old_arrays = {k: v for k, v in arrays.items() if not k.startswith("bt")}
+    old = NetworkPlan.from_arrays(old_manifest, old_arrays)
+    assert not old.has_batch and old.key_part_sets() == [frozenset({"public", "relin", "galois"})]
+    with pytest.raises(ParameterMismatchError, match="format 1"):
+        old.evaluate(request, keys)
+    assert NetworkCodec(old_manifest).batch_capacity == 0
+    single = codec.decrypt(old.evaluate(codec.encrypt(X[:1]), codec.public_keys()))
+    assert np.abs(single - spec.predict_plain(X[:1])).max() < 0.1
+    # strict: a format-2 manifest needs its batch arrays, and they must be consistent
+    with pytest.raises(ModelFormatError):
+        NetworkPlan.from_arrays(manifest, old_arrays)
+    with pytest.raises(ModelFormatError):
+        NetworkPlan.from_arrays(old_manifest | {"format_version": 2}, arrays)
+    for name, value in [
+        ("bt0_col", np.full_like(arrays["bt0_col"], 784)),
+        ("bt0_ptr", arrays["bt0_ptr"][::-1].copy()),
+        ("bt1_val", arrays["bt1_val"] * 2),  # weights that disagree with the manifest claim
+        ("bt0_c", arrays["bt0_c"][:-1]),
+    ]:
+        with pytest.raises(ModelFormatError):
+            NetworkPlan.from_arrays(manifest, {**arrays, name: value})
+    with pytest.raises(ModelFormatError):
+        NetworkPlan.from_arrays(manifest | {"format_version": 3}, arrays)
 
 
 # -- import from torch / ONNX -----------------------------------------------------------------

@@ -26,6 +26,7 @@ from heinfer.errors import (
 from heinfer.he.backend import SecretKey
 from heinfer.plans.linear import BATCH_LAYOUT_KIND, LAYOUT_KIND, LinearCodec
 from heinfer.plans.manifest import Manifest
+from heinfer.plans.network import BATCH_LAYOUT as NETWORK_BATCH_LAYOUT_KIND
 from heinfer.plans.network import NetworkCodec
 from heinfer.plans.wire import (
     BatchRequest,
@@ -41,6 +42,9 @@ __all__ = ["KEY_ID_HEADER", "Client"]
 KEY_ID_HEADER = "X-Heinfer-Key-Id"
 SECRET_FORMAT = "heinfer.secret"
 NETWORK_LAYOUT_KIND = "ckks-network"
+# Networks: one batched request costs the server about the same for 1 or 4,096 images (the
+# MNIST CNN of bench/cnn.py: ~45 s, a single image ~113 ms), so batches pay from ~400 images.
+NETWORK_BATCH_THRESHOLD = 400
 # The service's default body limit (ServiceSettings.max_body_bytes): coeff-batch requests of
 # models so wide that they would not fit are not picked automatically.
 DEFAULT_MAX_BODY_BYTES = 64 << 20
@@ -82,16 +86,20 @@ class Client:
         self._secret: SecretKey | None = None
         self.key_id: str | None = None
         self.last_key_upload: bytes | None = None
+        self._batch_only_keys = False  # networks: the uploaded key set serves batches only
 
     # -- keys -------------------------------------------------------------------------------
-    def upload_keys(self) -> str:
+    def upload_keys(self, *, layout: str | None = None) -> str:
         """Make a secret key (kept in this process) and upload only the public material the
         manifest asks for: one public key for linear models; for networks also the
-        relinearization key and Galois keys for exactly the rotations the plan uses."""
+        relinearization key and Galois keys for exactly the rotations the plan uses, or with
+        `layout="ckks-network-batch"` only what batched requests need (no Galois keys)."""
         if self._network is not None:
             if not self._network.has_keys:
                 self._network.keygen()
-            body = encode_keys(self._network.key_fingerprint, self._network.public_keys())
+            batch_only = layout == NETWORK_BATCH_LAYOUT_KIND
+            parts = self._network.public_keys(NETWORK_BATCH_LAYOUT_KIND if batch_only else None)
+            body = encode_keys(self._network.key_fingerprint, parts)
         else:
             if self._secret is None:
                 self._secret = SecretKey.generate(self._codec.context)
@@ -107,6 +115,7 @@ class Client:
             headers={"Content-Type": "application/octet-stream"},
         )
         self.key_id = str(reply["key_id"])
+        self._batch_only_keys = self._network is not None and layout == NETWORK_BATCH_LAYOUT_KIND
         return self.key_id
 
     def delete_keys(self) -> None:
@@ -164,6 +173,9 @@ class Client:
         the server. Otherwise coeff-rowpack, one ciphertext per sample.
         """
         if self._network is not None:
+            capacity = self._network.batch_capacity
+            if NETWORK_BATCH_THRESHOLD <= samples <= capacity:
+                return NETWORK_BATCH_LAYOUT_KIND
             return NETWORK_LAYOUT_KIND
         crossover = self._codec.batch_crossover
         if (
@@ -178,11 +190,19 @@ class Client:
         """Request body for X of shape (n_features,) or (n, n_features).
 
         `layout` is "coeff-rowpack" (a HEQ1 body, one ciphertext per sample) or "coeff-batch"
-        (a HEB1 body, at most `batch_capacity` samples); by default `layout_for(len(X))`.
+        (a HEB1 body, at most `batch_capacity` samples); by default `layout_for(len(X))`. For
+        networks: "ckks-network" (HNQ1, one ciphertext per image) or "ckks-network-batch" (HNB1,
+        one ciphertext per pixel for up to 4,096 images).
         """
         data = self._check_X(X)
         if self._network is not None:
-            return self._network.encrypt(data)
+            chosen = layout or self.layout_for(len(data))
+            if chosen not in (NETWORK_LAYOUT_KIND, NETWORK_BATCH_LAYOUT_KIND):
+                raise BadInputError(
+                    f"unknown layout {chosen!r}: {NETWORK_LAYOUT_KIND} or "
+                    f"{NETWORK_BATCH_LAYOUT_KIND}"
+                )
+            return self._network.encrypt(data, layout=chosen)
         chosen = layout or self.layout_for(len(data))
         secret = self._require_secret()
         if chosen == BATCH_LAYOUT_KIND:
@@ -231,6 +251,7 @@ class Client:
         batch_size: int | None = None,
         progress: Callable[[int], None] | None = None,
         concurrency: int = 2,
+        layout: str | None = None,
     ) -> np.ndarray:
         """Encrypt, call the service, decrypt: scores of shape (n, n_outputs).
 
@@ -238,19 +259,28 @@ class Client:
         default full coeff-batch requests (N samples) while enough samples remain, the rest
         per-sample. `batch_size` fixes the chunk size instead. Up to `concurrency` requests
         are in flight at once (one service worker each); `progress(k)` is called, in order,
-        with the number of samples each finished chunk held.
+        with the number of samples each finished chunk held. `layout` forces one layout for
+        every chunk (see `encrypt`); networks then upload only the keys that layout needs.
         """
         data = self._check_X(X)
-        if self.key_id is None:
+        bounds = self._chunk_bounds(len(data), batch_size, layout)
+        layouts = [layout or self.layout_for(stop - start) for start, stop in bounds]
+        if self._network is not None and layouts:
+            batch_only = all(chosen == NETWORK_BATCH_LAYOUT_KIND for chosen in layouts)
+            if self.key_id is None or (self._batch_only_keys and not batch_only):
+                self.upload_keys(layout=NETWORK_BATCH_LAYOUT_KIND if batch_only else None)
+        elif self.key_id is None:
             self.upload_keys()
-        bounds = self._chunk_bounds(len(data), batch_size)
 
-        def round_trip(start: int, stop: int) -> np.ndarray:
-            return self.decrypt(self.infer(self.encrypt(data[start:stop])))
+        def round_trip(start: int, stop: int, chosen: str) -> np.ndarray:
+            return self.decrypt(self.infer(self.encrypt(data[start:stop], layout=chosen)))
 
         out = []
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-            futures = [pool.submit(round_trip, start, stop) for start, stop in bounds]
+            futures = [
+                pool.submit(round_trip, start, stop, chosen)
+                for (start, stop), chosen in zip(bounds, layouts, strict=True)
+            ]
             try:
                 for future, (start, stop) in zip(futures, bounds, strict=True):
                     out.append(future.result())
@@ -261,14 +291,25 @@ class Client:
                     future.cancel()
         return np.concatenate(out) if out else np.zeros((0, self.manifest.n_outputs))
 
-    def _chunk_bounds(self, total: int, batch_size: int | None) -> list[tuple[int, int]]:
+    def _chunk_bounds(
+        self, total: int, batch_size: int | None, layout: str | None = None
+    ) -> list[tuple[int, int]]:
         if batch_size is not None:
             if batch_size < 1:
                 raise BadInputError("batch_size must be at least 1")
             return [(i, min(total, i + batch_size)) for i in range(0, total, batch_size)]
         if self._network is not None:
+            capacity = self._network.batch_capacity
+            bounds, start = [], 0
+            if layout == NETWORK_BATCH_LAYOUT_KIND or (layout is None and capacity):
+                least = 1 if layout == NETWORK_BATCH_LAYOUT_KIND else NETWORK_BATCH_THRESHOLD
+                while capacity and total - start >= least:
+                    stop = min(total, start + capacity)
+                    bounds.append((start, stop))
+                    start = stop
             size = self.manifest.max_batch
-            return [(i, min(total, i + size)) for i in range(0, total, size)]
+            bounds.extend((i, min(total, i + size)) for i in range(start, total, size))
+            return bounds
         bounds, start = [], 0
         capacity = self._codec.batch_capacity
         crossover = self._codec.batch_crossover

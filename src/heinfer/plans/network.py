@@ -1372,16 +1372,16 @@ class NetworkPlan:
             return self.evaluate_batch(request, keys)
         t0 = time.perf_counter()
         skeys = self._server_keys(keys)
+        t1 = time.perf_counter()
+        ctx = self.ctx
+        max_bytes = _max_ciphertext_bytes(self._manifest)
+        blobs = decode_frames(REQUEST_MAGIC, request, MAX_IMAGES_PER_REQUEST, max_bytes)
         if skeys.galois is None and self._manifest["keys"]["galois_steps"]:
             raise ParameterMismatchError(
                 "this key upload has no Galois keys (the batch-only set): single-image requests "
                 "need the full key set of the manifest's `keys`; upload it, or send batched "
                 f"({BATCH_REQUEST_MAGIC.decode()}) requests"
             )
-        t1 = time.perf_counter()
-        ctx = self.ctx
-        max_bytes = _max_ciphertext_bytes(self._manifest)
-        blobs = decode_frames(REQUEST_MAGIC, request, MAX_IMAGES_PER_REQUEST, max_bytes)
         scale = 2.0 ** self._manifest["input"]["scale_log2"]
         top = len(self._manifest["params"]["coeff_modulus"]) - 1
         cts = [

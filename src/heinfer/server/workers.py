@@ -137,12 +137,13 @@ def _parse_network_keys(
             f"this key was made for other encryption parameters than model {model.name!r}: "
             "fetch its manifest and make keys for it"
         )
-    wanted = {"public"} | ({"relin"} if model.manifest.keys.relin else set())
-    if model.manifest.keys.galois_steps:
-        wanted.add("galois")
-    if set(parts) != wanted:
+    # The full set serves both layouts; with the batched layout, {public, relin} serves batches
+    # (single-image requests with it get a 422 from the plan).
+    accepted = plan.key_part_sets()
+    if frozenset(parts) not in accepted:
+        options = " or ".join(str(sorted(a)) for a in accepted)
         raise ParameterMismatchError(
-            f"model {model.name!r} needs exactly these key parts: {sorted(wanted)}"
+            f"model {model.name!r} needs exactly one of these sets of key parts: {options}"
         )
     plan.load_keys(parts)  # SEAL's validating loaders, cached by content in the plan
     return NetworkKeys(parts)
@@ -152,6 +153,7 @@ def _infer(model_name: str, tenant: str, key_id: str, records: list[bytes]) -> l
     model = _state().models[model_name]
     key = _evaluation_key(model, tenant, key_id)
     if isinstance(key, NetworkKeys):
+        # Either layout: the plan dispatches on the body's magic (HNQ1 single, HNB1 batched).
         assert not isinstance(model.plan, LinearPlan)
         return [model.plan.evaluate(record, key.parts) for record in records]
     assert isinstance(model.plan, LinearPlan)
