@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 import heinfer
+from heinfer.errors import ParameterMismatchError
+from heinfer.plans.network import BATCH_LAYOUT, NetworkSpec, compile_network
 from service_helpers import RunningService
 
 torch = pytest.importorskip("torch")
@@ -80,3 +82,65 @@ def test_cnn_through_the_service(
     )
     assert 400 <= bad.status_code < 500, bad.text
     assert client.predict(X[:1]).shape == (1, 10)
+
+
+# -- the batched layout (one ciphertext per pixel, up to 4,096 images per request) -------------
+def _small_cnn(X: np.ndarray, y: np.ndarray) -> NetworkSpec:
+    """conv(2 random 5x5 filters, stride 2) -> square -> avgpool 2 -> ridge readout: 288 hidden
+    units, so one batch takes seconds here (numpy weights, no training)."""
+    rng = np.random.default_rng(0)
+    front = [
+        {
+            "type": "conv2d",
+            "weight": rng.normal(0, 0.25, (2, 1, 5, 5)),
+            "bias": rng.normal(0, 0.1, 2),
+            "stride": 2,
+            "padding": 0,
+        },
+        {"type": "poly", "a": 1.0, "b": 0.0},
+        {"type": "avgpool", "kernel": 2, "stride": 2},
+        {"type": "flatten"},
+    ]
+    feats = NetworkSpec(front).predict_plain(X)
+    F = np.hstack([feats, np.ones((len(feats), 1))])
+    coef = np.linalg.solve(F.T @ F + np.eye(F.shape[1]), F.T @ (np.eye(10)[y] * 4.0 - 2.0))
+    return NetworkSpec([*front, {"type": "linear", "weight": coef[:-1].T, "bias": coef[-1]}])
+
+
+@pytest.fixture(scope="module")
+def batch_service(
+    mnist: dict[str, np.ndarray], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[RunningService, heinfer.EncryptedModel]]:
+    root = tmp_path_factory.mktemp("cnn-batch")
+    spec = _small_cnn(mnist["X_train"][:2000], mnist["y_train"][:2000])
+    plan = compile_network(spec, "cnn-batch", calibration=mnist["X_train"][:500])
+    model = heinfer.EncryptedModel(plan, spec=spec)
+    path = model.save(root / "cnn-batch.heinfer")
+    service = RunningService(
+        [str(path), "--workers", "1", "--key-store", str(root / "keys"), "--log-level", "warning"]
+    )
+    yield service, model
+    service.stop()
+
+
+def test_cnn_batched_layout_through_the_service(
+    batch_service: tuple[RunningService, heinfer.EncryptedModel], mnist: dict[str, np.ndarray]
+) -> None:
+    service, model = batch_service
+    client = heinfer.Client(service.url, model="cnn-batch")
+    X = mnist["X_test"][:40]
+    scores = client.predict(X, layout=BATCH_LAYOUT)  # uploads the batch-only key set
+    reference = model.predict_plain(X)
+    claim = client.manifest.layout["plan_manifest"]["batch"]["precision"]["score_abs_error"]
+    assert scores.shape == (40, 10)
+    assert (scores.argmax(1) == reference.argmax(1)).all()
+    assert np.abs(scores - reference).max() <= claim
+    assert client.last_key_upload is not None and len(client.last_key_upload) < 4_000_000
+    # that key has no Galois part: a single-image request with it is a clear 422, not a 500
+    batch_key = client.key_id
+    with pytest.raises(ParameterMismatchError, match="Galois"):
+        client.infer(client.encrypt(X[:1], layout="ckks-network"))
+    # predict with the single-image layout uploads the full set by itself and works
+    single = client.predict(X[:2])
+    assert client.key_id != batch_key
+    assert np.abs(single - reference[:2]).max() <= model.manifest.precision.max_abs_error
