@@ -1,13 +1,17 @@
 """Encrypted CNN on MNIST: heinfer's packed CKKS plan vs a TenSEAL tutorial-style CNN.
 
     PYTHONPATH=src python bench/cnn.py [--retrain] [--agree-seconds 120] [--tenseal-images 10]
+                                       [--batch-images 4096] [--skip-tenseal]
 
 Trains (or loads bench/results/cnn_spec.npz) the default `heinfer.nn.he_friendly_cnn`, reports
 plaintext accuracy, encrypted latency (median of ~20 single images, warm key cache), key /
 request / response bytes, agreement of encrypted argmax with the plaintext network on as many
 test digits as fit in the time budget, and the same for TenSEAL's "Encrypted convolution on
 MNIST" tutorial model (ts.ckks_vector, im2col_encoding, conv2d_im2col, square, mm) in the same
-run. Writes bench/results/cnn.json. Needs torch (CPU build: pip install torch==2.13.0).
+run. The batched layout (one ciphertext per pixel, image i in slot i) is timed on one request
+of `--batch-images` test digits: server time, images/s, batch-only key bytes, request and
+response bytes per image, agreement and max error against the manifest's batched claim.
+Writes bench/results/cnn.json. Needs torch (CPU build: pip install torch==2.13.0).
 """
 
 from __future__ import annotations
@@ -27,7 +31,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from heinfer.plans.network import NetworkCodec, NetworkSpec, compile_network, import_torch  # noqa: E402
+from heinfer.plans.network import (  # noqa: E402
+    BATCH_LAYOUT,
+    NetworkCodec,
+    NetworkPlan,
+    NetworkSpec,
+    compile_network,
+    import_torch,
+)
 
 DATA = Path(os.environ.get("HEINFER_MNIST", "/work/shared/data/mnist"))
 RESULTS = ROOT / "bench" / "results"
@@ -77,7 +88,9 @@ def load_spec(path: Path) -> NetworkSpec:
     return NetworkSpec(layers)
 
 
-def bench_heinfer(spec: NetworkSpec, Xtr: np.ndarray, Xte: np.ndarray, args) -> dict:
+def bench_heinfer(
+    spec: NetworkSpec, Xtr: np.ndarray, Xte: np.ndarray, args
+) -> tuple[dict, NetworkPlan]:
     t = time.perf_counter()
     plan = compile_network(spec, "mnist-cnn", calibration=Xtr[:2000])
     compile_s = time.perf_counter() - t
@@ -117,7 +130,7 @@ def bench_heinfer(spec: NetworkSpec, Xtr: np.ndarray, Xte: np.ndarray, args) -> 
         max_err = max(max_err, float(np.abs(scores - ref).max()))
         n += len(batch)
     sim = plan.simulate(Xte, np.random.default_rng(0))
-    return {
+    result = {
         "params": manifest["params"],
         "galois_steps": manifest["keys"]["galois_steps"],
         "precision_claim": manifest["precision"]["score_abs_error"],
@@ -137,6 +150,50 @@ def bench_heinfer(spec: NetworkSpec, Xtr: np.ndarray, Xte: np.ndarray, args) -> 
         "agreement": agree / max(n, 1),
         "max_abs_score_error": max_err,
         "simulated_agreement_all": float((sim.argmax(1) == plain.argmax(1)).mean()),
+    }
+    return result, plan
+
+
+def bench_batch(spec: NetworkSpec, plan: NetworkPlan, X: np.ndarray) -> dict:
+    """One batched request of len(X) images: client encrypt, server evaluate, client decrypt."""
+    manifest = plan.manifest()
+    codec = NetworkCodec(manifest)
+    codec.keygen()
+    keys = codec.public_keys(BATCH_LAYOUT)
+    n = len(X)
+    t = time.perf_counter()
+    req = codec.encrypt(X, layout=BATCH_LAYOUT)
+    enc_s = time.perf_counter() - t
+    t = time.perf_counter()
+    resp = plan.evaluate(req, keys)
+    eval_s = time.perf_counter() - t
+    timings = dict(plan.last_timings)
+    t = time.perf_counter()
+    scores = codec.decrypt(resp)
+    dec_s = time.perf_counter() - t
+    ref = spec.predict_plain(X)
+    sim = plan.simulate_batch(X, np.random.default_rng(0))
+    batch = manifest["batch"]
+    return {
+        "images": n,
+        "work": batch["work"],
+        "precision_claim": batch["precision"]["score_abs_error"],
+        "precision": batch["precision"],
+        "key_bytes": {k: len(v) for k, v in keys.items()},
+        "key_bytes_total": sum(len(v) for v in keys.values()),
+        "request_bytes": len(req),
+        "response_bytes": len(resp),
+        "request_bytes_per_image": len(req) / n,
+        "response_bytes_per_image": len(resp) / n,
+        "client_encrypt_s": enc_s,
+        "server_s": eval_s,
+        "server_load_s": timings.get("keys_load_s"),
+        "server_eval_s": timings.get("eval_s"),
+        "client_decrypt_s": dec_s,
+        "throughput_img_per_s": n / eval_s,
+        "agreement": float((scores.argmax(1) == ref.argmax(1)).mean()),
+        "max_abs_score_error": float(np.abs(scores - ref).max()),
+        "simulated_max_abs_score_error": float(np.abs(sim - ref).max()),
     }
 
 
@@ -249,6 +306,9 @@ def main() -> None:
     ap.add_argument("--agree-seconds", type=float, default=120.0)
     ap.add_argument("--tenseal-images", type=int, default=10)
     ap.add_argument("--skip-tenseal", action="store_true")
+    ap.add_argument(
+        "--batch-images", type=int, default=4096, help="batched-layout request size (0: skip)"
+    )
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     Xtr, ytr, Xte, yte = load_mnist()
@@ -266,9 +326,11 @@ def main() -> None:
         save_spec(spec, cache)
     plain_acc = float((spec.predict_plain(Xte).argmax(1) == yte).mean())
     print(f"plaintext accuracy {plain_acc:.4f} on {len(yte)} test digits", flush=True)
-    he = bench_heinfer(spec, Xtr, Xte, args)
+    he, plan = bench_heinfer(spec, Xtr, Xte, args)
     he["plain_accuracy"] = plain_acc
     he["train_s"] = train_s
+    if args.batch_images:
+        he["batch"] = bench_batch(spec, plan, Xte[: args.batch_images])
     ts_res = None if args.skip_tenseal else tenseal_tutorial(Xtr, ytr, Xte, yte, args)
     result = {
         "machine": {
@@ -321,6 +383,24 @@ def main() -> None:
         f"max |score error| {he['max_abs_score_error']:.4f} (claim {he['precision_claim']:.4f});"
         f" cold first call {he['cold_first_call_s']:.2f} s"
     )
+    if "batch" in he:
+        b = he["batch"]
+        print(
+            f"batched layout, {b['images']} images in one request: server {b['server_s']:.1f} s "
+            f"({b['throughput_img_per_s']:.0f} images/s; load {b['server_load_s']:.1f} s), "
+            f"client encrypt {b['client_encrypt_s']:.1f} s / decrypt {b['client_decrypt_s']:.2f} s"
+        )
+        print(
+            f"  keys {b['key_bytes_total'] / 1e6:.2f} MB (public + relin), request "
+            f"{b['request_bytes'] / 1e6:.1f} MB ({b['request_bytes_per_image'] / 1e3:.1f} kB/image)"
+            f", response {b['response_bytes'] / 1e6:.2f} MB "
+            f"({b['response_bytes_per_image']:.0f} B/image)"
+        )
+        print(
+            f"  agreement {b['agreement']:.4f}, max |score error| {b['max_abs_score_error']:.4f}"
+            f" (claim {b['precision_claim']:.4f}; "
+            f"simulated {b['simulated_max_abs_score_error']:.4f})"
+        )
     (RESULTS / "cnn.json").write_text(json.dumps(result, indent=2))
 
 

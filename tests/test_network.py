@@ -480,3 +480,36 @@ def test_two_activation_network_encrypted(mnist):
     assert (
         np.abs(out - spec.predict_plain(X)).max() < plan.manifest()["precision"]["score_abs_error"]
     )
+
+
+@pytest.mark.slow
+def test_two_activation_network_batched(mnist):
+    """The depth-5 shape in the batched layout: block-1 accumulators are relinearized before
+    their own activation, and the scores land at the single-image path's level and scale."""
+    rng = np.random.default_rng(1)
+    spec = NetworkSpec(
+        [
+            {
+                "type": "conv2d",
+                "weight": rng.normal(0, 0.3, (2, 1, 5, 5)),
+                "bias": np.zeros(2),
+                "stride": 2,
+                "padding": 0,
+            },
+            {"type": "poly", "a": 1.0, "b": 0.0},
+            {"type": "flatten"},
+            {"type": "linear", "weight": rng.normal(0, 0.05, (16, 288)), "bias": np.zeros(16)},
+            {"type": "poly", "a": 0.5, "b": 1.0},
+            {"type": "linear", "weight": rng.normal(0, 0.2, (10, 16)), "bias": np.zeros(10)},
+        ]
+    )
+    X = mnist[2][:8]
+    plan = compile_network(spec, "deep", calibration=mnist[0][:200])
+    codec = NetworkCodec(plan.manifest())
+    codec.keygen()
+    keys = codec.public_keys(BATCH_LAYOUT)
+    out = codec.decrypt(plan.evaluate(codec.encrypt(X, layout=BATCH_LAYOUT), keys))
+    ref = spec.predict_plain(X)
+    claim = plan.manifest()["batch"]["precision"]["score_abs_error"]
+    assert np.abs(out - ref).max() < claim
+    assert np.abs(plan.simulate_batch(X, np.random.default_rng(0)) - ref).max() < claim

@@ -270,6 +270,20 @@ class CkksContext:
         self.evaluator.rescale_to_next_inplace(out)
         return out
 
+    def multiply(self, a: Any, b: Any) -> Any:
+        """a * b left unrelinearized (3 polynomials): sums of such products need one
+        relinearization in total instead of one each."""
+        out = seal.Ciphertext()
+        if a is b:
+            self.evaluator.square(a, out)
+        else:
+            self.evaluator.multiply(a, b, out)
+        return out
+
+    def relinearize_inplace(self, ct: Any, relin: Any) -> None:
+        if ct.size() > 2:
+            self.evaluator.relinearize_inplace(ct, relin)
+
     def rescale_inplace(self, ct: Any) -> None:
         self.evaluator.rescale_to_next_inplace(ct)
 

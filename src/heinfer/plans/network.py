@@ -829,7 +829,8 @@ def _scale_plan(primes: list[int], n_act: int, log_df: float) -> dict[str, Any]:
 
 def _noise_model(params: Any) -> dict[str, float]:
     """Slot-domain noise standard deviations (before dividing by the scale) of each operation:
-    plaintext rounding, fresh encryption, key switching, rescaling."""
+    plaintext rounding, fresh encryption, key switching, rescaling (rs3: rescaling a product
+    that is not relinearized yet, whose rounding error also meets s^2)."""
     n = params.poly_modulus_degree
     q_max = max(params.data_primes)
     P = params.primes[-1]
@@ -838,6 +839,7 @@ def _noise_model(params: Any) -> dict[str, float]:
         "fresh": 3.2 * math.sqrt(n / 2),
         "ks": 2.0**11 * (1 + 16 * q_max / P),
         "rs": math.sqrt(n / 2) * math.sqrt(n / 18),
+        "rs3": math.sqrt(n / 2) * math.sqrt(n / 18 + n * n / 27),
     }
 
 
@@ -932,6 +934,33 @@ def _quantize(M: np.ndarray, scale: float) -> np.ndarray:
     return np.where(np.abs(M * scale) > 0.5, q, 0.0)
 
 
+def _batch_schedule(
+    blocks: list[_Block], wscales: list[float]
+) -> tuple[list[list[tuple[int, float]]], list[list[tuple[list[int], list[tuple[int, float]]]]]]:
+    """Block 0 as per-output (pixel, weight) lists (gather), and for every later block k the
+    units of block k-1 grouped by identical (encoded) columns of block k, each group with its
+    shared column as (output, weight) targets: the group's activations are summed before they
+    are multiplied (average pooling makes 4 columns equal). Groups that reach no output are
+    left out, and so are weights the scalar encoder rounds to 0 (SEAL refuses a product with 0).
+    """
+    first = _quantize(blocks[0].dense(), wscales[0])
+    gather = [
+        [(int(j), float(first[h, j])) for j in np.flatnonzero(first[h])] for h in range(len(first))
+    ]
+    groups = []
+    for blk, wscale in zip(blocks[1:], wscales[1:], strict=True):
+        Mq = _quantize(blk.dense(), wscale)
+        columns, inverse = np.unique(Mq.T, axis=0, return_inverse=True)
+        inverse = np.asarray(inverse).reshape(-1)
+        block_groups = []
+        for g, column in enumerate(columns):
+            targets = [(int(i), float(column[i])) for i in np.flatnonzero(column)]
+            if targets:
+                block_groups.append(([int(u) for u in np.flatnonzero(inverse == g)], targets))
+        groups.append(block_groups)
+    return gather, groups
+
+
 def _weight_scales(sc: dict[str, Any], n_act: int) -> list[float]:
     """Scale of block k's weights in the batched layout (the single-image plan's scales)."""
     return [sc["w0"], *sc["w"][:n_act]]
@@ -941,8 +970,9 @@ def _batch_precision(
     params: Any, arrays: dict[str, np.ndarray], n_act: int, flood_std: float
 ) -> dict[str, float]:
     """Score error of the batched layout: Gaussian noise of every operation propagated through
-    the blocks (|u| <= 4 after normalisation, so x(x+c) amplifies noise by at most 8+|c|), plus
-    a worst-case bound on the scalar-weight rounding, plus the flooding noise."""
+    the blocks (|u| <= 4 after normalisation, so x(x+c) amplifies noise by at most 8+|c|; one
+    unrelinearized rescale counted per unit, though groups share one), plus a worst-case bound
+    on the scalar-weight rounding, plus the flooding noise."""
     primes = [int(p) for p in params.primes]
     sc = _scale_plan(primes, n_act, float(arrays["scales"][0]))
     noise = _noise_model(params)
@@ -958,10 +988,12 @@ def _batch_precision(
             break
         prod_scale = sc["d0"] * sc["w0"] if k == 0 else sc["stage_in"][k - 1] * wscale
         gain = 8.0 + np.abs(blk.c)
-        std = np.hypot(gain * std_u, noise["rs"] / sc["stage_in"][k])
+        std = np.hypot(gain * std_u, noise["rs3"] / sc["stage_in"][k])
         rnd = gain * (rnd_u + 1.0 / prod_scale)
         vmax = 4.0 * (4.0 + np.abs(blk.c))
-    compute_std = float(np.max(np.hypot(std_u, noise["rs"] / sc["df"])))
+    final_prod = sc["stage_in"][-1] * sc["w"][-1]
+    final = np.hypot(std_u, math.hypot(noise["ks"] / final_prod, noise["rs"] / sc["df"]))
+    compute_std = float(np.max(final))
     total = math.hypot(compute_std, flood_std)
     rounding = float(np.max(rnd_u))
     return {
@@ -977,6 +1009,8 @@ def _batch_manifest(
 ) -> dict[str, Any]:
     blocks = _batch_blocks(arrays, n_act)
     n_out = blocks[-1].rows
+    sc = _scale_plan([int(p) for p in params.primes], n_act, float(arrays["scales"][0]))
+    gather, groups = _batch_schedule(blocks, _weight_scales(sc, n_act))
     return {
         "layout": BATCH_LAYOUT,
         "packing": "slot i = image i; one ciphertext per input pixel; unused slots zero",
@@ -999,8 +1033,13 @@ def _batch_manifest(
         "keys": {"public": True, "relin": True, "galois_steps": []},
         "precision": _batch_precision(params, arrays, n_act, flood_std),
         "work": {
-            "plain_multiplications": int(sum(len(b.val) for b in blocks)),
-            "ciphertext_multiplications": int(sum(b.rows for b in blocks[:-1])),
+            "plain_multiplications": sum(map(len, gather))
+            + sum(len(t) for block_groups in groups for _m, t in block_groups),
+            "ciphertext_multiplications": sum(
+                len(m) for block_groups in groups for m, _t in block_groups
+            ),
+            "rescales": sum(map(len, groups)) + n_out,
+            "relinearizations": sum(b.rows for b in blocks[1:]),
         },
     }
 
@@ -1394,31 +1433,20 @@ class NetworkPlan:
 
     # -- batched layout --------------------------------------------------------------------------
     def _prepare_batch(self) -> dict[str, Any]:
-        """Per block, (index, weight) lists: block 0 by output (gather over pixels), later blocks
-        by input (scatter each activation into the next block's accumulators). Weights that the
-        scalar encoder would round to 0 are dropped (SEAL refuses a product with 0)."""
+        """The batched evaluation schedule (`_batch_schedule`), built once."""
         with self._lock:
-            if self._batch_plan is not None:
-                return self._batch_plan
-            sc = self._scales()
-            blocks = _batch_blocks(self._arrays, self.n_act)
-            wscales = _weight_scales(sc, self.n_act)
-            lists: list[list[list[tuple[int, float]]]] = []
-            for k, (blk, wscale) in enumerate(zip(blocks, wscales, strict=True)):
-                rows = np.repeat(np.arange(blk.rows), np.diff(blk.ptr))
-                keep = np.abs(blk.val * wscale) > 0.5
-                rows, cols, vals = rows[keep], blk.col[keep], blk.val[keep]
-                by, to = (rows, cols) if k == 0 else (cols, rows)
-                order = np.argsort(by, kind="stable")
-                groups: list[list[tuple[int, float]]] = [
-                    [] for _ in range(blk.rows if k == 0 else blk.in_dim)
-                ]
-                for g, i, w in zip(
-                    by[order].tolist(), to[order].tolist(), vals[order].tolist(), strict=True
-                ):
-                    groups[g].append((i, w))
-                lists.append(groups)
-            self._batch_plan = {"blocks": blocks, "lists": lists, "wscales": wscales, "scales": sc}
+            if self._batch_plan is None:
+                sc = self._scales()
+                blocks = _batch_blocks(self._arrays, self.n_act)
+                wscales = _weight_scales(sc, self.n_act)
+                gather, groups = _batch_schedule(blocks, wscales)
+                self._batch_plan = {
+                    "blocks": blocks,
+                    "gather": gather,
+                    "groups": groups,
+                    "wscales": wscales,
+                    "scales": sc,
+                }
             return self._batch_plan
 
     def evaluate_batch(self, request: bytes, keys: dict[str, bytes]) -> bytes:
@@ -1459,10 +1487,14 @@ class NetworkPlan:
         self, xs: list[Any], images: int, skeys: Any, raw: bool = False
     ) -> list[Any]:
         """The batched network on 784 pixel ciphertexts: scalar multiply-and-add only (no
-        rotations), streamed so that only the inputs and one layer of accumulators are live."""
+        rotations), streamed group by group so that only the inputs and one layer of
+        accumulators are live. Activation products stay unrelinearized: they are summed per
+        group, rescaled, scattered into the next block's accumulators, and each accumulator is
+        relinearized once (CryptoNets-style lazy relinearization)."""
         ctx = self.ctx
         P = self._prepare_batch()
-        blocks, lists, wscales, sc = P["blocks"], P["lists"], P["wscales"], P["scales"]
+        blocks, gather, groups = P["blocks"], P["gather"], P["groups"]
+        wscales, sc = P["wscales"], P["scales"]
         top = sc["top"]
         relin = skeys.relin
 
@@ -1471,57 +1503,60 @@ class NetworkPlan:
             return ctx.encrypt_public(skeys.encryptor, ctx.encode(np.zeros(1), scale, level))
 
         def activate(acc: Any, bias: float, c: float) -> Any:
+            ctx.relinearize_inplace(acc, relin)
             level = ctx.prime_count(acc)
             x = ctx.add_plain(acc, ctx.encode_scalar(bias, acc.scale, level))
             if c == 0.0:
-                return ctx.multiply_relin_rescale(x, x, relin)
-            t = ctx.add_plain(acc, ctx.encode_scalar(bias + c, acc.scale, level))
-            return ctx.multiply_relin_rescale(x, t, relin)
+                return ctx.multiply(x, x)
+            return ctx.multiply(
+                x, ctx.add_plain(acc, ctx.encode_scalar(bias + c, acc.scale, level))
+            )
 
-        def scatter(
-            y: Any, targets: list[tuple[int, float]], accs: list[Any], wscale: float
-        ) -> None:
-            level = ctx.prime_count(y)
-            for i, w in targets:
-                term = ctx.multiply_plain(y, ctx.encode_scalar(w, wscale, level))
-                if accs[i] is None:
-                    accs[i] = term
-                else:
-                    ctx.add_inplace(accs[i], term)
+        def accumulate(total: Any, term: Any) -> Any:
+            if total is None:
+                return term
+            ctx.add_inplace(total, term)
+            return total
 
-        first = blocks[0]
-        accs: list[Any] = [None] * blocks[1].rows
-        for h, taps in enumerate(lists[0]):
+        def first_unit(h: int) -> Any:
             acc = None
-            for j, w in taps:
-                term = ctx.multiply_plain(xs[j], ctx.encode_scalar(w, wscales[0], top))
-                if acc is None:
-                    acc = term
-                else:
-                    ctx.add_inplace(acc, term)
-            if acc is None:
-                acc = zero(sc["d0"] * wscales[0], top)
-            y = activate(acc, float(first.bias[h]), float(first.c[h]))
-            scatter(y, lists[1][h], accs, wscales[1])
-        for k in range(1, self.n_act):
-            current, accs = accs, [None] * blocks[k + 1].rows
-            for i in range(len(current)):
-                acc = current[i]
-                current[i] = None  # free as we go
-                if acc is None:
-                    acc = zero(sc["stage_in"][k - 1] * wscales[k], top - k)
-                y = activate(acc, float(blocks[k].bias[i]), float(blocks[k].c[i]))
-                scatter(y, lists[k + 1][i], accs, wscales[k + 1])
+            for j, w in gather[h]:
+                acc = accumulate(
+                    acc, ctx.multiply_plain(xs[j], ctx.encode_scalar(w, wscales[0], top))
+                )
+            return acc if acc is not None else zero(sc["d0"] * wscales[0], top)
+
+        current: list[Any] = []
+        for k in range(self.n_act):
+            blk, nxt = blocks[k], blocks[k + 1]
+            accs: list[Any] = [None] * nxt.rows
+            for members, targets in groups[k]:
+                total = None
+                for i in members:
+                    if k == 0:
+                        acc = first_unit(i)
+                    else:
+                        acc = current[i]
+                        current[i] = None  # free as we go
+                        if acc is None:
+                            acc = zero(sc["stage_in"][k - 1] * wscales[k], top - k)
+                    total = accumulate(total, activate(acc, float(blk.bias[i]), float(blk.c[i])))
+                assert total is not None
+                ctx.rescale_inplace(total)
+                level = ctx.prime_count(total)
+                for i, w in targets:
+                    term = ctx.multiply_plain(total, ctx.encode_scalar(w, wscales[k + 1], level))
+                    accs[i] = accumulate(accs[i], term)
+            current = accs
         outs = []
-        final_bias = blocks[-1].bias
-        for i, acc in enumerate(accs):
+        for i, acc in enumerate(current):
             if acc is None:
                 acc = zero(sc["stage_in"][-1] * wscales[-1], top - self.n_act)
+            ctx.relinearize_inplace(acc, relin)
             ctx.rescale_inplace(acc)
             ctx.mod_switch_to(acc, 2)
-            outs.append(
-                acc if raw else self._finalize_batch(acc, images, float(final_bias[i]), skeys)
-            )
+            bias = float(blocks[-1].bias[i])
+            outs.append(acc if raw else self._finalize_batch(acc, images, bias, skeys))
         return outs
 
     def simulate_batch(self, X: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -1542,12 +1577,13 @@ class NetworkPlan:
         prod = sc["d0"] * wscales[0]
         for k, blk in enumerate(blocks):
             u = v @ _quantize(blk.dense(), wscales[k]).T
+            if k > 0:  # accumulators of unrelinearized products: one relinearization each
+                u = u + rng.normal(0, noise["ks"] / prod, u.shape)
             if k == self.n_act:
                 break
             x = u + np.round(blk.bias * prod) / prod
             y = x * (u + np.round((blk.bias + blk.c) * prod) / prod)
-            rs = math.hypot(noise["rs"] / sc["stage_in"][k], noise["ks"] / prod)
-            v = y + rng.normal(0, rs, y.shape)
+            v = y + rng.normal(0, noise["rs3"] / sc["stage_in"][k], y.shape)
             prod = sc["stage_in"][k] * wscales[k + 1]
         out = u + rng.normal(0, noise["rs"] / sc["df"], u.shape) + blocks[-1].bias[None, :]
         flood = self._manifest["batch"]["precision"]["flood_noise_std"]
