@@ -43,8 +43,9 @@ KEY_ID_HEADER = "X-Heinfer-Key-Id"
 SECRET_FORMAT = "heinfer.secret"
 NETWORK_LAYOUT_KIND = "ckks-network"
 # Networks: one batched request costs the server about the same for 1 or 4,096 images (the
-# MNIST CNN of bench/cnn.py: ~45 s, a single image ~113 ms), so batches pay from ~400 images.
-NETWORK_BATCH_THRESHOLD = 400
+# MNIST CNN of bench/cnn.py: 29.8 s, vs 115 ms per single image, so ~260 images), and its body
+# is ~148 MB whatever n is; past 300 images the batch is cheaper on the server.
+NETWORK_BATCH_THRESHOLD = 300
 # The service's default body limit (ServiceSettings.max_body_bytes): coeff-batch requests of
 # models so wide that they would not fit are not picked automatically.
 DEFAULT_MAX_BODY_BYTES = 64 << 20

@@ -7,12 +7,18 @@ Pipeline::
     codec = NetworkCodec(plan.manifest()) # client side, from the public manifest only
     codec.keygen(); keys = codec.public_keys()
     scores = codec.decrypt(plan.evaluate(codec.encrypt(X), keys))
+    # or the batched layout, up to 4096 images per request, keys without Galois keys:
+    keys = codec.public_keys(BATCH_LAYOUT)
+    scores = codec.decrypt(plan.evaluate(codec.encrypt(X, layout=BATCH_LAYOUT), keys))
 
 Network shape: linear blocks (any mix of Conv2d / AvgPool2d / Flatten / Linear, composed into
 one affine map each) separated by degree-2 activations (Square, PolyAct a*x^2+b*x), at most two
 activations. Each activation costs one ciphertext-ciphertext multiplication and one rescale.
 
-Packing (one ciphertext per image, N=8192 -> 4096 slots for one activation):
+Two layouts share one compiled plan, one parameter set and one output contract; the request's
+magic picks the layout (HNQ1 single-image, HNB1 batched).
+
+Single-image packing (one ciphertext per image, N=8192 -> 4096 slots for one activation):
 
 * Input: the client writes `copies` copies of the 784 pixels at offsets 0, 784, 1568, ...
   (manifest `input.layout`). For a conv layer, output channel f lives in copy f at the slot of
@@ -26,6 +32,20 @@ Packing (one ciphertext per image, N=8192 -> 4096 slots for one activation):
   replicated in every slot s = i (mod R), and rows >= outputs hold exact zeros by construction, so
   no slot carries a partial sum of the model.
 * Rotation keys: only the steps above (manifest `keys.galois_steps`).
+
+Batched packing (CryptoNets; manifest `batch`): slot i holds image i, one ciphertext per pixel
+(784 per request, unused slots zero), so every affine block is a matrix of scalars and costs
+scalar multiply-and-adds across ciphertexts: no rotations and no Galois keys (the client uploads
+public + relin keys, ~2.5 MB). The plan stores each normalised block matrix in CSR form
+(`bt{k}_ptr/col/val`, with `bt{k}_bias/c`). Block 0 is gathered per hidden unit over its
+nonzero taps (25 for a 5x5 conv), with weights encoded by SEAL's scalar encoder at the
+single-image weight scale; x(x+c) is left unrelinearized; units whose columns in the next block
+are equal (the 4 inputs of one average-pooling window) are summed, rescaled once and scattered
+into the next block's accumulators; each accumulator is relinearized once. Only the inputs and
+one layer of accumulators are live. Scales and levels are exactly those below, so the scores end
+at the same level and scale 2^log_df, and each score ciphertext gets the same final treatment
+(bias, mask of the slots >= n that hold the network applied to zeros, flooding with the same
+sigma, fresh public-key re-randomization). A batch costs about the same for 1 or 4096 images.
 
 Scales / levels (one activation; the chain is [q0 39, q1 39, qc 20, qa 56 | P 60] bits, 214 of
 the 218 bits that the HE standard allows at N=8192 for 128-bit security, see he/ckks.py):
