@@ -18,6 +18,7 @@ from heinfer.errors import (
     ParameterMismatchError,
     PayloadTooLargeError,
 )
+from heinfer.server.settings import ServiceSettings
 
 pytestmark = pytest.mark.e2e
 
@@ -108,15 +109,17 @@ def test_errors_map_to_exceptions(
     assert response.status_code == 404
     response = httpx.post(f"{service.url}/v2/models/mnist/infer", content=body)
     assert response.status_code == 404
+    too_big = bytes(ServiceSettings.model_fields["max_body_bytes"].default + 1)
     huge = httpx.post(
         f"{service.url}/v2/models/mnist/infer",
-        content=bytes(65 << 20),
+        content=too_big,
         headers={"X-Heinfer-Key-Id": client.key_id or ""},
         timeout=60,
     )
     assert huge.status_code == 413
     with pytest.raises(PayloadTooLargeError):
-        client.infer(client.encrypt(np.zeros((4097, 784))) if False else bytes(65 << 20))
+        client.infer(too_big)
+    del too_big
     with pytest.raises(MalformedPayloadError):
         client.infer(b"HEQ1")
 
