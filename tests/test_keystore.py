@@ -488,6 +488,23 @@ def test_cache_counts_hits_and_misses_and_expires() -> None:
     assert cache.stats().entries == 1
 
 
+def test_get_cached_never_does_io_and_honours_ttl() -> None:
+    now = [100.0]
+    inner = MemoryStore()
+    key_id = inner.put("t", SMALL)
+    cache = CachedKeyStore(inner, max_bytes=1 << 20, ttl_seconds=10, clock=lambda: now[0])
+    assert cache.get_cached("t", key_id) is None  # not fetched yet: no read to find out
+    assert inner.reads == 0
+    cache.get("t", key_id)
+    assert cache.get_cached("t", key_id) == SMALL
+    assert cache.get_cached("other-tenant", key_id) is None
+    now[0] += 11
+    assert cache.get_cached("t", key_id) is None  # expired entries are not served
+    assert inner.reads == 1
+    with pytest.raises(BadInputError):
+        cache.get_cached("../t", key_id)
+
+
 def test_cache_delete_evicts() -> None:
     inner = MemoryStore()
     cache = CachedKeyStore(inner, max_bytes=1 << 20)

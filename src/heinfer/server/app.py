@@ -370,6 +370,9 @@ class _Service:
         """The tenant's key bytes; absent, foreign and malformed ids are all the same 404."""
         if _KEY_ID.fullmatch(key_id) is None:
             raise KeyNotFoundError(_UNKNOWN_KEY)
+        cached = self.store.get_cached(tenant, key_id)
+        if cached is not None:
+            return cached
         try:
             data: bytes = await anyio.to_thread.run_sync(self.store.get, tenant, key_id)
         except KeyNotFoundError:

@@ -141,6 +141,13 @@ class KeyStore(ABC):
     def delete(self, tenant: str, key_id: str) -> None:
         """Remove the key; `KeyNotFoundError` if the tenant has no such key."""
 
+    def get_cached(self, tenant: str, key_id: str) -> bytes | None:
+        """The key's bytes if they are at hand without I/O, else None (then call `get`).
+
+        Lets an event loop answer the common case inline instead of hopping to a thread.
+        """
+        return None
+
     @abstractmethod
     def _scan(self, tenant: str) -> list[tuple[str, int]]:
         """(key id, size in bytes) of each of the tenant's keys, sorted by id."""
@@ -875,17 +882,28 @@ class CachedKeyStore(KeyStore):
             self._insert_locked((tenant, key_id), payload)
         return key_id
 
+    def _lookup_locked(self, key: tuple[str, str]) -> bytes | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if self._ttl is not None and self._clock() - entry[1] > self._ttl:
+            self._evict_locked(key)
+            return None
+        self._entries.move_to_end(key)
+        self._hits += 1
+        return entry[0]
+
+    def get_cached(self, tenant: str, key_id: str) -> bytes | None:
+        key = (_check_tenant(tenant), _check_key_id(key_id))
+        with self._lock:
+            return self._lookup_locked(key)
+
     def get(self, tenant: str, key_id: str) -> bytes:
         key = (_check_tenant(tenant), _check_key_id(key_id))
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                if self._ttl is not None and self._clock() - entry[1] > self._ttl:
-                    self._evict_locked(key)
-                else:
-                    self._entries.move_to_end(key)
-                    self._hits += 1
-                    return entry[0]
+            cached = self._lookup_locked(key)
+            if cached is not None:
+                return cached
             self._misses += 1
             generation = self._generation
         data = self._inner.get(tenant, key_id)  # outside the lock: may take a while
