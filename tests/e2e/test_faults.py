@@ -195,7 +195,8 @@ def test_killed_worker_loses_no_request(
               f"retries after 503: {retries[0]}")
         service.wait_for("/v2/health/ready", timeout=60)
         after = worker_pids(service.pid)
-        assert len(after) == 2 and not set(after) & set(before)
+        # only the killed worker is replaced; the other one kept its caches and kept serving
+        assert len(after) == 2 and before[0] not in after and before[1] in after
         assert metric(service.url, "heinfer_worker_restarts") >= 1
         # and again, both workers at once, while idle
         for pid in after:

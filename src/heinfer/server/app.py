@@ -541,7 +541,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         try:
             yield
         finally:
-            await anyio.to_thread.run_sync(pool.shutdown)
+            await pool.aclose()
             store.close()
 
     app = FastAPI(

@@ -3,8 +3,8 @@
 SEAL's Python bindings hold the GIL, so CPU parallelism needs processes. Each worker loads the
 models and opens the key store itself (keys travel by id, never through the parent), and keeps
 its own byte-bounded cache of parsed public keys. A worker that dies (a native crash, kill -9)
-breaks the executor; the pool then starts a fresh one and retries the affected calls once:
-evaluation is a pure function of (request, key), so a retry is safe.
+is replaced at once and the call it was running is retried once on the fresh one: evaluation
+is a pure function of (request, key), so a retry is safe.
 """
 
 from __future__ import annotations
@@ -13,14 +13,10 @@ import asyncio
 import contextlib
 import logging
 import math
-import multiprocessing
 import os
 import tempfile
-import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
@@ -31,6 +27,7 @@ from heinfer.plans.linear import BATCH_LAYOUT_KIND, LinearPlan
 from heinfer.plans.network import NetworkPlan
 from heinfer.plans.wire import BatchRequest, BatchResponse, decode_keys
 from heinfer.server.keystore import KeyStore, open_key_store
+from heinfer.server.pool import ProcessPool, WorkerCrashed
 
 __all__ = ["WorkerPool"]
 
@@ -193,46 +190,31 @@ def _ping() -> int:
 
 
 class WorkerPool:
-    """A process pool that restarts itself when a worker dies."""
+    """The service's worker processes (see `ProcessPool`): a dead worker is replaced and the
+    calls it was running are retried once on a fresh one."""
 
     def __init__(
         self, model_paths: list[str], store_url: str, workers: int, cache_bytes: int
     ) -> None:
-        self._args = (model_paths, store_url, cache_bytes)
-        self.workers = workers
-        self.restarts = 0
-        self._lock = threading.Lock()
-        self._executor = self._start()
+        self._pool = ProcessPool(workers, _initialize, (model_paths, store_url, cache_bytes))
         self._handoff_dir = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 
-    def _start(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(
-            max_workers=self.workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_initialize,
-            initargs=self._args,
-        )
+    @property
+    def workers(self) -> int:
+        return self._pool.workers
 
-    def _restart(self, broken: ProcessPoolExecutor) -> None:
-        with self._lock:
-            if self._executor is broken:
-                log.warning("a worker process died; starting a fresh pool")
-                broken.shutdown(wait=False, cancel_futures=True)
-                self._executor = self._start()
-                self.restarts += 1
+    @property
+    def restarts(self) -> int:
+        return self._pool.restarts
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        for attempt in range(2):
-            executor = self._executor
-            try:
-                return await asyncio.wrap_future(executor.submit(fn, *args))
-            except BrokenProcessPool:
-                self._restart(executor)
-                if attempt == 1:
-                    raise ServiceUnavailableError(
-                        "evaluation worker crashed twice on this request", retry_after=1
-                    ) from None
-        raise AssertionError("unreachable")
+        try:
+            result: T = await self._pool.call(fn, *args)
+        except WorkerCrashed:
+            raise ServiceUnavailableError(
+                "evaluation worker crashed twice on this request", retry_after=1
+            ) from None
+        return result
 
     @overload
     async def infer(
@@ -281,8 +263,7 @@ class WorkerPool:
             return False
 
     def worker_pids(self) -> list[int]:
-        processes = getattr(self._executor, "_processes", None) or {}
-        return sorted(processes)
+        return self._pool.pids()
 
     def _handoff(self, data: bytes | memoryview) -> str | None:
         """Write a large record to a fresh 0600 file on tmpfs (removed after the call); None
@@ -300,5 +281,9 @@ class WorkerPool:
             return None
         return path
 
+    async def aclose(self) -> None:
+        """Drain queued and running calls, then stop the workers."""
+        await self._pool.aclose()
+
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=False)
+        self._pool.shutdown()

@@ -1,0 +1,110 @@
+"""The service's process pool with real spawned workers, under asyncio and uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import pool_helpers as helpers
+from heinfer.errors import ParameterMismatchError
+from heinfer.server.pool import ProcessPool, WorkerCrashed
+
+
+def _run(loop_kind: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    if loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def pool() -> Any:
+    pool = ProcessPool(2, helpers.initialize)
+    yield pool
+    pool.shutdown()
+
+
+def test_results_errors_and_large_payloads_come_back(pool: ProcessPool, loop_kind: str) -> None:
+    big = os.urandom(5 << 20)  # larger than any socket buffer: exercises partial writes/reads
+
+    async def main() -> None:
+        answers = await asyncio.gather(*(pool.call(helpers.echo, bytes([i]) * 50_000)
+                                         for i in range(40)))
+        assert [a[1] for a in answers] == [bytes([i]) * 50_000 for i in range(40)]
+        assert {a[0] for a in answers} <= set(pool.pids())
+        _, back = await pool.call(helpers.echo, big)
+        assert back == big[::-1]
+        with pytest.raises(ParameterMismatchError, match="wrong parameters"):
+            await pool.call(helpers.refuse, "wrong parameters")
+        await pool.aclose()
+
+    _run(loop_kind, main)
+    assert pool.restarts == 0
+
+
+def test_calls_spread_over_all_workers(pool: ProcessPool, loop_kind: str) -> None:
+    async def main() -> None:
+        pids = await asyncio.gather(*(pool.call(helpers.spin, 0.02) for _ in range(20)))
+        assert set(pids) == set(pool.pids())
+
+    _run(loop_kind, main)
+
+
+def test_a_call_whose_worker_dies_is_retried_on_a_fresh_worker(
+    pool: ProcessPool, loop_kind: str, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        before = set(pool.pids())
+        pid = await pool.call(helpers.die_once, str(tmp_path / "died"))
+        deadline = time.monotonic() + 20
+        while pool.restarts < 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert pool.restarts == 1
+        assert pid in pool.pids() and len(set(pool.pids()) - before) == 1
+        with pytest.raises(WorkerCrashed):
+            await pool.call(helpers.always_die)  # dies on every attempt: reported, not looped
+        assert await pool.call(helpers.spin, 0.0) in pool.pids()  # the pool still serves
+
+    _run(loop_kind, main)
+
+
+def test_an_idle_worker_that_is_killed_is_replaced_without_any_call(
+    pool: ProcessPool, loop_kind: str
+) -> None:
+    async def main() -> None:
+        await pool.call(helpers.spin, 0.0)  # runners started
+        victim = pool.pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while (victim in pool.pids() or len(pool.pids()) < 2) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert victim not in pool.pids() and len(pool.pids()) == 2
+        assert pool.restarts == 1
+
+    _run(loop_kind, main)
+
+
+def test_a_caller_that_gives_up_does_not_disturb_the_pool(
+    pool: ProcessPool, loop_kind: str
+) -> None:
+    async def main() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(pool.call(helpers.spin, 0.5), 0.05)
+        answers = await asyncio.gather(*(pool.call(helpers.echo, b"ab") for _ in range(4)))
+        assert all(a[1] == b"ba" for a in answers)
+        assert pool.restarts == 0
+
+    _run(loop_kind, main)
