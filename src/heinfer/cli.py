@@ -215,7 +215,7 @@ def serve(
         bool, typer.Option(help="allow no auth on a non-loopback host")
     ] = False,
     max_body_bytes: Annotated[
-        int | None, typer.Option(help="largest request body (default 64 MiB)")
+        int | None, typer.Option(help="largest request body (default 192 MiB)")
     ] = None,
     max_keys_per_tenant: Annotated[
         int | None, typer.Option(help="keys one tenant may hold (default 1000)")

@@ -48,7 +48,7 @@ NETWORK_LAYOUT_KIND = "ckks-network"
 NETWORK_BATCH_THRESHOLD = 300
 # The service's default body limit (ServiceSettings.max_body_bytes): coeff-batch requests of
 # models so wide that they would not fit are not picked automatically.
-DEFAULT_MAX_BODY_BYTES = 64 << 20
+DEFAULT_MAX_BODY_BYTES = 192 << 20
 
 
 class Client:
