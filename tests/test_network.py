@@ -426,6 +426,40 @@ def test_onnx_equals_torch(tmp_path, mnist):
         assert np.allclose(a, b, atol=1e-6)
 
 
+def test_mlp_single_and_batched_match_plaintext(mnist):
+    """Linear(784, 16) -> square -> Linear(16, 10): the dense first layer takes the generic
+    diagonal path; weights far below the encoding scale (here the only entries of the two
+    extreme diagonals) encode to zero plaintexts, which must be skipped, not multiplied
+    (SEAL refuses a product that is a transparent ciphertext)."""
+    Xtr, ytr, Xte, _yte = mnist
+    rng = np.random.default_rng(3)
+    hidden = rng.normal(0, 0.05, (16, 784))
+    hidden[0, 783] = hidden[15, 0] = 1e-9
+    front = NetworkSpec(
+        [
+            {"type": "linear", "weight": hidden, "bias": rng.normal(0, 0.1, 16)},
+            {"type": "poly", "a": 1.0, "b": 0.0},
+        ]
+    )
+    feats = front.predict_plain(Xtr)
+    F = np.hstack([feats, np.ones((len(feats), 1))])
+    coef = np.linalg.solve(F.T @ F + np.eye(17), F.T @ (np.eye(10)[ytr] * 4.0 - 2.0))
+    spec = NetworkSpec([*front.layers, {"type": "linear", "weight": coef[:-1].T, "bias": coef[-1]}])
+    plan = compile_network(spec, "mlp", calibration=Xtr[:500])
+    manifest = plan.manifest()
+    codec = NetworkCodec(manifest)
+    codec.keygen()
+    keys = codec.public_keys()
+    X = Xte[:24]
+    ref = spec.predict_plain(X)
+    single = codec.decrypt(plan.evaluate(codec.encrypt(X[:2]), keys))
+    assert np.array_equal(single.argmax(1), ref[:2].argmax(1))
+    assert np.abs(single - ref[:2]).max() <= manifest["precision"]["score_abs_error"]
+    batched = codec.decrypt(plan.evaluate(codec.encrypt(X, layout=BATCH_LAYOUT), keys))
+    assert np.array_equal(batched.argmax(1), ref.argmax(1))
+    assert np.abs(batched - ref).max() <= manifest["batch"]["precision"]["score_abs_error"]
+
+
 def test_two_activation_network_compiles_and_simulates(mnist):
     """Depth-5 networks (the CryptoNets shape) compile to N=16384 and simulate accurately."""
     rng = np.random.default_rng(1)

@@ -1254,7 +1254,9 @@ class NetworkPlan:
             for i, t in enumerate(T.tolist()):
                 g, b = divmod(int(t), B)
                 pre = np.roll(a["first_diag"][i], g * B)
-                groups.setdefault(g, []).append((b, ctx.encode(pre, sc["w0"], top)))
+                plain = ctx.encode(pre, sc["w0"], top)
+                if not plain.is_zero():  # weights below the encoding scale: nothing to add
+                    groups.setdefault(g, []).append((b, plain))
             prod_scale = sc["d0"] * sc["w0"]
             first = {
                 "B": B,
@@ -1274,7 +1276,9 @@ class NetworkPlan:
                 for d in used.tolist():
                     g, b = divmod(int(d), Bh)
                     pre = np.roll(a[f"h{k}_diag"][d], g * Bh)
-                    hgroups.setdefault(g, []).append((b, ctx.encode(pre, sc["w"][k], level)))
+                    plain = ctx.encode(pre, sc["w"][k], level)
+                    if not plain.is_zero():
+                        hgroups.setdefault(g, []).append((b, plain))
                 entry = {
                     "R": R,
                     "m": m,
@@ -1541,9 +1545,9 @@ class NetworkPlan:
         def first_unit(h: int) -> Any:
             acc = None
             for j, w in gather[h]:
-                acc = accumulate(
-                    acc, ctx.multiply_plain(xs[j], ctx.encode_scalar(w, wscales[0], top))
-                )
+                plain = ctx.encode_scalar(w, wscales[0], top)
+                if not plain.is_zero():  # |w| below the weight scale rounds to nothing
+                    acc = accumulate(acc, ctx.multiply_plain(xs[j], plain))
             return acc if acc is not None else zero(sc["d0"] * wscales[0], top)
 
         current: list[Any] = []
@@ -1565,8 +1569,9 @@ class NetworkPlan:
                 ctx.rescale_inplace(total)
                 level = ctx.prime_count(total)
                 for i, w in targets:
-                    term = ctx.multiply_plain(total, ctx.encode_scalar(w, wscales[k + 1], level))
-                    accs[i] = accumulate(accs[i], term)
+                    plain = ctx.encode_scalar(w, wscales[k + 1], level)
+                    if not plain.is_zero():
+                        accs[i] = accumulate(accs[i], ctx.multiply_plain(total, plain))
             current = accs
         outs = []
         for i, acc in enumerate(current):
