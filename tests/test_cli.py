@@ -81,17 +81,18 @@ def test_serve_refuses_public_host_without_auth(mnist_model_path: Path) -> None:
 
 
 @pytest.mark.cnn
-def test_train_mnist_cnn(tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch", ["cnn", "mlp"])
+def test_train_mnist_network(tmp_path: Path, arch: str) -> None:
     pytest.importorskip("torch")
     if not (SHARED_MNIST / "train-images-idx3-ubyte.gz").exists():
         pytest.skip("shared MNIST files not present")
-    out = tmp_path / "cnn.heinfer"
+    out = tmp_path / f"{arch}.heinfer"
     result = run(
-        "train-mnist", "--arch", "cnn", "--epochs", "2",
+        "train-mnist", "--arch", arch, "--epochs", "2",
         "--images", str(SHARED_MNIST / "train-images-idx3-ubyte.gz"),
         "--labels", str(SHARED_MNIST / "train-labels-idx1-ubyte.gz"),
         "--out", str(out),
     )
     assert result.returncode == 0, result.stderr
     model = heinfer.load_model(out)
-    assert model.name == "mnist-cnn" and model.manifest.layout["kind"] == "ckks-network"
+    assert model.name == f"mnist-{arch}" and model.manifest.layout["kind"] == "ckks-network"

@@ -372,24 +372,27 @@ def train_mnist(
     images: Annotated[Path, typer.Option(help="IDX images (.gz or raw)")],
     labels: Annotated[Path, typer.Option(help="IDX labels")],
     out: Annotated[Path, typer.Option(help="model file to write")] = Path("model.heinfer"),
-    arch: Annotated[str, typer.Option(help="linear (logistic regression) or cnn")] = "linear",
-    epochs: Annotated[int, typer.Option(help="cnn training epochs")] = 40,
+    arch: Annotated[
+        str, typer.Option(help="linear (logistic regression), cnn or mlp (square activation)")
+    ] = "linear",
+    epochs: Annotated[int, typer.Option(help="cnn / mlp training epochs")] = 40,
     test_images: Annotated[Path | None, typer.Option()] = None,
     test_labels: Annotated[Path | None, typer.Option()] = None,
 ) -> None:
-    """Train on MNIST (pixels / 255) and compile it as model `mnist` (or `mnist-cnn`)."""
+    """Train on MNIST (pixels / 255) and compile it as model `mnist` (or `mnist-cnn`,
+    `mnist-mlp`)."""
     from heinfer.datasets import load_mnist
     from heinfer.models import load_model
 
-    if arch not in ("linear", "cnn"):
-        raise typer.BadParameter("--arch must be linear or cnn")
+    if arch not in ("linear", "cnn", "mlp"):
+        raise typer.BadParameter("--arch must be linear, cnn or mlp")
     X, y = load_mnist(images, labels)
     assert y is not None
     started = time.perf_counter()
     if arch == "linear":
         _, train_accuracy = _train_mnist(X, y, out)
     else:
-        train_accuracy = _train_cnn(X, y, out, epochs)
+        train_accuracy = _train_network(X, y, out, epochs, arch)
     console.print(
         f"trained {arch} on {len(X)} digits in {time.perf_counter() - started:.1f} s; "
         f"train accuracy {train_accuracy:.1%}; wrote {out}"
@@ -400,18 +403,24 @@ def train_mnist(
         console.print(f"test accuracy {(scores.argmax(1) == yt).mean():.1%} on {len(Xt)} digits")
 
 
-def _train_cnn(images: np.ndarray, labels: np.ndarray, out: Path, epochs: int) -> float:
-    """An HE-friendly CNN (square activation), compiled to a CKKS plan as model `mnist-cnn`."""
+def _train_network(
+    images: np.ndarray, labels: np.ndarray, out: Path, epochs: int, arch: str
+) -> float:
+    """An HE-friendly CNN or MLP (square activation), compiled to a CKKS plan as model
+    `mnist-cnn` / `mnist-mlp`."""
     try:
-        from heinfer.nn import train_mnist_cnn
+        from heinfer.nn import he_friendly_mlp, train_mnist_cnn
     except ImportError as exc:  # pragma: no cover - depends on the optional extra
-        raise typer.BadParameter("--arch cnn needs PyTorch: pip install 'heinfer[cnn]'") from exc
+        raise typer.BadParameter(
+            f"--arch {arch} needs PyTorch: pip install 'heinfer[cnn]'"
+        ) from exc
     from heinfer.models import compile as compile_model
 
     X = images.astype(np.float64) / 255.0
-    with console.status(f"training the CNN for {epochs} epochs on {len(X)} digits..."):
-        network = train_mnist_cnn(X, labels, epochs=epochs)
-    model = compile_model(network, name="mnist-cnn", X=X[:2000])
+    with console.status(f"training the {arch.upper()} for {epochs} epochs on {len(X)} digits..."):
+        model_in = he_friendly_mlp() if arch == "mlp" else None
+        network = train_mnist_cnn(X, labels, epochs=epochs, model=model_in)
+    model = compile_model(network, name=f"mnist-{arch}", X=X[:2000])
     model.save(out)
     return float((model.predict_plain(X).argmax(1) == labels).mean())
 
