@@ -1,19 +1,22 @@
 """Load benchmark: throughput, latency percentiles and CPU per request under concurrent clients.
 
     python bench/load.py [--duration 20] [--clients 1 8 32] [--workers 1 2]
-                         [--images-per-request 1] [--loadgen raw|httpx] [--batch]
+                         [--images-per-request 1] [--loadgen raw|httpx] [--batch] [--ray]
 
 For each worker count it starts a real `heinfer serve` on loopback, gives every simulated
 client its own key (uploaded once), pre-encrypts a few request bodies per client (so the load
 generator spends its CPU on HTTP, not on encryption), then runs each concurrency level for a
-fixed time. Reports requests/s, images/s, p50/p95/p99 latency, errors, the CPU milliseconds
-per request spent by the service's HTTP process, its workers and the load generator, and the
-resident memory of the service and each worker; after each level it decrypts the last answer
-of every client and checks its argmax against the plaintext model. Writes
-bench/results/load*.json and a plot. Everything is bounded in time and loopback-only.
+fixed time (`--ray`: once more through two Ray Serve replicas, one per node of a two-node
+loopback cluster). Reports requests/s, images/s, p50/p95/p99 latency, errors, the CPU
+milliseconds per request spent by the service's HTTP process, its workers and the load
+generator, and the resident memory of the service and each worker; after each level it
+decrypts the last answer of every client and checks its argmax against the plaintext model.
+Before that it measures the compute-only ceiling: evaluations/s of 1 and N independent
+processes with no service at all. Writes bench/results/load*.json and a plot. Everything is
+bounded in time and loopback-only.
 
 The default load generator (`raw`) writes pre-encoded HTTP/1.1 requests on keep-alive asyncio
-connections and reads exactly Content-Length bytes back: about 0.1 ms of CPU per request
+connections and reads exactly Content-Length bytes back: 0.15-0.25 ms of CPU per request
 against about 1.7 ms for an httpx AsyncClient (measured here). On a 2-core machine the load
 generator shares the cores with the service, so its CPU is taken straight from the second
 worker; `--loadgen httpx` is kept for comparison.
@@ -210,7 +213,7 @@ def _verify(clients: list[SimulatedClient]) -> dict[str, int]:
 
 
 def _run_level(
-    service: Service,
+    service: Service | RayReplicas,
     clients: list[SimulatedClient],
     duration: float,
     loadgen: str,
@@ -241,13 +244,77 @@ def _run_level(
         "p95_ms": float(np.percentile(values, 95)),
         "p99_ms": float(np.percentile(values, 99)),
         "errors": errors,
+        # (Ray replicas run in Ray's own processes: only the load generator is measured there)
         "cpu_ms_per_request": {
-            "http_process": front / count * 1e3,
-            "workers": worker_cpu / count * 1e3,
+            "http_process": front / count * 1e3 if workers else float("nan"),
+            "workers": worker_cpu / count * 1e3 if workers else float("nan"),
             "load_generator": own / count * 1e3,
         },
         **_verify(clients),
     }
+
+
+class RayReplicas:
+    """`heinfer serve --ray` with two single-worker replicas (one per node) on the two-node
+    loopback cluster of .ci/services/ray.sh; requests go through Serve's HTTP proxy."""
+
+    def __init__(self, model_path: Path, env: dict[str, str]) -> None:
+        import subprocess
+        import tempfile
+
+        host, port = env["HEINFER_TEST_RAY_HTTP"].rsplit(":", 1)
+        self.url = f"http://{host}:{port}"
+        self._keys = tempfile.TemporaryDirectory(prefix="heinfer-bench-ray-")
+        self._log = open(Path(self._keys.name) / "serve.log", "wb")  # noqa: SIM115
+        child_env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": env["HEINFER_TEST_RAY_TOKEN_PATH"],
+            "HEINFER_RAY_MIN_REPLICAS": "2",
+            "HEINFER_RAY_MAX_REPLICAS": "2",
+            "HEINFER_RAY_MAX_REPLICAS_PER_NODE": "1",
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "heinfer", "serve", str(model_path), "--key-store",
+             str(Path(self._keys.name) / "keys"), "--ray", env["HEINFER_TEST_RAY_ADDRESS"],
+             "--host", host, "--port", port, "--workers", "1", "--log-level", "warning"],
+            env=child_env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError("heinfer serve --ray exited; see its log in " + self._keys.name)
+            try:
+                if httpx.get(f"{self.url}/v2/health/ready", timeout=10).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("Ray replicas did not become ready")
+
+    def stop(self) -> None:
+        import signal
+
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=90)
+        self._log.close()
+        self._keys.cleanup()
+
+
+def _ray_cluster() -> dict[str, str]:
+    """Start (or find) the two-node loopback cluster and return its `export` variables."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / ".ci" / "services" / "ray.sh"
+    out = subprocess.run(
+        ["bash", str(script), "start"], capture_output=True, text=True, check=True, timeout=300
+    ).stdout
+    found = {}
+    for line in out.splitlines():
+        if line.startswith("export "):
+            name, _, value = line[len("export ") :].partition("=")
+            found[name] = value.strip("'\"")
+    return found
 
 
 def _evaluate_for(model_path: str, records: list[bytes], key: bytes, seconds: float) -> int:
@@ -302,8 +369,12 @@ def run(
     model_path: Path,
     data: tuple[np.ndarray, np.ndarray],
     options: argparse.Namespace,
+    ray_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    service = Service(model_path, workers)
+    service: Service | RayReplicas = (
+        Service(model_path, workers) if ray_env is None else RayReplicas(model_path, ray_env)
+    )
+    label = f"workers={workers}" if ray_env is None else "ray replicas=2"
     try:
         X, reference = data
         clients = _prepare_clients(
@@ -319,7 +390,7 @@ def run(
             r = results[-1]
             cpu = r["cpu_ms_per_request"]
             print(
-                f"workers={workers} clients={level}: {r['requests_per_s']:.1f} req/s "
+                f"{label} clients={level}: {r['requests_per_s']:.1f} req/s "
                 f"({r['images_per_s']:.0f} images/s), p50 {r['p50_ms']:.1f} ms, "
                 f"p99 {r['p99_ms']:.1f} ms, errors {r['errors']}, CPU ms/request: http "
                 f"{cpu['http_process']:.2f}, workers {cpu['workers']:.2f}, load generator "
@@ -330,7 +401,9 @@ def run(
         memory = {"service_mib": _rss_mib(pid), "worker_mib": [_rss_mib(c) for c in _children(pid)]}
         for sim in clients:
             sim.client.close()
-        return {"workers": workers, "levels": results, "memory": memory}
+        if ray_env is not None:  # replicas live in Ray's processes, not under this pid
+            memory = {}
+        return {"workers": workers, "ray": ray_env is not None, "levels": results, "memory": memory}
     finally:
         service.stop()
 
@@ -346,7 +419,7 @@ def _plot(report: list[dict[str, Any]], path: Path, unit: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for run_ in report:
         clients = [lv["clients"] for lv in run_["levels"]]
-        label = f"{run_['workers']} worker(s)"
+        label = "2 Ray replicas" if run_.get("ray") else f"{run_['workers']} worker(s)"
         axes[0].plot(clients, [lv["images_per_s"] for lv in run_["levels"]], "o-", label=label)
         axes[1].plot(clients, [lv["p99_ms"] for lv in run_["levels"]], "o-", label=f"{label} p99")
         axes[1].plot(clients, [lv["p50_ms"] for lv in run_["levels"]], "x--", label=f"{label} p50")
@@ -370,6 +443,12 @@ def main() -> None:
         "--images-per-request", type=int, default=1, help="digits per (per-sample) request"
     )
     parser.add_argument("--loadgen", choices=["raw", "httpx"], default="raw")
+    parser.add_argument(
+        "--ray",
+        action="store_true",
+        help="also run two Ray Serve replicas on the loopback cluster of .ci/services/ray.sh "
+        "(started if needed; `.ci/services/ray.sh stop` stops it)",
+    )
     parser.add_argument(
         "--batch", action="store_true", help="each request is one full coeff-batch (N images)"
     )
@@ -395,8 +474,18 @@ def main() -> None:
         run(w, args.clients, args.duration, model_path, (X, reference), args)
         for w in args.workers
     ]
-    if len(report) >= 2:
-        base, best = report[0], report[-1]
+    if args.ray:
+        cluster = _ray_cluster()
+        ray_run = run(1, args.clients, args.duration, model_path, (X, reference), args, cluster)
+        for lv_base, lv_ray in zip(report[0]["levels"], ray_run["levels"], strict=True):
+            print(
+                f"clients={lv_base['clients']}: 2 Ray replicas / {report[0]['workers']} worker = "
+                f"{lv_ray['images_per_s'] / lv_base['images_per_s']:.2f}x throughput"
+            )
+        report.append(ray_run)
+    local = [r for r in report if not r.get("ray")]
+    if len(local) >= 2:
+        base, best = local[0], local[-1]
         for lv_base, lv_best in zip(base["levels"], best["levels"], strict=True):
             print(
                 f"clients={lv_base['clients']}: {best['workers']} workers / {base['workers']} = "
