@@ -264,6 +264,8 @@ class ProcessPool:
     @staticmethod
     async def _next_job(worker: _Worker, queue: asyncio.Queue[_Job]) -> _Job | None:
         """The next job, or None as soon as the idle worker dies."""
+        if not queue.empty():  # busy pool: no waiting, so no death watch (run() notices)
+            return queue.get_nowait()
         try:
             died = await worker.next_header()
         except OSError:

@@ -247,6 +247,8 @@ class WorkerPool:
             return BatchResponse(records.samples, record)
         size = max(1, math.ceil(len(records) / self.workers))
         chunks = [records[i : i + size] for i in range(0, len(records), size)]
+        if len(chunks) == 1:  # the common single-sample request: no gather, no extra task
+            return await self._call(_infer, model, tenant, key_id, records)
         parts = await asyncio.gather(
             *(self._call(_infer, model, tenant, key_id, chunk) for chunk in chunks)
         )
