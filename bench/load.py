@@ -371,10 +371,13 @@ def run(
     options: argparse.Namespace,
     ray_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    cpus = set(sorted(os.sched_getaffinity(0))[:workers]) if options.pin else None
     service: Service | RayReplicas = (
-        Service(model_path, workers) if ray_env is None else RayReplicas(model_path, ray_env)
+        Service(model_path, workers, cpus) if ray_env is None else RayReplicas(model_path, ray_env)
     )
     label = f"workers={workers}" if ray_env is None else "ray replicas=2"
+    if cpus:
+        label += f" (service on CPUs {sorted(cpus)})"
     try:
         X, reference = data
         clients = _prepare_clients(
@@ -444,6 +447,12 @@ def main() -> None:
     )
     parser.add_argument("--loadgen", choices=["raw", "httpx"], default="raw")
     parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="confine the service (HTTP process + workers) to as many CPUs as it has workers, "
+        "so that 1 worker means 1 core: scaling per core rather than per worker process",
+    )
+    parser.add_argument(
         "--ray",
         action="store_true",
         help="also run two Ray Serve replicas on the loopback cluster of .ci/services/ray.sh "
@@ -502,6 +511,7 @@ def main() -> None:
         "batch": args.batch,
         "images_per_request": args.images_per_request,
         "loadgen": args.loadgen,
+        "pinned": args.pin,
         "compute_only_evaluations_per_s": ceiling,
         "runs": report,
     }
@@ -512,6 +522,8 @@ def main() -> None:
         unit = f"{args.images_per_request} per request"
     if args.loadgen != "raw":
         name += f"-{args.loadgen}"
+    if args.pin:
+        name += "-pinned"
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2))
     _plot(report, RESULTS / f"{name}.png", unit)
 
