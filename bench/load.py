@@ -317,27 +317,29 @@ def _ray_cluster() -> dict[str, str]:
     return found
 
 
-def _evaluate_for(model_path: str, records: list[bytes], key: bytes, seconds: float) -> int:
-    """Evaluations one process completes in `seconds` (no HTTP, no pool: SEAL only)."""
+def _evaluate_for(model_path: str, work: list[tuple[bytes, bytes]], seconds: float) -> int:
+    """Evaluations one process completes in `seconds` (no HTTP, no pool: SEAL only), cycling
+    through (key, request) pairs of different tenants as the service's workers do."""
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(1)  # as in the service's workers
     plan = heinfer.load_model(model_path).plan
-    evaluation_key = plan.load_key(key)
-    plan.evaluate(records[0], evaluation_key)  # warm
+    pairs = [(plan.load_key(key), record) for key, record in work]
+    plan.evaluate(pairs[0][1], pairs[0][0])  # warm
     done, deadline = 0, time.monotonic() + seconds
     while time.monotonic() < deadline:
-        plan.evaluate(records[done % len(records)], evaluation_key)
+        key, record = pairs[done % len(pairs)]
+        plan.evaluate(record, key)
         done += 1
     return done
 
 
 def compute_ceiling(
-    model_path: Path, X: np.ndarray, processes: list[int], seconds: float
+    model_path: Path, X: np.ndarray, processes: list[int], seconds: float, tenants: int
 ) -> dict[int, float]:
-    """Evaluations/s of 1..N independent processes with no service around them: the most
-    any serving layer could get from these cores (shared caches and memory bandwidth
-    included), measured in the same run as the HTTP numbers."""
+    """Evaluations/s of 1..N independent processes with no service around them, each cycling
+    through `tenants` keys: the most any serving layer could get from these cores (shared
+    caches and memory bandwidth included), measured in the same run as the HTTP numbers."""
     import concurrent.futures
     import multiprocessing
 
@@ -346,19 +348,23 @@ def compute_ceiling(
 
     model = heinfer.load_model(model_path)
     codec = LinearCodec(model.manifest)
-    secret = SecretKey.generate(codec.context)
-    records = codec.encrypt(secret, X[:8])
-    key = secret.public_key_bytes()
+    work = []
+    for i in range(tenants):
+        secret = SecretKey.generate(codec.context)
+        work.append((secret.public_key_bytes(), codec.encrypt(secret, X[i : i + 1])[0]))
     rates = {}
     for count in processes:
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(count, mp_context=context) as pool:
             jobs = [
-                pool.submit(_evaluate_for, str(model_path), records, key, seconds)
-                for _ in range(count)
+                pool.submit(_evaluate_for, str(model_path), work, seconds) for _ in range(count)
             ]
             rates[count] = sum(job.result() for job in jobs) / seconds
-        print(f"compute only, {count} process(es): {rates[count]:.1f} evaluations/s", flush=True)
+        print(
+            f"compute only, {count} process(es), {tenants} keys: {rates[count]:.1f} "
+            "evaluations/s",
+            flush=True,
+        )
     return rates
 
 
@@ -478,7 +484,9 @@ def main() -> None:
     ceiling = None
     if not args.batch and len(args.workers) >= 2:
         seconds = min(10.0, args.duration)
-        ceiling = compute_ceiling(model_path, X, sorted(set(args.workers)), seconds)
+        ceiling = compute_ceiling(
+            model_path, X, sorted(set(args.workers)), seconds, max(args.clients)
+        )
     report = [
         run(w, args.clients, args.duration, model_path, (X, reference), args)
         for w in args.workers
