@@ -38,3 +38,27 @@ def die_once(marker: str) -> int:
 
 def always_die() -> None:
     os._exit(9)
+
+
+IDLE_STEPS = 0
+
+
+def idle_until_five() -> bool:
+    """Idle-time work with an end: five steps."""
+    global IDLE_STEPS
+    if IDLE_STEPS >= 5:
+        return False
+    IDLE_STEPS += 1
+    return True
+
+
+def idle_forever() -> bool:
+    """Idle-time work that never ends: calls must still be answered between steps."""
+    global IDLE_STEPS
+    IDLE_STEPS += 1
+    time.sleep(0.002)
+    return True
+
+
+def idle_steps() -> int:
+    return IDLE_STEPS

@@ -116,3 +116,33 @@ def test_load_rejects_foreign_files(tmp_path) -> None:  # type: ignore[no-untype
         archive.writestr("heinfer.json", '{"format": "heinfer.model", "format_version": 99}')
     with pytest.raises(ModelFormatError, match="version 99"):
         heinfer.load_model(future)
+
+
+def test_work_made_ahead_is_used_once_and_changes_no_result(
+    mnist_model: heinfer.EncryptedModel, mnist: dict[str, np.ndarray]
+) -> None:
+    """Idle workers pre-make encryptions of zero and masks; each must serve one result only
+    (a reused re-randomizer or mask would let two responses be subtracted)."""
+    plan = mnist_model.plan
+    codec = LinearCodec(mnist_model.manifest)
+    secret = SecretKey.generate(codec.context)
+    key = plan.load_key(secret.public_key_bytes())
+    assert key.prepare_spare(2) and key.prepare_spare(2) and not key.prepare_spare(2)
+    while plan.context.prepare_spare_mask(3):
+        pass
+    made = {id(c) for c in key._spare_zeros}
+    masks = [m.copy() for m in plan.context._spare_masks]
+    handed = [key.encrypt_zero() for _ in range(3)]
+    assert {id(c) for c in handed[:2]} == made and id(handed[2]) not in made
+    drawn = [plan.context.uniform_c0() for _ in range(4)]
+    assert all(any(np.array_equal(d, m) for m in masks) for d in drawn[:3])
+    assert not any(np.array_equal(drawn[3], m) for m in masks)
+    assert len({d.tobytes() for d in drawn}) == 4
+    # with a fresh stock, results are what they always are
+    key.prepare_spare(2)
+    plan.context.prepare_spare_mask(2)
+    X = mnist["X_test"][:4]
+    scores = np.stack(
+        [codec.decrypt(secret, plan.evaluate(r, key)) for r in codec.encrypt(secret, X)]
+    )
+    assert np.abs(scores - mnist_model.predict_plain(X)).max() <= 1e-3

@@ -108,3 +108,25 @@ def test_a_caller_that_gives_up_does_not_disturb_the_pool(
         assert pool.restarts == 0
 
     _run(loop_kind, main)
+
+
+@pytest.mark.parametrize("idle", [helpers.idle_until_five, helpers.idle_forever])
+def test_idle_work_runs_between_calls_and_never_blocks_them(idle: Any) -> None:
+    pool = ProcessPool(1, helpers.initialize, idle=idle)
+
+    async def main() -> None:
+        deadline = time.monotonic() + 20
+        while await pool.call(helpers.idle_steps) < 5 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        steps = await pool.call(helpers.idle_steps)
+        assert steps >= 5 if idle is helpers.idle_forever else steps == 5
+        # endless idle work must not starve calls: they are answered between its steps
+        # (the generous limit only turns a hang into a failure)
+        for _ in range(20):
+            _pid, back = await asyncio.wait_for(pool.call(helpers.echo, b"xy"), 60)
+            assert back == b"yx"
+
+    try:
+        asyncio.run(main())
+    finally:
+        pool.shutdown()

@@ -430,6 +430,7 @@ class Context:
         self.key_parms_id = tuple(self.seal_context.key_parms_id())
         self.evaluator = seal.Evaluator(self.seal_context)
         self.data_primes = np.array(params.data_primes, dtype=np.uint64)
+        self._spare_masks: list[np.ndarray] = []  # uniform_c0 draws made ahead, each used once
         self.last_prime = int(params.coeff_modulus[0])
         self._build_templates()
 
@@ -531,7 +532,22 @@ class Context:
         return self.ciphertext_arrays(ciphertext)[:, 0, :]
 
     def uniform_c0(self) -> np.ndarray:
-        """(L, N) values uniform modulo each data prime, from the OS CSPRNG (rejection sampled)."""
+        """(L, N) values uniform modulo each data prime, from the OS CSPRNG (rejection sampled).
+
+        Taken from the draws `prepare_spare_mask` made ahead of time when there are any.
+        """
+        if self._spare_masks:
+            return self._spare_masks.pop()
+        return self._draw_uniform_c0()
+
+    def prepare_spare_mask(self, limit: int) -> bool:
+        """Draw one mask ahead of time (idle workers call this); False once `limit` wait."""
+        if len(self._spare_masks) >= limit:
+            return False
+        self._spare_masks.append(self._draw_uniform_c0())
+        return True
+
+    def _draw_uniform_c0(self) -> np.ndarray:
         out = np.empty((len(self.data_primes), self.n), dtype=np.uint64)
         for i, q in enumerate(self.data_primes.tolist()):
             mask = np.uint64((1 << int(q).bit_length()) - 1)
@@ -726,6 +742,7 @@ class EvaluationKey:
         self._context = context
         self._encryptor = seal.Encryptor(context.seal_context, public_key)
         self.nbytes = 2 * context.n * len(context.params.coeff_modulus) * 8
+        self._spare_zeros: list[Any] = []  # encryptions of zero made ahead, each used once
 
     @classmethod
     def from_bytes(cls, context: Context, data: bytes) -> EvaluationKey:
@@ -755,7 +772,23 @@ class EvaluationKey:
         return cls(context, public)
 
     def encrypt_zero(self) -> Any:
-        """A fresh public-key encryption of zero at the first data level (u*pk + e)."""
+        """A fresh public-key encryption of zero at the first data level (u*pk + e).
+
+        Fresh means never used before: one that `prepare_spare` made ahead of time (while the
+        worker was idle) is handed out once and dropped, so re-randomization is unchanged.
+        """
+        if self._spare_zeros:
+            return self._spare_zeros.pop()
+        return self._fresh_zero()
+
+    def prepare_spare(self, limit: int) -> bool:
+        """Make one encryption of zero ahead of time; False once `limit` are waiting."""
+        if len(self._spare_zeros) >= limit:
+            return False
+        self._spare_zeros.append(self._fresh_zero())
+        return True
+
+    def _fresh_zero(self) -> Any:
         zero = seal.Ciphertext()
         self._encryptor.encrypt_zero(zero)
         return zero

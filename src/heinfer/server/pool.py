@@ -20,6 +20,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
@@ -51,8 +52,23 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes | None:
     return bytes(buffer)
 
 
+def _work_while_idle(sock: socket.socket, idle: Callable[[], bool] | None) -> bool:
+    """Run `idle()` steps until a call arrives or it has nothing left; False if it failed."""
+    while idle is not None and not select.select([sock], [], [], 0)[0]:
+        try:
+            if not idle():
+                return True
+        except Exception:
+            log.exception("idle-time work failed; the worker stops doing it")
+            return False
+    return True
+
+
 def _worker_main(
-    conn: Connection, initializer: Callable[..., None], initargs: Sequence[Any]
+    conn: Connection,
+    initializer: Callable[..., None],
+    initargs: Sequence[Any],
+    idle: Callable[[], bool] | None,
 ) -> None:
     # Ctrl-C goes to the whole process group; the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -60,6 +76,8 @@ def _worker_main(
     conn.close()
     initializer(*initargs)
     while True:
+        if not _work_while_idle(sock, idle):
+            idle = None
         try:
             header = _recv_exact(sock, _HEADER.size)
             size = _HEADER.unpack(header)[0] if header else 0
@@ -96,10 +114,16 @@ class _Worker:
     asyncio streams, so no read or write ever blocks the event loop.
     """
 
-    def __init__(self, context: Any, initializer: Callable[..., None], initargs: Sequence[Any]):
+    def __init__(
+        self,
+        context: Any,
+        initializer: Callable[..., None],
+        initargs: Sequence[Any],
+        idle: Callable[[], bool] | None,
+    ):
         parent, child = context.Pipe(duplex=True)
         self.process = context.Process(
-            target=_worker_main, args=(child, initializer, tuple(initargs)), daemon=True
+            target=_worker_main, args=(child, initializer, tuple(initargs), idle), daemon=True
         )
         self.process.start()
         child.close()
@@ -179,7 +203,12 @@ class _LoopState:
 
 
 class ProcessPool:
-    """`workers` spawned processes, each running `initializer(*initargs)` once, then calls."""
+    """`workers` spawned processes, each running `initializer(*initargs)` once, then calls.
+
+    `idle`, if given, is called in a worker whenever no call is waiting, one small step at a
+    time, until it returns False: request-independent work done ahead (it must be safe to
+    interrupt between steps and must not change results).
+    """
 
     def __init__(
         self,
@@ -188,6 +217,7 @@ class ProcessPool:
         initargs: Sequence[Any] = (),
         *,
         attempts: int = 2,
+        idle: Callable[[], bool] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
@@ -195,6 +225,7 @@ class ProcessPool:
         self._initializer = initializer
         self._initargs = tuple(initargs)
         self._attempts = attempts
+        self._idle = idle
         self._workers = [self._spawn() for _ in range(workers)]
         self._quick_deaths = [0] * workers
         self._state: _LoopState | None = None
@@ -203,7 +234,7 @@ class ProcessPool:
         self.restarts = 0
 
     def _spawn(self) -> _Worker:
-        return _Worker(self._context, self._initializer, self._initargs)
+        return _Worker(self._context, self._initializer, self._initargs, self._idle)
 
     @property
     def workers(self) -> int:
