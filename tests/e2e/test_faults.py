@@ -429,3 +429,43 @@ def test_queue_timeout_is_503(model_args: list[str], mnist: dict[str, np.ndarray
         assert metric(service.url, 'heinfer_rejected_total{reason="queue_timeout"}') >= 1
     finally:
         service.stop()
+
+
+def test_large_bodies_in_flight_are_bounded_in_bytes(
+    model_args: list[str], mnist: dict[str, np.ndarray]
+) -> None:
+    """A slow sender holding a large body reserves its size; the next large body that would
+    pass the in-flight budget gets 503 + Retry-After at once, and the budget is released."""
+    service = Service([*model_args, "--workers", "1"],
+                      env={"HEINFER_MAX_INFLIGHT_BODY_BYTES": str(150_000)})
+    try:
+        client = heinfer.Client(service.url, model="mnist")
+        client.upload_keys()
+        body = client.encrypt(mnist["X_test"][:2])  # ~93 KB
+        host, port = service.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as slow:
+            slow.sendall(
+                f"POST /v2/models/mnist/infer HTTP/1.1\r\nHost: {host}\r\n"
+                f"X-Heinfer-Key-Id: {client.key_id}\r\nContent-Length: {len(body)}\r\n\r\n"
+                .encode() + body[:1000]
+            )
+            deadline = time.monotonic() + 30
+            while metric(service.url, "heinfer_requests_admitted") < 1:
+                assert time.monotonic() < deadline, "the slow request was never admitted"
+                time.sleep(0.05)
+            refused = httpx.post(
+                f"{service.url}/v2/models/mnist/infer", content=body, timeout=60,
+                headers={"X-Heinfer-Key-Id": client.key_id or ""},
+            )
+            assert refused.status_code == 503 and refused.headers.get("Retry-After"), refused.text
+            assert "retry" in refused.json()["message"]
+            small = client.predict(mnist["X_test"][:1])  # 46 KB still fits beside it
+            assert small.shape == (1, 10)
+        deadline = time.monotonic() + 30
+        while metric(service.url, "heinfer_requests_admitted") > 0:
+            assert time.monotonic() < deadline, "the abandoned request kept its reservation"
+            time.sleep(0.05)
+        assert client.decrypt(client.infer(body)).shape == (2, 10)
+        assert metric(service.url, 'heinfer_rejected_total{reason="memory"}') >= 1
+    finally:
+        service.stop()

@@ -286,6 +286,8 @@ class _Admission:
         self._retry_after = settings.retry_after_seconds
         self._metrics = metrics
         self.admitted = 0
+        self._body_budget = settings.max_inflight_body_bytes
+        self.body_bytes = 0
 
     @asynccontextmanager
     async def admit(self) -> AsyncIterator[None]:
@@ -301,6 +303,23 @@ class _Admission:
         finally:
             self.admitted -= 1
             self._metrics.admitted.set(self.admitted)
+
+    @asynccontextmanager
+    async def memory(self, request: Request, limit: int) -> AsyncIterator[None]:
+        """Reserve the body's size (Content-Length, else `limit`) in the in-flight budget."""
+        declared = request.headers.get("content-length", "")
+        size = min(int(declared), limit) if declared.isdigit() else limit
+        if self.body_bytes and self.body_bytes + size > self._body_budget:
+            self._metrics.rejected.labels("memory").inc()
+            raise _unread(ServiceUnavailableError(
+                "the service holds as many large requests as it may; retry later",
+                retry_after=self._retry_after,
+            ))
+        self.body_bytes += size
+        try:
+            yield
+        finally:
+            self.body_bytes -= size
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
@@ -602,7 +621,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         svc.manifest(model)
         checks = svc.checks[model]
         settings = svc.settings
-        async with svc.admission.admit():
+        async with svc.admission.admit(), svc.admission.memory(request, settings.max_key_bytes):
             body = await _body(request, settings.max_key_bytes, settings.body_timeout_seconds)
             checks.check_keys(model, body)
             key_id = key_id_for(body)
@@ -651,7 +670,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         key_id = request.headers.get(KEY_ID_HEADER)
         if not key_id:
             raise KeyNotFoundError(f"send the key id from POST /v2/keys in {KEY_ID_HEADER}")
-        async with svc.admission.admit():
+        async with svc.admission.admit(), svc.admission.memory(request, settings.max_body_bytes):
             await svc.existing_key(tenant, key_id)
             body = await _body(request, settings.max_body_bytes, settings.body_timeout_seconds)
             if checks.opaque:

@@ -25,6 +25,10 @@ class ServiceSettings(BaseSettings):
     # A full batched CNN request (4,096 images: 784 seeded ciphertexts) is ~141 MiB.
     max_body_bytes: int = Field(default=192 << 20, ge=1024)
     max_key_bytes: int = Field(default=32 << 20, ge=1024)  # CNN key sets are ~17 MB
+    # Bodies being received or evaluated at once, in bytes (from Content-Length, or the size
+    # limit when it is absent): a bound on the memory large requests can pin. Beyond it new
+    # large requests get 503 + Retry-After; one request always fits.
+    max_inflight_body_bytes: int = Field(default=1 << 30, ge=1024)
     # Per-tenant key store quotas (HTTP 429 when exceeded).
     max_keys_per_tenant: int = Field(default=1000, ge=1)
     max_key_bytes_per_tenant: int = Field(default=1 << 30, ge=1024)
