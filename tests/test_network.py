@@ -460,10 +460,10 @@ def test_mlp_single_and_batched_match_plaintext(mnist):
     assert np.abs(batched - ref).max() <= manifest["batch"]["precision"]["score_abs_error"]
 
 
-def test_two_activation_network_compiles_and_simulates(mnist):
-    """Depth-5 networks (the CryptoNets shape) compile to N=16384 and simulate accurately."""
+def _two_activation_spec() -> NetworkSpec:
+    """conv (2 filters, stride 2) -> square -> linear 16 -> 0.5x^2 + x -> linear 10."""
     rng = np.random.default_rng(1)
-    spec = NetworkSpec(
+    return NetworkSpec(
         [
             {
                 "type": "conv2d",
@@ -479,6 +479,11 @@ def test_two_activation_network_compiles_and_simulates(mnist):
             {"type": "linear", "weight": rng.normal(0, 0.2, (10, 16)), "bias": np.zeros(10)},
         ]
     )
+
+
+def test_two_activation_network_compiles_and_simulates(mnist):
+    """Depth-5 networks (the CryptoNets shape) compile to N=16384 and simulate accurately."""
+    spec = _two_activation_spec()
     X = mnist[2][:4]
     plan = compile_network(spec, "deep", calibration=mnist[0][:200])
     assert plan.manifest()["params"]["poly_modulus_degree"] == 16384
@@ -489,23 +494,7 @@ def test_two_activation_network_compiles_and_simulates(mnist):
 
 @pytest.mark.slow
 def test_two_activation_network_encrypted(mnist):
-    rng = np.random.default_rng(1)
-    spec = NetworkSpec(
-        [
-            {
-                "type": "conv2d",
-                "weight": rng.normal(0, 0.3, (2, 1, 5, 5)),
-                "bias": np.zeros(2),
-                "stride": 2,
-                "padding": 0,
-            },
-            {"type": "poly", "a": 1.0, "b": 0.0},
-            {"type": "flatten"},
-            {"type": "linear", "weight": rng.normal(0, 0.05, (16, 288)), "bias": np.zeros(16)},
-            {"type": "poly", "a": 0.5, "b": 1.0},
-            {"type": "linear", "weight": rng.normal(0, 0.2, (10, 16)), "bias": np.zeros(10)},
-        ]
-    )
+    spec = _two_activation_spec()
     X = mnist[2][:2]
     plan = compile_network(spec, "deep", calibration=mnist[0][:200])
     codec = NetworkCodec(plan.manifest())
@@ -520,23 +509,7 @@ def test_two_activation_network_encrypted(mnist):
 def test_two_activation_network_batched(mnist):
     """The depth-5 shape in the batched layout: block-1 accumulators are relinearized before
     their own activation, and the scores land at the single-image path's level and scale."""
-    rng = np.random.default_rng(1)
-    spec = NetworkSpec(
-        [
-            {
-                "type": "conv2d",
-                "weight": rng.normal(0, 0.3, (2, 1, 5, 5)),
-                "bias": np.zeros(2),
-                "stride": 2,
-                "padding": 0,
-            },
-            {"type": "poly", "a": 1.0, "b": 0.0},
-            {"type": "flatten"},
-            {"type": "linear", "weight": rng.normal(0, 0.05, (16, 288)), "bias": np.zeros(16)},
-            {"type": "poly", "a": 0.5, "b": 1.0},
-            {"type": "linear", "weight": rng.normal(0, 0.2, (10, 16)), "bias": np.zeros(10)},
-        ]
-    )
+    spec = _two_activation_spec()
     X = mnist[2][:8]
     plan = compile_network(spec, "deep", calibration=mnist[0][:200])
     codec = NetworkCodec(plan.manifest())

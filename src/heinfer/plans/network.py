@@ -165,19 +165,24 @@ def decode_frames(
         raise MalformedPayloadError("payload holds no ciphertexts")
     if count > max_records:
         raise PayloadTooLargeError(f"{count} ciphertexts; at most {max_records} per call")
-    out, off = [], _FRAME.size
+    return _records(memoryview(body), _FRAME.size, count, max_record_bytes)
+
+
+def _records(view: memoryview, offset: int, count: int, max_record_bytes: int) -> list[bytes]:
+    """`count` length-prefixed records from `offset` to the very end of `view`."""
+    out = []
     for i in range(count):
-        if off + _LEN.size > len(body):
+        if offset + _LEN.size > len(view):
             raise MalformedPayloadError(f"payload truncated before record {i}")
-        (n,) = _LEN.unpack_from(body, off)
-        off += _LEN.size
+        (n,) = _LEN.unpack_from(view, offset)
+        offset += _LEN.size
         if n > max_record_bytes:
             raise PayloadTooLargeError(f"record {i} is {n} bytes; at most {max_record_bytes}")
-        if off + n > len(body):
+        if offset + n > len(view):
             raise MalformedPayloadError(f"payload truncated inside record {i}")
-        out.append(body[off : off + n])
-        off += n
-    if off != len(body):
+        out.append(bytes(view[offset : offset + n]))
+        offset += n
+    if offset != len(view):
         raise MalformedPayloadError("unexpected bytes after the last record")
     return out
 
@@ -210,21 +215,7 @@ def decode_batch_frames(
         raise MalformedPayloadError(
             f"batched payload must hold exactly {count} ciphertexts, not {records}"
         )
-    out, off = [], _BATCH_FRAME.size
-    for i in range(records):
-        if off + _LEN.size > len(view):
-            raise MalformedPayloadError(f"payload truncated before record {i}")
-        (n,) = _LEN.unpack_from(view, off)
-        off += _LEN.size
-        if n > max_record_bytes:
-            raise PayloadTooLargeError(f"record {i} is {n} bytes; at most {max_record_bytes}")
-        if off + n > len(view):
-            raise MalformedPayloadError(f"payload truncated inside record {i}")
-        out.append(bytes(view[off : off + n]))
-        off += n
-    if off != len(view):
-        raise MalformedPayloadError("unexpected bytes after the last record")
-    return int(images), out
+    return int(images), _records(view, _BATCH_FRAME.size, records, max_record_bytes)
 
 
 def _max_ciphertext_bytes(manifest: dict[str, Any]) -> int:
