@@ -469,3 +469,32 @@ def test_large_bodies_in_flight_are_bounded_in_bytes(
         assert metric(service.url, 'heinfer_rejected_total{reason="memory"}') >= 1
     finally:
         service.stop()
+
+
+def test_slow_body_is_408_and_slow_evaluation_is_503(
+    model_args: list[str], mnist: dict[str, np.ndarray]
+) -> None:
+    service = Service([*model_args, "--workers", "1"],
+                      env={"HEINFER_BODY_TIMEOUT_SECONDS": "1",
+                           "HEINFER_EVALUATION_TIMEOUT_SECONDS": "0.05"})
+    try:
+        client = heinfer.Client(service.url, model="mnist")
+        client.upload_keys()
+        body = client.encrypt(mnist["X_test"][:64])  # ~0.4 s of evaluation: past 0.05 s
+        host, port = service.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as slow:
+            slow.sendall(
+                f"POST /v2/models/mnist/infer HTTP/1.1\r\nHost: {host}\r\n"
+                f"X-Heinfer-Key-Id: {client.key_id}\r\nContent-Length: {len(body)}\r\n\r\n"
+                .encode() + body[:1000]
+            )
+            answer = slow.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        slow_eval = httpx.post(
+            f"{service.url}/v2/models/mnist/infer", content=body, timeout=60,
+            headers={"X-Heinfer-Key-Id": client.key_id or ""},
+        )
+        assert slow_eval.status_code == 503 and slow_eval.headers.get("Retry-After")
+        assert "too long" in slow_eval.json()["message"]
+    finally:
+        service.stop()
