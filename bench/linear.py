@@ -168,6 +168,21 @@ class _Clock:
         self.service_cpu = _process_tree_cpu(self._pid) - service
 
 
+def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float, what: str) -> None:
+    """Poll /v2/health/ready until 200; fail early if the serving process exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {process.returncode}")
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=10).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{what} did not become ready in {timeout:g} s")
+
+
 class Service:
     """`heinfer serve` on loopback; `cpus` confines it (HTTP process and workers) to those."""
 
@@ -180,14 +195,7 @@ class Service:
              "--workers", str(workers), "--key-store", self._keys.name, "--log-level", "warning"],
             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=10).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError("service did not start")
+        wait_ready(self.url, self.process, 120, "service")
 
     def stop(self) -> None:
         self.process.terminate()

@@ -41,7 +41,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import heinfer
-from linear import Service
+from linear import Service, wait_ready
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KEY_HEADER = "X-Heinfer-Key-Id"
@@ -280,17 +280,9 @@ class RayReplicas:
              "--host", host, "--port", port, "--workers", "1", "--log-level", "warning"],
             env=child_env, stdout=self._log, stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError("heinfer serve --ray exited; see its log in " + self._keys.name)
-            try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=10).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError("Ray replicas did not become ready")
+        wait_ready(
+            self.url, self.process, 180, f"heinfer serve --ray (log: {self._keys.name}/serve.log)"
+        )
 
     def stop(self) -> None:
         import signal
