@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -431,6 +432,20 @@ def test_queue_timeout_is_503(model_args: list[str], mnist: dict[str, np.ndarray
         service.stop()
 
 
+@contextlib.contextmanager
+def _partial_infer(url: str, key_id: str, body: bytes) -> Iterator[socket.socket]:
+    """An inference request whose headers announce all of `body` but that sends 1,000 bytes
+    of it and then stalls (a slow sender), on a raw socket closed on exit."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as slow:
+        slow.sendall(
+            f"POST /v2/models/mnist/infer HTTP/1.1\r\nHost: {host}\r\n"
+            f"X-Heinfer-Key-Id: {key_id}\r\nContent-Length: {len(body)}\r\n\r\n"
+            .encode() + body[:1000]
+        )
+        yield slow
+
+
 def test_large_bodies_in_flight_are_bounded_in_bytes(
     model_args: list[str], mnist: dict[str, np.ndarray]
 ) -> None:
@@ -442,13 +457,7 @@ def test_large_bodies_in_flight_are_bounded_in_bytes(
         client = heinfer.Client(service.url, model="mnist")
         client.upload_keys()
         body = client.encrypt(mnist["X_test"][:2])  # ~93 KB
-        host, port = service.url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=30) as slow:
-            slow.sendall(
-                f"POST /v2/models/mnist/infer HTTP/1.1\r\nHost: {host}\r\n"
-                f"X-Heinfer-Key-Id: {client.key_id}\r\nContent-Length: {len(body)}\r\n\r\n"
-                .encode() + body[:1000]
-            )
+        with _partial_infer(service.url, client.key_id or "", body):
             deadline = time.monotonic() + 30
             while metric(service.url, "heinfer_requests_admitted") < 1:
                 assert time.monotonic() < deadline, "the slow request was never admitted"
@@ -481,13 +490,7 @@ def test_slow_body_is_408_and_slow_evaluation_is_503(
         client = heinfer.Client(service.url, model="mnist")
         client.upload_keys()
         body = client.encrypt(mnist["X_test"][:64])  # ~0.4 s of evaluation: past 0.05 s
-        host, port = service.url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=30) as slow:
-            slow.sendall(
-                f"POST /v2/models/mnist/infer HTTP/1.1\r\nHost: {host}\r\n"
-                f"X-Heinfer-Key-Id: {client.key_id}\r\nContent-Length: {len(body)}\r\n\r\n"
-                .encode() + body[:1000]
-            )
+        with _partial_infer(service.url, client.key_id or "", body) as slow:
             answer = slow.recv(65536)
         assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
         slow_eval = httpx.post(
