@@ -192,6 +192,33 @@ def test_delete_keys(service, mnist: dict[str, np.ndarray]) -> None:  # type: ig
         )
 
 
+def test_infer_route_edges_behave_like_any_route(
+    service, client: heinfer.Client, mnist: dict[str, np.ndarray]
+) -> None:  # type: ignore[no-untyped-def]
+    """Inference POSTs skip FastAPI's router (`_InferFastPath`); its edges must not change."""
+    body = client.encrypt(mnist["X_test"][:1])
+    headers = {"X-Heinfer-Key-Id": client.key_id or "", "X-Request-Id": "edge-1"}
+    url = f"{service.url}/v2/models"
+    wrong_method = httpx.get(f"{url}/mnist/infer", timeout=60)
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["error"] == "method_not_allowed"
+    unknown = httpx.post(f"{url}/nope/infer", content=body, headers=headers, timeout=60)
+    assert unknown.status_code == 404 and "'nope'" in unknown.json()["message"]
+    assert unknown.headers["X-Request-Id"] == "edge-1"
+    encoded = httpx.post(f"{url}/mn%69st/infer", content=body, headers=headers, timeout=60)
+    assert encoded.status_code == 200 and encoded.headers["X-Request-Id"] == "edge-1"
+    assert client.decrypt(encoded.content).shape == (1, 10)
+    twice = httpx.post(f"{url}/mn%2569st/infer", content=body, headers=headers, timeout=60)
+    assert twice.status_code == 404 and "'mn%69st'" in twice.json()["message"]
+    nested = httpx.post(f"{url}/mnist/infer/x", content=body, headers=headers, timeout=60)
+    assert nested.status_code == 404 and nested.json()["error"] == "not_found"
+    ids = {httpx.get(f"{service.url}/v2/health/live").headers["X-Request-Id"] for _ in range(3)}
+    assert len(ids) == 3
+    metrics = httpx.get(f"{service.url}/metrics").text
+    assert 'heinfer_requests_total{route="/v2/models/{name}/infer",status="200"}' in metrics
+    assert 'heinfer_requests_total{route="/v2/models/{name}/infer",status="404"}' in metrics
+
+
 def test_metrics_exposed(service) -> None:  # type: ignore[no-untyped-def]
     text = httpx.get(f"{service.url}/metrics").text
     assert "heinfer_requests_total" in text
