@@ -2,6 +2,7 @@
 
     python bench/load.py [--duration 20] [--clients 1 8 32] [--workers 1 2]
                          [--images-per-request 1] [--loadgen raw|httpx] [--batch] [--ray]
+                         [--pin] [--rounds 1]
 
 For each worker count it starts a real `heinfer serve` on loopback, gives every simulated
 client its own key (uploaded once), pre-encrypts a few request bodies per client (so the load
@@ -11,9 +12,10 @@ loopback cluster). Reports requests/s, images/s, p50/p95/p99 latency, errors, th
 milliseconds per request spent by the service's HTTP process, its workers and the load
 generator, and the resident memory of the service and each worker; after each level it
 decrypts the last answer of every client and checks its argmax against the plaintext model.
-Before that it measures the compute-only ceiling: evaluations/s of 1 and N independent
-processes with no service at all. Writes bench/results/load*.json and a plot. Everything is
-bounded in time and loopback-only.
+With `--rounds R` the worker configurations run R times in alternating order (1, 2, 2, 1, ...)
+and the scaling ratio is the median over rounds. Before all that it measures the compute-only
+ceiling: evaluations/s of 1 and N independent processes with no service at all. Writes
+bench/results/load*.json and a plot. Everything is bounded in time and loopback-only.
 
 The default load generator (`raw`) writes pre-encoded HTTP/1.1 requests on keep-alive asyncio
 connections and reads exactly Content-Length bytes back: 0.15-0.25 ms of CPU per request
@@ -435,6 +437,26 @@ def _plot(report: list[dict[str, Any]], path: Path, unit: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _scaling(rounds: list[list[dict[str, Any]]]) -> dict[int, list[float]]:
+    """Throughput of the last worker count over the first, per client level and round."""
+    ratios: dict[int, list[float]] = {}
+    if len(rounds[0]) < 2:
+        return ratios
+    for runs in rounds:
+        base, best = runs[0], runs[-1]
+        for lv_base, lv_best in zip(base["levels"], best["levels"], strict=True):
+            ratio = lv_best["images_per_s"] / lv_base["images_per_s"]
+            ratios.setdefault(lv_base["clients"], []).append(round(ratio, 3))
+    base_workers, best_workers = rounds[0][0]["workers"], rounds[0][-1]["workers"]
+    for clients, values in ratios.items():
+        spread = f" (median of {len(values)} rounds: {', '.join(f'{v:.2f}' for v in values)})"
+        print(
+            f"clients={clients}: {best_workers} workers / {base_workers} = "
+            f"{float(np.median(values)):.2f}x throughput{spread if len(values) > 1 else ''}"
+        )
+    return ratios
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=20.0)
@@ -455,6 +477,13 @@ def main() -> None:
         action="store_true",
         help="also run two Ray Serve replicas on the loopback cluster of .ci/services/ray.sh "
         "(started if needed; `.ci/services/ray.sh stop` stops it)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat the worker configurations this many times in alternating order and "
+        "report the median scaling ratio",
     )
     parser.add_argument(
         "--batch", action="store_true", help="each request is one full coeff-batch (N images)"
@@ -479,10 +508,17 @@ def main() -> None:
         ceiling = compute_ceiling(
             model_path, X, sorted(set(args.workers)), seconds, max(args.clients)
         )
-    report = [
-        run(w, args.clients, args.duration, model_path, (X, reference), args)
-        for w in args.workers
-    ]
+    rounds = []
+    for index in range(args.rounds):
+        # Alternate the order: on a shared VM the machine's speed drifts over minutes, and a
+        # fixed order would hand that drift to one configuration every time.
+        order = args.workers if index % 2 == 0 else args.workers[::-1]
+        runs = {
+            w: run(w, args.clients, args.duration, model_path, (X, reference), args)
+            for w in order
+        }
+        rounds.append([runs[w] for w in args.workers])
+    report = list(rounds[-1])
     if args.ray:
         cluster = _ray_cluster()
         ray_run = run(1, args.clients, args.duration, model_path, (X, reference), args, cluster)
@@ -492,19 +528,11 @@ def main() -> None:
                 f"{lv_ray['images_per_s'] / lv_base['images_per_s']:.2f}x throughput"
             )
         report.append(ray_run)
-    local = [r for r in report if not r.get("ray")]
-    if len(local) >= 2:
-        base, best = local[0], local[-1]
-        for lv_base, lv_best in zip(base["levels"], best["levels"], strict=True):
-            print(
-                f"clients={lv_base['clients']}: {best['workers']} workers / {base['workers']} = "
-                f"{lv_best['images_per_s'] / lv_base['images_per_s']:.2f}x throughput"
-            )
-        if ceiling is not None:
-            print(
-                f"compute-only ceiling: {best['workers']} processes / {base['workers']} = "
-                f"{ceiling[best['workers']] / ceiling[base['workers']]:.2f}x"
-            )
+    ratios = _scaling(rounds)
+    if ratios and ceiling is not None:
+        base, best = args.workers[0], args.workers[-1]
+        print(f"compute-only ceiling: {best} processes / {base} = "
+              f"{ceiling[best] / ceiling[base]:.2f}x")
     out = {
         "loadavg": os.getloadavg(),
         "cpus": os.cpu_count(),
@@ -513,6 +541,8 @@ def main() -> None:
         "loadgen": args.loadgen,
         "pinned": args.pin,
         "compute_only_evaluations_per_s": ceiling,
+        "scaling_per_round": ratios,
+        "rounds": rounds,
         "runs": report,
     }
     if args.batch:
