@@ -619,3 +619,40 @@ def test_worker_pool_hands_large_batches_over_with_or_without_tmpfs(
             assert np.abs(scores - model.predict_plain(X)).max() <= 1e-3
     finally:
         pool.shutdown()
+
+
+def test_worker_pool_hands_a_large_single_record_over_by_file(
+    mnist_model_path: Any, tmp_path: Any
+) -> None:
+    """A batched network body (~150 MB) is one record: it too goes by tmpfs file, not pipe."""
+    import asyncio
+    import os
+
+    from heinfer.plans.wire import encode_keys
+    from heinfer.server.keystore import open_key_store
+    from heinfer.server.workers import WorkerPool
+
+    codec = LinearCodec(heinfer.load_model(mnist_model_path).manifest)
+    public = SecretKey.generate(codec.context).public_key_bytes()
+    key_id = open_key_store(str(tmp_path)).put(
+        "public", encode_keys(codec.params.fingerprint, {"public": public})
+    )
+    pool = WorkerPool([str(mnist_model_path)], str(tmp_path), 1, 1 << 26)
+    written: list[str] = []
+    handoff = pool._handoff
+
+    def spy(data: bytes | memoryview) -> str | None:
+        path = handoff(data)
+        if path is not None:
+            written.append(path)
+        return path
+
+    pool._handoff = spy  # type: ignore[method-assign]
+    oversized = b"HEQ1" + bytes(3 << 20)
+    try:
+        with pytest.raises(BadInputError):  # read from the file, then refused with a 4xx error
+            asyncio.run(pool.infer("mnist", "public", key_id, [oversized]))
+    finally:
+        pool.shutdown()
+    assert len(written) == (1 if pool._handoff_dir else 0)
+    assert not any(os.path.exists(path) for path in written)

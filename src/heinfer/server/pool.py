@@ -41,7 +41,7 @@ class WorkerCrashed(Exception):
     """The worker process running a call died before answering it."""
 
 
-def _recv_exact(sock: socket.socket, size: int) -> bytes | None:
+def _recv_exact(sock: socket.socket, size: int) -> bytearray | None:
     buffer = bytearray(size)
     view, got = memoryview(buffer), 0
     while got < size:
@@ -49,7 +49,7 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes | None:
         if count == 0:
             return None
         got += count
-    return bytes(buffer)
+    return buffer  # pickle reads a bytearray as it is: no second copy of a large call
 
 
 def _work_while_idle(sock: socket.socket, idle: Callable[[], bool] | None) -> bool:

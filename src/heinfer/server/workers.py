@@ -16,7 +16,7 @@ import math
 import os
 import tempfile
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
@@ -146,7 +146,19 @@ def _parse_network_keys(
     return NetworkKeys(parts)
 
 
-def _infer(model_name: str, tenant: str, key_id: str, records: list[bytes]) -> list[bytes]:
+def _handed(record: bytes | str) -> bytes:
+    """A record, read from its handoff file when the pool passed a path."""
+    if isinstance(record, str):
+        with open(record, "rb") as fh:
+            return fh.read()
+    return record
+
+
+def _infer(
+    model_name: str, tenant: str, key_id: str, records: list[bytes] | list[bytes | str]
+) -> list[bytes]:
+    """Per-sample records (a large single record may come as the path of a handoff file)."""
+    records = [_handed(record) for record in records]
     model = _state().models[model_name]
     key = _evaluation_key(model, tenant, key_id)
     if isinstance(key, NetworkKeys):
@@ -164,9 +176,7 @@ def _infer_batch(
 
     `record` is the request record, or the path of a handoff file holding it.
     """
-    if isinstance(record, str):
-        with open(record, "rb") as fh:
-            record = fh.read()
+    record = _handed(record)
     model = _state().models[model_name]
     plan = model.plan
     if not isinstance(plan, LinearPlan):
@@ -255,19 +265,16 @@ class WorkerPool:
         """Per-sample records fan out over all workers, results in request order; a coeff-batch
         request is one unit of work on one worker (clients send several concurrently)."""
         if isinstance(records, BatchRequest):
-            path = None
-            if len(records.record) > _HANDOFF_BYTES:
-                path = await asyncio.to_thread(self._handoff, records.record)  # None: full
-            try:
-                record = await self._call(
-                    _infer_batch, model, tenant, key_id, records.samples,
-                    path or bytes(records.record),
-                )
-            finally:
-                if path is not None:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
-            return BatchResponse(records.samples, record)
+            samples = records.samples
+            record = await self._handed_over(
+                records.record,
+                lambda data: self._call(_infer_batch, model, tenant, key_id, samples, data),
+            )
+            return BatchResponse(samples, record)
+        if len(records) == 1 and len(records[0]) > _HANDOFF_BYTES:  # a batched network body
+            return await self._handed_over(
+                records[0], lambda data: self._call(_infer, model, tenant, key_id, [data])
+            )
         size = max(1, math.ceil(len(records) / self.workers))
         chunks = [records[i : i + size] for i in range(0, len(records), size)]
         if len(chunks) == 1:  # the common single-sample request: no gather, no extra task
@@ -289,6 +296,20 @@ class WorkerPool:
 
     def worker_pids(self) -> list[int]:
         return self._pool.pids()
+
+    async def _handed_over(
+        self, data: bytes | memoryview, call: Callable[[bytes | str], Awaitable[T]]
+    ) -> T:
+        """`call(data)`, or `call(path)` with `data` in a handoff file when it is large."""
+        path = None
+        if len(data) > _HANDOFF_BYTES:
+            path = await asyncio.to_thread(self._handoff, data)  # None: tmpfs full
+        try:
+            return await call(path or bytes(data))
+        finally:
+            if path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
 
     def _handoff(self, data: bytes | memoryview) -> str | None:
         """Write a large record to a fresh 0600 file on tmpfs (removed after the call); None
