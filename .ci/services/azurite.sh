@@ -26,29 +26,9 @@ BIN="$REPO_ROOT/node_modules/.bin/azurite-blob"
 ACCOUNT=devstoreaccount1
 ACCOUNT_KEY='Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=='
 
-log() { echo "azurite.sh: $*" >&2; }
-die() { log "$*"; exit 1; }
-
-# A zombie still answers `kill -0`; "alive" means: exists and is not in state Z.
-alive() {
-    local pid="$1" stat
-    [[ -n "$pid" && -r "/proc/$pid/stat" ]] || return 1
-    stat="$(cat "/proc/$pid/stat" 2>/dev/null)" || return 1
-    stat="${stat##*) }"
-    [[ "${stat%% *}" != "Z" ]]
-}
-
-# Only signal the pid from our pid file if it is still our Azurite (pids get reused).
-ours() {
-    local pid="$1"
-    alive "$pid" && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$STATE/data"
-}
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$REPO_ROOT/.ci/services/lib.sh"
+ours() { ours_marked "$1" "$STATE/data"; }
 
 print_env() {
     local port

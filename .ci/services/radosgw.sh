@@ -24,30 +24,9 @@ STATE="${RADOSGW_STATE_DIR:-$REPO_ROOT/.ci/state/ceph}"
 TIMEOUT="${RADOSGW_START_TIMEOUT:-90}"
 PACKAGES=(ceph-mon ceph-osd ceph-common radosgw)
 
-log() { echo "radosgw.sh: $*" >&2; }
-die() { log "$*"; exit 1; }
-
-# A zombie still answers `kill -0`, and daemons re-parented to a non-reaping PID 1 stay zombies,
-# so "alive" means: exists and is not in state Z.
-alive() {
-    local pid="$1" stat
-    [[ -n "$pid" && -r "/proc/$pid/stat" ]] || return 1
-    stat="$(cat "/proc/$pid/stat" 2>/dev/null)" || return 1
-    stat="${stat##*) }"
-    [[ "${stat%% *}" != "Z" ]]
-}
-
-# Only signal a pid from our pid files if it really is one of *our* daemons (pids get reused).
-ours() {
-    local pid="$1"
-    alive "$pid" && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$STATE/ceph.conf"
-}
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$REPO_ROOT/.ci/services/lib.sh"
+ours() { ours_marked "$1" "$STATE/ceph.conf"; }
 
 rand_token() {  # $1 characters from [A-Z0-9] or [a-zA-Z0-9]
     local n="$1" set="$2"
