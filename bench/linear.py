@@ -29,7 +29,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _mnist
 import heinfer
 import peers
+from heinfer.cli import wait_ready
 from heinfer.he.backend import SecretKey
 from heinfer.plans.linear import BATCH_LAYOUT_KIND, LAYOUT_KIND, LinearCodec
 
@@ -166,21 +166,6 @@ class _Clock:
         self.wall = time.perf_counter() - wall
         self.client_cpu = time.process_time() - cpu
         self.service_cpu = _process_tree_cpu(self._pid) - service
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float, what: str) -> None:
-    """Poll /v2/health/ready until 200; fail early if the serving process exits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {process.returncode}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=10).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{what} did not become ready in {timeout:g} s")
 
 
 class Service:

@@ -43,7 +43,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import heinfer
-from linear import Service, wait_ready
+from heinfer.cli import wait_ready
+from linear import Service
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KEY_HEADER = "X-Heinfer-Key-Id"

@@ -7,13 +7,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
+from heinfer.cli import wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
@@ -36,17 +35,7 @@ class RunningService:
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"heinfer serve exited with {self.process.returncode}")
-            try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=10).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("service did not become ready")
+        wait_ready(self.url, self.process, timeout)
 
     def stop(self) -> None:
         self.process.terminate()

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from heinfer.errors import HeinferError
 
-__all__ = ["app"]
+__all__ = ["app", "wait_ready"]
 
 app = typer.Typer(
     add_completion=False,
@@ -71,18 +71,26 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
+def wait_ready(
+    url: str,
+    process: subprocess.Popen[bytes],
+    timeout: float = 120.0,
+    what: str = "heinfer serve",
+) -> None:
+    """Poll /v2/health/ready until 200; fail early if the serving process exits.
+
+    Also used by the benchmarks and the tests that start a service of their own."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"heinfer serve exited with code {process.returncode}")
+            raise RuntimeError(f"{what} exited with code {process.returncode}")
         try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200:
+            if httpx.get(f"{url}/v2/health/ready", timeout=10).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    raise RuntimeError("heinfer serve did not become ready in time")
+    raise RuntimeError(f"{what} did not become ready in {timeout:g} s")
 
 
 @app.command()
@@ -122,7 +130,7 @@ def demo(
         try:
             with console.status(f"starting heinfer serve on {url} ..."):
                 try:
-                    _wait_ready(url, process)
+                    wait_ready(url, process)
                 except RuntimeError as exc:
                     console.print(f"[red]demo failed: {exc}[/red]")
                     raise typer.Exit(1) from exc
