@@ -130,3 +130,18 @@ def test_idle_work_runs_between_calls_and_never_blocks_them(idle: Any) -> None:
         asyncio.run(main())
     finally:
         pool.shutdown()
+
+
+def test_a_call_left_running_by_a_finished_loop_never_answers_the_next_loop(
+    pool: ProcessPool,
+) -> None:
+    async def give_up() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(pool.call(helpers.spin, 1.0), 0.2)  # still running after
+
+    async def ask() -> None:
+        answers = await asyncio.gather(*(pool.call(helpers.echo, bytes([i])) for i in range(6)))
+        assert [a[1] for a in answers] == [bytes([i]) for i in range(6)]
+
+    asyncio.run(give_up())
+    asyncio.run(ask())  # a late answer to spin() taken for echo's would fail here

@@ -1,20 +1,23 @@
-"""An asyncio-native pool of worker processes: one pipe per worker, no helper threads.
+"""An asyncio-native pool of worker processes: one socket per worker, no helper threads.
 
 Why not `concurrent.futures.ProcessPoolExecutor`: each call there crosses a feeder thread, a
 management thread and a result thread, and a crash breaks the whole pool. On a 2-core machine
 that bookkeeping cost the HTTP process ~0.5 ms of CPU per request, a tenth of an MNIST
-evaluation, which was taken straight from the second worker. Here the event loop writes the
-pickled call to an idle worker's socket and reads the answer through asyncio streams; a
-worker that dies is detected by end-of-file on its socket (busy or idle), replaced, and its
-call retried on the fresh worker (`WorkerCrashed` once the attempts are used up).
+evaluation, which was taken straight from the second worker. Here each worker's socket is an
+asyncio protocol on the event loop: a call is pickled and written to an idle worker at once,
+and the answer, parsed in the protocol's callback, hands that worker its next queued call
+before it wakes the caller: no task, queue or stream per call. A worker that dies (busy or
+idle) is noticed as its socket closing, replaced, and its call retried on the fresh worker
+(`WorkerCrashed` once the attempts are used up).
 
-Only our own processes are ever on the other end of these pipes (spawned children), so the
+Only our own processes are ever on the other end of these sockets (spawned children), so the
 pickles they carry are as trusted as the code itself; nothing from the network is unpickled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import multiprocessing
@@ -25,16 +28,17 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, cast
 
 __all__ = ["ProcessPool", "WorkerCrashed"]
 
 log = logging.getLogger("heinfer.pool")
 _HEADER = struct.Struct("<Q")  # message length; 0 asks the worker to exit
 _RESTART_BACKOFF_MAX_S = 5.0
+_ONE_WRITE_BYTES = 1 << 20
 
 
 class WorkerCrashed(Exception):
@@ -96,23 +100,67 @@ def _worker_main(
         except Exception as exc:
             data = pickle.dumps((False, RuntimeError(f"unpicklable result: {exc!r}")))
         try:
-            sock.sendall(_HEADER.pack(len(data)))
-            sock.sendall(data)
+            _send_frame(sock, data)
         except OSError:
             return
 
 
-def _consume(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
+def _send_frame(sock: socket.socket, data: bytes) -> None:
+    """Header and answer in one write when small: two writes woke the parent twice."""
+    if len(data) <= _ONE_WRITE_BYTES:
+        sock.sendall(_HEADER.pack(len(data)) + data)
+    else:  # not worth copying a large answer to save a write
+        sock.sendall(_HEADER.pack(len(data)))
+        sock.sendall(data)
+
+
+class _Link(asyncio.Protocol):
+    """The parent's end of one worker's socket on one event loop: each whole answer frame goes
+    to `on_frame`; the socket closing (the worker exited) goes to `on_lost`."""
+
+    def __init__(
+        self, on_frame: Callable[[bytearray], None], on_lost: Callable[[], None]
+    ) -> None:
+        self._on_frame = on_frame
+        self._on_lost = on_lost
+        self._buffer = bytearray()
+        self._size: int | None = None  # of the frame being read, once its header is in
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        while True:
+            if self._size is None:
+                if len(self._buffer) < _HEADER.size:
+                    return
+                self._size = _HEADER.unpack_from(self._buffer)[0]
+                del self._buffer[: _HEADER.size]
+            if len(self._buffer) < self._size:
+                return
+            if len(self._buffer) == self._size:  # the usual case: no copy
+                frame, self._buffer = self._buffer, bytearray()
+            else:
+                frame = self._buffer[: self._size]
+                del self._buffer[: self._size]
+            self._size = None
+            self._on_frame(frame)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._on_lost()
+
+
+@dataclass
+class _Job:
+    payload: bytes
+    future: asyncio.Future[bytearray]
+    attempts: int = 0
 
 
 class _Worker:
-    """One child process and the parent's end of its socket pair.
-
-    Framing is ours (8-byte length + pickle) on a plain socket, read in the parent through
-    asyncio streams, so no read or write ever blocks the event loop.
-    """
+    """One child process, the parent's end of its socket pair and the call it is running."""
 
     def __init__(
         self,
@@ -130,44 +178,24 @@ class _Worker:
         self.sock = socket.socket(fileno=os.dup(parent.fileno()))
         parent.close()
         self.started = time.monotonic()
-        self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._header: asyncio.Future[bytes] | None = None
+        self.link: _Link | None = None
+        self.job: _Job | None = None
+        self.gone = False  # its socket closed: it is being replaced
 
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def connect(
+        self, on_frame: Callable[[bytearray], None], on_lost: Callable[[], None]
+    ) -> None:
+        """Attach this worker's socket to the running loop (a duplicate: the original stays
+        blocking for `stop`)."""
         loop = asyncio.get_running_loop()
-        if self._streams is None or self._loop is not loop:
-            self._streams = await asyncio.open_connection(sock=self.sock.dup(), limit=1 << 20)
-            self._loop = loop
-            self._header = None
-        return self._streams
+        _, self.link = await loop.create_connection(
+            lambda: _Link(on_frame, on_lost), sock=self.sock.dup()
+        )
 
-    async def next_header(self) -> asyncio.Future[bytes]:
-        """The pending read of the next answer's header. While the worker is idle it doubles
-        as a death watch: it only completes (with IncompleteReadError) if the worker exits."""
-        reader, _ = await self._connect()
-        if self._header is None:
-            self._header = asyncio.ensure_future(reader.readexactly(_HEADER.size))
-            # a worker stopped while idle ends this read with an error nobody awaits
-            self._header.add_done_callback(_consume)
-        return self._header
-
-    async def run(self, payload: bytes) -> bytes:
-        """Send one pickled call and wait for its pickled outcome; WorkerCrashed on EOF."""
-        reader, writer = await self._connect()
-        header = await self.next_header()
-        try:
-            writer.writelines((_HEADER.pack(len(payload)), payload))
-            await writer.drain()
-            size = _HEADER.unpack(await header)[0]
-            return await reader.readexactly(size)
-        except (OSError, asyncio.IncompleteReadError):
-            raise WorkerCrashed() from None
-        finally:
-            self._header = None
-
-    def alive(self) -> bool:
-        return self.process.is_alive()
+    def send(self, job: _Job) -> None:
+        assert self.link is not None and self.link.transport is not None
+        self.job = job
+        self.link.transport.writelines((_HEADER.pack(len(job.payload)), job.payload))
 
     def stop(self, timeout: float) -> None:
         with contextlib.suppress(OSError):
@@ -179,18 +207,11 @@ class _Worker:
             self.process.join(5)
         self.sock.close()
 
-    def close_streams(self) -> None:
+    def detach(self) -> None:
         """Close this loop's end (call from the loop that made it)."""
-        if self._streams is not None:
-            self._streams[1].transport.abort()
-            self._streams = None
-
-
-@dataclass
-class _Job:
-    payload: bytes
-    future: asyncio.Future[Any]
-    attempts: int = 0
+        if self.link is not None and self.link.transport is not None:
+            self.link.transport.abort()
+        self.link = None
 
 
 @dataclass
@@ -198,8 +219,16 @@ class _LoopState:
     """What belongs to the event loop the pool is used from (tests run several loops)."""
 
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[_Job]
-    runners: list[asyncio.Task[None]] = field(default_factory=list)
+    pending: collections.deque[_Job] = field(default_factory=collections.deque)
+    idle: list[_Worker] = field(default_factory=list)  # attached and not running a call
+    busy: int = 0  # calls running in workers
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)  # attaching, replacing
+    closed: bool = False
+
+    def start(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
 
 class ProcessPool:
@@ -229,7 +258,6 @@ class ProcessPool:
         self._workers = [self._spawn() for _ in range(workers)]
         self._quick_deaths = [0] * workers
         self._state: _LoopState | None = None
-        self._busy = 0
         self._closed = False
         self.restarts = 0
 
@@ -250,7 +278,8 @@ class ProcessPool:
             raise RuntimeError("the pool is shut down")
         state = self._loop_state()
         job = _Job(pickle.dumps((fn, args), pickle.HIGHEST_PROTOCOL), state.loop.create_future())
-        state.queue.put_nowait(job)
+        state.pending.append(job)
+        self._dispatch(state)
         ok, value = pickle.loads(await job.future)
         if ok:
             return value
@@ -259,84 +288,104 @@ class ProcessPool:
     def _loop_state(self) -> _LoopState:
         loop = asyncio.get_running_loop()
         if self._state is None or self._state.loop is not loop:
-            state = _LoopState(loop, asyncio.Queue())
-            state.runners = [loop.create_task(self._serve(i, state)) for i in range(self.workers)]
+            if self._state is not None:
+                self._forget(self._state)
+            state = _LoopState(loop)
+            for worker in self._workers:
+                state.start(self._attach(state, worker))
             self._state = state
         return self._state
 
-    async def _serve(self, slot: int, state: _LoopState) -> None:
-        """One runner per worker: take a job, run it there, replace the worker if it died."""
-        while True:
-            if not self._workers[slot].alive():
-                await self._replace(slot)
-            job = await self._next_job(self._workers[slot], state.queue)
-            if job is None:
-                await self._replace(slot)  # it died while idle
-                continue
-            if job.future.done():  # the caller gave up (timeout, disconnect)
-                continue
-            self._busy += 1
-            try:
-                answer = await self._workers[slot].run(job.payload)
-            except WorkerCrashed:
-                job.attempts += 1
-                if job.attempts >= self._attempts:
-                    if not job.future.done():
-                        job.future.set_exception(WorkerCrashed())
-                else:
-                    state.queue.put_nowait(job)
-                await self._replace(slot)
-                continue
-            finally:
-                self._busy -= 1
-            if not job.future.done():
-                job.future.set_result(answer)
+    def _forget(self, state: _LoopState) -> None:
+        """Leave a finished event loop's state behind. A worker still running a call from it
+        would answer into the next loop's socket as if answering that loop's call: replace it."""
+        state.closed = True
+        for slot, worker in enumerate(self._workers):
+            if worker.job is not None:
+                worker.stop(timeout=0)
+                self._workers[slot] = self._spawn()
 
-    @staticmethod
-    async def _next_job(worker: _Worker, queue: asyncio.Queue[_Job]) -> _Job | None:
-        """The next job, or None as soon as the idle worker dies."""
-        if not queue.empty():  # busy pool: no waiting, so no death watch (run() notices)
-            return queue.get_nowait()
+    def _dispatch(self, state: _LoopState) -> None:
+        """Hand queued calls to idle workers (a call whose caller gave up is dropped)."""
+        while state.pending and state.idle:
+            job = state.pending.popleft()
+            if job.future.done():
+                continue
+            worker = state.idle.pop()
+            state.busy += 1
+            worker.send(job)
+
+    async def _attach(self, state: _LoopState, worker: _Worker) -> None:
         try:
-            died = await worker.next_header()
+            await worker.connect(
+                lambda frame: self._answered(state, worker, frame),
+                lambda: self._lost(state, worker),
+            )
         except OSError:
-            return None
-        getter: asyncio.Future[Any] = asyncio.ensure_future(queue.get())
-        try:
-            await asyncio.wait((getter, died), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not getter.done():
-                getter.cancel()
-        if getter.done() and not getter.cancelled():
-            job: _Job = getter.result()
-            return job  # a job that arrived together with the death fails over in run()
-        return None
+            self._lost(state, worker)
+            return
+        if not state.closed and worker in self._workers:
+            state.idle.append(worker)
+            self._dispatch(state)
 
-    async def _replace(self, slot: int) -> None:
-        old = self._workers[slot]
+    def _answered(self, state: _LoopState, worker: _Worker, frame: bytearray) -> None:
+        job, worker.job = worker.job, None
+        if job is None or state.closed:
+            return
+        state.busy -= 1
+        state.idle.append(worker)
+        self._dispatch(state)  # the worker's next call first: it is idle until then
+        if not job.future.done():
+            job.future.set_result(frame)
+
+    def _lost(self, state: _LoopState, worker: _Worker) -> None:
+        """The worker's socket closed: retry its call elsewhere and replace it."""
+        if state.closed or worker.gone:
+            return
+        worker.gone = True
+        if worker in state.idle:
+            state.idle.remove(worker)
+        job, worker.job = worker.job, None
+        if job is not None:
+            state.busy -= 1
+            job.attempts += 1
+            if job.attempts >= self._attempts:
+                if not job.future.done():
+                    job.future.set_exception(WorkerCrashed())
+            else:
+                state.pending.appendleft(job)
+                self._dispatch(state)
+        state.start(self._replace(state, worker))
+
+    async def _replace(self, state: _LoopState, old: _Worker) -> None:
+        slot = self._workers.index(old)
         quick = time.monotonic() - old.started < 10.0
         self._quick_deaths[slot] = self._quick_deaths[slot] + 1 if quick else 0
         if self._quick_deaths[slot] > 1:  # dying at start-up: do not spin
             await asyncio.sleep(min(_RESTART_BACKOFF_MAX_S, 0.1 * 2 ** self._quick_deaths[slot]))
-        old.close_streams()
+        old.detach()
         old.stop(timeout=0)
         log.warning("worker process %s exited (code %s); starting a new one",
                     old.process.pid, old.process.exitcode)
-        self._workers[slot] = self._spawn()
+        if self._closed or state.closed:
+            return
+        new = self._workers[slot] = self._spawn()
         self.restarts += 1
+        await self._attach(state, new)
 
     async def aclose(self, timeout: float = 30.0) -> None:
         """Let queued and running calls finish (up to `timeout`), then stop the workers."""
         state = self._state
         if state is not None and state.loop is asyncio.get_running_loop():
             deadline = time.monotonic() + timeout
-            while (self._busy or not state.queue.empty()) and time.monotonic() < deadline:
+            while (state.busy or state.pending) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            for runner in state.runners:
-                runner.cancel()
-            await asyncio.gather(*state.runners, return_exceptions=True)
+            state.closed = True
+            for task in list(state.tasks):
+                task.cancel()
+            await asyncio.gather(*state.tasks, return_exceptions=True)
             for worker in self._workers:
-                worker.close_streams()
+                worker.detach()
         await asyncio.to_thread(self.shutdown)
 
     def shutdown(self, timeout: float = 10.0) -> None:
