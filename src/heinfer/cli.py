@@ -306,6 +306,7 @@ def serve(
         log_level=log_level,
         log_config=logging_config(log_level),
         access_log=False,
+        proxy_headers=False,  # nothing uses client addresses: no per-request header rewrite
     )
 
 

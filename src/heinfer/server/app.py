@@ -46,9 +46,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -304,24 +302,14 @@ class _Admission:
         self._body_budget = settings.max_inflight_body_bytes
         self.body_bytes = 0
 
-    @asynccontextmanager
-    async def admit(self) -> AsyncIterator[None]:
+    def admit(self, request: Request, limit: int) -> _Admitted:
+        """Count the request in, with its body's size (Content-Length, else `limit`) in the
+        in-flight budget; 503 at once when either is full."""
         if self.admitted >= self._capacity:
             self._metrics.rejected.labels("busy").inc()
             raise ServiceUnavailableError(
                 "the service is at capacity; retry later", retry_after=self._retry_after
             )
-        self.admitted += 1
-        self._metrics.admitted.set(self.admitted)
-        try:
-            yield
-        finally:
-            self.admitted -= 1
-            self._metrics.admitted.set(self.admitted)
-
-    @asynccontextmanager
-    async def memory(self, request: Request, limit: int) -> AsyncIterator[None]:
-        """Reserve the body's size (Content-Length, else `limit`) in the in-flight budget."""
         declared = request.headers.get("content-length", "")
         size = min(int(declared), limit) if declared.isdigit() else limit
         if self.body_bytes and self.body_bytes + size > self._body_budget:
@@ -330,23 +318,20 @@ class _Admission:
                 "the service holds as many large requests as it may; retry later",
                 retry_after=self._retry_after,
             ))
-        self.body_bytes += size
-        try:
-            yield
-        finally:
-            self.body_bytes -= size
+        return _Admitted(self, size)
 
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    def slot(self) -> _Slot:
         """An evaluation slot, waited for at most `queue_timeout_seconds`."""
+        return _Slot(self)
+
+    async def acquire_slot(self) -> None:
         try:
             self._slots.acquire_nowait()  # the common case: a slot is free, no timer needed
         except anyio.WouldBlock:
             await self._wait_for_slot()
-        try:
-            yield
-        finally:
-            self._slots.release()
+
+    def release_slot(self) -> None:
+        self._slots.release()
 
     async def _wait_for_slot(self) -> None:
         try:
@@ -358,6 +343,33 @@ class _Admission:
                 "no evaluation slot became free in time; retry later",
                 retry_after=self._retry_after,
             ) from None
+
+
+class _Admitted:
+    """One admitted request's place (a class, not a generator: it is on every request)."""
+
+    def __init__(self, admission: _Admission, size: int) -> None:
+        self._admission = admission
+        self._size = size
+
+    def __enter__(self) -> None:
+        self._admission.admitted += 1
+        self._admission.body_bytes += self._size
+
+    def __exit__(self, *_: object) -> None:
+        self._admission.admitted -= 1
+        self._admission.body_bytes -= self._size
+
+
+class _Slot:
+    def __init__(self, admission: _Admission) -> None:
+        self._admission = admission
+
+    async def __aenter__(self) -> None:
+        await self._admission.acquire_slot()
+
+    async def __aexit__(self, *_: object) -> None:
+        self._admission.release_slot()
 
 
 @dataclass
@@ -432,21 +444,24 @@ async def _body(request: Request, limit: int, timeout: float) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _unread(PayloadTooLargeError(f"body of {declared[:20]} bytes exceeds the "
                                            f"{limit}-byte limit"))
-    chunks, size = [], 0
+    chunks, size, more = [], 0, True
     try:
         async with asyncio.timeout(timeout):
-            async for chunk in request.stream():
+            while more:  # ASGI messages as they come: Request.stream() adds a generator
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    raise BadInputError("the client disconnected while sending the body")
+                chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > limit:
                     raise _unread(PayloadTooLargeError(f"body exceeds the {limit}-byte limit"))
                 chunks.append(chunk)
+                more = message.get("more_body", False)
     except TimeoutError:
         raise _unread(
             _RequestTimeoutError(f"the body did not arrive within {timeout:g} s")
         ) from None
-    except ClientDisconnect:
-        raise BadInputError("the client disconnected while sending the body") from None
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 class _RequestTimeoutError(BadInputError):
@@ -526,13 +541,14 @@ class _Observe:
             request_id = f"{self._id_prefix}{next(self._id_counter):08x}"
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
+        id_bytes = request_id.encode()
         status = 500
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                MutableHeaders(scope=message)["X-Request-Id"] = request_id
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", id_bytes)]
             await send(message)
 
         try:
@@ -572,7 +588,7 @@ async def _infer(request: Request) -> Response:
     key_id = request.headers.get(KEY_ID_HEADER)
     if not key_id:
         raise KeyNotFoundError(f"send the key id from POST /v2/keys in {KEY_ID_HEADER}")
-    async with svc.admission.admit(), svc.admission.memory(request, settings.max_body_bytes):
+    with svc.admission.admit(request, settings.max_body_bytes):
         await svc.existing_key(tenant, key_id)
         body = await _body(request, settings.max_body_bytes, settings.body_timeout_seconds)
         if checks.opaque:
@@ -597,32 +613,10 @@ async def _infer(request: Request) -> Response:
     return Response(payload, media_type="application/octet-stream")
 
 
-class _InferFastPath:
-    """Pure ASGI middleware: inference POSTs go straight to `_infer`.
-
-    Below the user middleware FastAPI stacks an exception middleware, an exit-stack middleware,
-    the router's linear match, the endpoint wrapper and dependency solving: together about a
-    fifth of this process's CPU per inference (py-spy under load), and this process is the
-    one every worker's traffic passes through. Errors are mapped by the same handlers.
-    """
-
-    def __init__(self, app: ASGIApp, route: BaseRoute) -> None:
-        self.app = app
-        self.route = route
+class _InferEndpoint:
+    """`_infer` as a bare ASGI app, mapping its errors with the same handlers as the app's."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = None
-        if scope["type"] == "http" and scope["method"] == "POST":
-            path: str = scope["path"]
-            root = scope.get("root_path", "")
-            if root and path.startswith(root):
-                path = path[len(root) :]
-            match = _INFER_PATH.fullmatch(path)
-        if match is None:
-            await self.app(scope, receive, send)
-            return
-        scope["route"] = self.route
-        scope["path_params"] = {"name": match[1]}  # scope["path"] is already percent-decoded
         request = Request(scope, receive)
         try:
             response = await _infer(request)
@@ -631,6 +625,40 @@ class _InferFastPath:
         except Exception as exc:  # what ServerErrorMiddleware would do, minus the re-raise
             response = _unexpected_error(request, exc)
         await response(scope, receive, send)
+
+
+class _HeinferApp(FastAPI):
+    """FastAPI, except that inference POSTs skip its middleware stack.
+
+    Every inference passes through this one process, so its cost per request bounds the whole
+    service. FastAPI wraps each request in error, telemetry, body-limit, exception and
+    exit-stack middleware, a linear route match, an endpoint wrapper and dependency solving:
+    about a quarter of this process's CPU per inference (py-spy under load). Inference POSTs
+    go straight to `_infer` instead, observed by `_Observe` like every other route (request
+    id, metrics, log line), their errors mapped by the same handlers. The route itself stays
+    registered, so 405s, unknown paths and metric labels are unchanged.
+    """
+
+    infer_endpoint: ASGIApp | None = None  # `_Observe(_InferEndpoint())`, set by create_app
+    infer_route: BaseRoute | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = self.infer_endpoint
+        if endpoint is not None and scope["type"] == "http" and scope["method"] == "POST":
+            if self.root_path:
+                scope["root_path"] = self.root_path
+            path: str = scope["path"]
+            root = scope.get("root_path", "")
+            if root and path.startswith(root):
+                path = path[len(root) :]
+            match = _INFER_PATH.fullmatch(path)
+            if match is not None:
+                scope["app"] = self
+                scope["route"] = self.infer_route
+                scope["path_params"] = {"name": match[1]}  # the path is percent-decoded
+                await endpoint(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 # ------------------------------------------------------------------------------------------
@@ -661,9 +689,10 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         )
         metrics = _Metrics()
         metrics.worker_restarts.set_function(lambda: pool.restarts)
+        admission = _Admission(settings, metrics)
+        metrics.admitted.set_function(lambda: admission.admitted)
         app.state.service = _Service(
-            settings, manifests, checks, store, pool, tokens, _Admission(settings, metrics),
-            metrics,
+            settings, manifests, checks, store, pool, tokens, admission, metrics
         )
         try:
             yield
@@ -671,7 +700,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             await pool.aclose()
             store.close()
 
-    app = FastAPI(
+    app = _HeinferApp(
         title="heinfer", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None
     )
     app.add_exception_handler(HeinferError, _heinfer_error)
@@ -684,10 +713,10 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         return svc
 
     # The one route every inference takes: registered so that its path, methods and 405s
-    # behave like any other route, but POSTs reach it through `_InferFastPath`.
+    # behave like any other route, but POSTs reach it through `_HeinferApp.infer_endpoint`.
     app.add_api_route(INFER_ROUTE, _infer, methods=["POST"])
-    infer_route = next(r for r in app.router.routes if getattr(r, "path", None) == INFER_ROUTE)
-    app.add_middleware(_InferFastPath, route=infer_route)
+    app.infer_route = next(r for r in app.router.routes if getattr(r, "path", None) == INFER_ROUTE)
+    app.infer_endpoint = _Observe(_InferEndpoint())
     app.add_middleware(_Observe)
 
     @app.get("/v2/health/live")
@@ -735,7 +764,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         svc.manifest(model)
         checks = svc.checks[model]
         settings = svc.settings
-        async with svc.admission.admit(), svc.admission.memory(request, settings.max_key_bytes):
+        with svc.admission.admit(request, settings.max_key_bytes):
             body = await _body(request, settings.max_key_bytes, settings.body_timeout_seconds)
             checks.check_keys(model, body)
             key_id = key_id_for(body)
