@@ -32,9 +32,10 @@ import json
 import os
 import sys
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -49,6 +50,7 @@ from linear import Service
 RESULTS = Path(__file__).resolve().parent / "results"
 KEY_HEADER = "X-Heinfer-Key-Id"
 INFER_PATH = "/v2/models/mnist/infer"
+T = TypeVar("T")
 
 
 def _rss_mib(pid: int) -> float:
@@ -215,6 +217,17 @@ def _verify(clients: list[SimulatedClient]) -> dict[str, int]:
     return {"images_checked": checked, "images_agreeing": agreed}
 
 
+def _run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """On uvloop where installed (uvicorn[standard] brings it): the load generator then costs
+    about 0.10 ms of CPU per request instead of 0.16-0.20 ms on asyncio's loop (measured here),
+    CPU that on a 2-core machine is taken from the service under test."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is not built for every platform
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
 def _run_level(
     service: Service | RayReplicas,
     clients: list[SimulatedClient],
@@ -230,7 +243,7 @@ def _run_level(
     front0 = _cpu_seconds(pid)
     workers0 = sum(_cpu_seconds(w) for w in workers)
     own0 = time.process_time()
-    elapsed, errors = asyncio.run(_drive(service.url, clients, duration, loadgen))
+    elapsed, errors = _run_loop(_drive(service.url, clients, duration, loadgen))
     own = time.process_time() - own0
     front = _cpu_seconds(pid) - front0
     worker_cpu = sum(_cpu_seconds(w) for w in workers) - workers0
