@@ -293,7 +293,9 @@ class _Admission:
     """Bounded admission: running + queued requests never exceed a fixed number."""
 
     def __init__(self, settings: ServiceSettings, metrics: _Metrics) -> None:
-        self._slots = anyio.CapacityLimiter(settings.max_concurrent_requests)
+        # asyncio's semaphore: anyio's CapacityLimiter looks up the current task on every
+        # acquire and release, and this is on every request
+        self._slots = asyncio.Semaphore(settings.max_concurrent_requests)
         self._capacity = settings.max_concurrent_requests + settings.max_queued_requests
         self._queue_timeout = settings.queue_timeout_seconds
         self._retry_after = settings.retry_after_seconds
@@ -325,17 +327,17 @@ class _Admission:
         return _Slot(self)
 
     async def acquire_slot(self) -> None:
-        try:
-            self._slots.acquire_nowait()  # the common case: a slot is free, no timer needed
-        except anyio.WouldBlock:
+        if self._slots.locked():
             await self._wait_for_slot()
+        else:
+            await self._slots.acquire()  # the common case: free at once, no timer needed
 
     def release_slot(self) -> None:
         self._slots.release()
 
     async def _wait_for_slot(self) -> None:
         try:
-            with anyio.fail_after(self._queue_timeout):
+            async with asyncio.timeout(self._queue_timeout):
                 await self._slots.acquire()
         except TimeoutError:
             self._metrics.rejected.labels("queue_timeout").inc()
