@@ -46,6 +46,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -629,38 +630,64 @@ class _InferEndpoint:
         await response(scope, receive, send)
 
 
-class _HeinferApp(FastAPI):
-    """FastAPI, except that inference POSTs skip its middleware stack.
+class _InferFork:
+    """Inference POSTs straight to `_InferEndpoint`; every other request to FastAPI's stack."""
 
-    Every inference passes through this one process, so its cost per request bounds the whole
-    service. FastAPI wraps each request in error, telemetry, body-limit, exception and
-    exit-stack middleware, a linear route match, an endpoint wrapper and dependency solving:
-    about a quarter of this process's CPU per inference (py-spy under load). Inference POSTs
-    go straight to `_infer` instead, observed by `_Observe` like every other route (request
-    id, metrics, log line), their errors mapped by the same handlers. The route itself stays
-    registered, so 405s, unknown paths and metric labels are unchanged.
-    """
-
-    infer_endpoint: ASGIApp | None = None  # `_Observe(_InferEndpoint())`, set by create_app
-    infer_route: BaseRoute | None = None
+    def __init__(self, framework: ASGIApp, route: BaseRoute) -> None:
+        self.framework = framework
+        self.route = route
+        self.endpoint = _InferEndpoint()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        endpoint = self.infer_endpoint
-        if endpoint is not None and scope["type"] == "http" and scope["method"] == "POST":
-            if self.root_path:
-                scope["root_path"] = self.root_path
+        if scope["type"] == "http" and scope["method"] == "POST":
             path: str = scope["path"]
             root = scope.get("root_path", "")
             if root and path.startswith(root):
                 path = path[len(root) :]
             match = _INFER_PATH.fullmatch(path)
             if match is not None:
-                scope["app"] = self
-                scope["route"] = self.infer_route
+                scope["route"] = self.route
                 scope["path_params"] = {"name": match[1]}  # the path is percent-decoded
-                await endpoint(scope, receive, send)
+                await self.endpoint(scope, receive, send)
                 return
-        await super().__call__(scope, receive, send)
+        await self.framework(scope, receive, send)
+
+
+class _HeinferApp(FastAPI):
+    """FastAPI, except that inference POSTs skip FastAPI's own layers.
+
+    Every inference passes through this one process, so its cost per request bounds the whole
+    service. Around each request FastAPI puts a telemetry hook, error, telemetry, body-limit,
+    exception and exit-stack middleware, a linear route match, an endpoint wrapper and
+    dependency solving: about a quarter of this process's CPU per inference (py-spy under
+    load). Here the middleware added with `add_middleware` (`_Observe`; on Ray Serve the
+    replica header) wraps a fork: inference POSTs go straight to `_infer`, with errors mapped
+    by the same handlers, and everything else goes through FastAPI's stack unchanged. The
+    inference route stays registered, so 405s, unknown paths and metric labels are as for any
+    route. FastAPI's native OpenTelemetry hook is not used: the service exports Prometheus.
+    """
+
+    infer_route: BaseRoute | None = None  # set by create_app; None: plain FastAPI
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # lifespan and websockets as FastAPI does them
+            await super().__call__(scope, receive, send)
+            return
+        if self.root_path:
+            scope["root_path"] = self.root_path
+        await Starlette.__call__(self, scope, receive, send)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        user, self.user_middleware = self.user_middleware, []
+        try:
+            app = super().build_middleware_stack()
+        finally:
+            self.user_middleware = user
+        if self.infer_route is not None:
+            app = _InferFork(app, self.infer_route)
+        for cls, args, kwargs in reversed(user):
+            app = cls(app, *args, **kwargs)
+        return app
 
 
 # ------------------------------------------------------------------------------------------
@@ -715,10 +742,9 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         return svc
 
     # The one route every inference takes: registered so that its path, methods and 405s
-    # behave like any other route, but POSTs reach it through `_HeinferApp.infer_endpoint`.
+    # behave like any other route, but POSTs reach it through `_InferFork`.
     app.add_api_route(INFER_ROUTE, _infer, methods=["POST"])
     app.infer_route = next(r for r in app.router.routes if getattr(r, "path", None) == INFER_ROUTE)
-    app.infer_endpoint = _Observe(_InferEndpoint())
     app.add_middleware(_Observe)
 
     @app.get("/v2/health/live")
