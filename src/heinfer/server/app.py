@@ -562,14 +562,15 @@ class _Observe:
             svc: _Service | None = getattr(scope["app"].state, "service", None)
             if svc is not None:
                 svc.metrics.observe_request(route, status, elapsed)
-            log.info(
-                "request",
-                extra={
-                    "request_id": request_id, "method": scope.get("method"), "route": route,
-                    "status": status, "ms": round(elapsed * 1e3, 2),
-                    "tenant": state.get("tenant"),
-                },
-            )
+            if log.isEnabledFor(logging.INFO):  # the fields are not built for nothing
+                log.info(
+                    "request",
+                    extra={
+                        "request_id": request_id, "method": scope.get("method"),
+                        "route": route, "status": status, "ms": round(elapsed * 1e3, 2),
+                        "tenant": state.get("tenant"),
+                    },
+                )
 
 
 # ------------------------------------------------------------------------------------------
