@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import time
@@ -145,3 +146,17 @@ def test_a_call_left_running_by_a_finished_loop_never_answers_the_next_loop(
 
     asyncio.run(give_up())
     asyncio.run(ask())  # a late answer to spin() taken for echo's would fail here
+
+
+def test_one_call_at_a_time_goes_to_the_worker_idle_longest(
+    pool: ProcessPool, loop_kind: str
+) -> None:
+    """The other worker has finished its idle-time work; the one that just answered may be
+    in the middle of a step."""
+
+    async def main() -> None:
+        await asyncio.gather(*(pool.call(helpers.spin, 0.05) for _ in range(2)))  # both attached
+        pids = [await pool.call(helpers.spin, 0.0) for _ in range(6)]
+        assert all(a != b for a, b in itertools.pairwise(pids)), pids
+
+    _run(loop_kind, main)

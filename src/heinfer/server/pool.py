@@ -311,7 +311,7 @@ class ProcessPool:
             job = state.pending.popleft()
             if job.future.done():
                 continue
-            worker = state.idle.pop()
+            worker = state.idle.pop(0)  # the one idle longest: done with its idle-time work
             state.busy += 1
             worker.send(job)
 
