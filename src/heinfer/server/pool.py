@@ -221,7 +221,6 @@ class _LoopState:
     loop: asyncio.AbstractEventLoop
     pending: collections.deque[_Job] = field(default_factory=collections.deque)
     idle: list[_Worker] = field(default_factory=list)  # attached and not running a call
-    busy: int = 0  # calls running in workers
     tasks: set[asyncio.Task[None]] = field(default_factory=set)  # attaching, replacing
     closed: bool = False
 
@@ -312,7 +311,6 @@ class ProcessPool:
             if job.future.done():
                 continue
             worker = state.idle.pop(0)  # the one idle longest: done with its idle-time work
-            state.busy += 1
             worker.send(job)
 
     async def _attach(self, state: _LoopState, worker: _Worker) -> None:
@@ -332,7 +330,6 @@ class ProcessPool:
         job, worker.job = worker.job, None
         if job is None or state.closed:
             return
-        state.busy -= 1
         state.idle.append(worker)
         self._dispatch(state)  # the worker's next call first: it is idle until then
         if not job.future.done():
@@ -347,7 +344,6 @@ class ProcessPool:
             state.idle.remove(worker)
         job, worker.job = worker.job, None
         if job is not None:
-            state.busy -= 1
             job.attempts += 1
             if job.attempts >= self._attempts:
                 if not job.future.done():
@@ -378,7 +374,7 @@ class ProcessPool:
         state = self._state
         if state is not None and state.loop is asyncio.get_running_loop():
             deadline = time.monotonic() + timeout
-            while (state.busy or state.pending) and time.monotonic() < deadline:
+            while (state.pending or self._running()) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             state.closed = True
             for task in list(state.tasks):
@@ -387,6 +383,9 @@ class ProcessPool:
             for worker in self._workers:
                 worker.detach()
         await asyncio.to_thread(self.shutdown)
+
+    def _running(self) -> bool:
+        return any(worker.job is not None for worker in self._workers)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the workers now (each finishes the call it is running, if any)."""
