@@ -322,8 +322,8 @@ class ProcessPool:
         except OSError:
             self._lost(state, worker)
             return
-        if not state.closed and worker in self._workers:
-            state.idle.append(worker)
+        if not state.closed and not worker.gone and worker in self._workers:
+            state.idle.append(worker)  # (gone: its socket closed as it was attached)
             self._dispatch(state)
 
     def _answered(self, state: _LoopState, worker: _Worker, frame: bytearray) -> None:
