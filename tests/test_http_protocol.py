@@ -75,8 +75,7 @@ def test_uvicorn_with_the_service_protocol_answers_in_one_write() -> None:
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             real = self.transport._transport  # type: ignore[attr-defined]
-            write, writelines = real.write, real.writelines
-            self.transport._transport = _Forwarding(real, write, writelines, seen)  # type: ignore[attr-defined]
+            self.transport._transport = _Forwarding(real, seen)  # type: ignore[attr-defined]
 
     async def main() -> bytes:
         loop = asyncio.get_running_loop()
@@ -102,17 +101,17 @@ def test_uvicorn_with_the_service_protocol_answers_in_one_write() -> None:
 class _Forwarding:
     """Records each write reaching the real transport, then makes it."""
 
-    def __init__(self, real: Any, write: Any, writelines: Any, seen: list[tuple[str, Any]]):
-        self._real, self._write, self._writelines, self._seen = real, write, writelines, seen
+    def __init__(self, real: Any, seen: list[tuple[str, Any]]) -> None:
+        self._real, self._seen = real, seen
 
     def write(self, data: bytes) -> None:
         self._seen.append(("write", data))
-        self._write(data)
+        self._real.write(data)
 
     def writelines(self, parts: Any) -> None:
         parts = tuple(parts)
         self._seen.append(("writelines", parts))
-        self._writelines(parts)
+        self._real.writelines(parts)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
