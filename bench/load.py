@@ -13,7 +13,7 @@ milliseconds per request spent by the service's HTTP process, its workers and th
 generator, and the resident memory of the service and each worker; after each level it
 decrypts the last answer of every client and checks its argmax against the plaintext model.
 With `--rounds R` the worker configurations run R times in alternating order (1, 2, 2, 1, ...)
-and the scaling ratio is the median over rounds. Before all that it measures the compute-only
+and the scaling ratio is the median over rounds. Each round also measures the compute-only
 ceiling: evaluations/s of 1 and N independent processes with no service at all. Writes
 bench/results/load*.json and a plot. Everything is bounded in time and loopback-only.
 
@@ -399,24 +399,29 @@ def _evaluate_for(model_path: str, work: list[tuple[bytes, bytes]], seconds: flo
     return done
 
 
-def compute_ceiling(
-    model_path: Path, X: np.ndarray, processes: list[int], seconds: float, tenants: int
-) -> dict[int, float]:
-    """Evaluations/s of 1..N independent processes with no service around them, each cycling
-    through `tenants` keys: the most any serving layer could get from these cores (shared
-    caches and memory bandwidth included), measured in the same run as the HTTP numbers."""
-    import concurrent.futures
-    import multiprocessing
-
+def ceiling_work(model_path: Path, X: np.ndarray, tenants: int) -> list[tuple[bytes, bytes]]:
+    """(public key, request) of `tenants` different clients, for `compute_ceiling`."""
     from heinfer.he.backend import SecretKey
     from heinfer.plans.linear import LinearCodec
 
-    model = heinfer.load_model(model_path)
-    codec = LinearCodec(model.manifest)
+    codec = LinearCodec(heinfer.load_model(model_path).manifest)
     work = []
     for i in range(tenants):
         secret = SecretKey.generate(codec.context)
         work.append((secret.public_key_bytes(), codec.encrypt(secret, X[i : i + 1])[0]))
+    return work
+
+
+def compute_ceiling(
+    model_path: Path, work: list[tuple[bytes, bytes]], processes: list[int], seconds: float
+) -> dict[int, float]:
+    """Evaluations/s of 1..N independent processes with no service around them, each cycling
+    through the tenants' keys of `work`: the most any serving layer could get from these cores
+    (shared caches and memory bandwidth included). Measured in every round, beside the
+    service, because this VM's own 2-process scaling drifts (1.76-2.25x seen)."""
+    import concurrent.futures
+    import multiprocessing
+
     rates = {}
     for count in processes:
         context = multiprocessing.get_context("spawn")
@@ -426,7 +431,7 @@ def compute_ceiling(
             ]
             rates[count] = sum(job.result() for job in jobs) / seconds
         print(
-            f"compute only, {count} process(es), {tenants} keys: {rates[count]:.1f} "
+            f"compute only, {count} process(es), {len(work)} keys: {rates[count]:.1f} "
             "evaluations/s",
             flush=True,
         )
@@ -528,6 +533,24 @@ def _scaling(rounds: list[list[dict[str, Any]]]) -> dict[int, list[float]]:
     return ratios
 
 
+def mnist_model() -> tuple[Path, np.ndarray, np.ndarray]:
+    """The MNIST logistic regression compiled for serving, the test digits and their
+    plaintext scores."""
+    from sklearn.linear_model import LogisticRegression
+
+    import _mnist
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fitted = _mnist.model()
+    X, _ = _mnist.load("test")
+    estimator = LogisticRegression()
+    estimator.coef_, estimator.intercept_, estimator.classes_ = fitted.W, fitted.b, np.arange(10)
+    model_path = heinfer.compile(estimator, name="mnist", input_range=(0.0, 1.0)).save(
+        RESULTS / "mnist-load.heinfer"
+    )
+    return model_path, X, X @ fitted.W.T + fitted.b
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=20.0)
@@ -560,30 +583,19 @@ def main() -> None:
         "--batch", action="store_true", help="each request is one full coeff-batch (N images)"
     )
     args = parser.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    from sklearn.linear_model import LogisticRegression
-
-    import _mnist
-
-    fitted = _mnist.model()
-    X, _ = _mnist.load("test")
-    estimator = LogisticRegression()
-    estimator.coef_, estimator.intercept_, estimator.classes_ = fitted.W, fitted.b, np.arange(10)
-    model_path = heinfer.compile(estimator, name="mnist", input_range=(0.0, 1.0)).save(
-        RESULTS / "mnist-load.heinfer"
-    )
-    reference = X @ fitted.W.T + fitted.b
-    ceiling = None
+    model_path, X, reference = mnist_model()
+    work = None
     if not args.batch and len(args.workers) >= 2:
-        seconds = min(10.0, args.duration)
-        ceiling = compute_ceiling(
-            model_path, X, sorted(set(args.workers)), seconds, max(args.clients)
-        )
+        work = ceiling_work(model_path, X, max(args.clients))
+    ceilings: list[dict[int, float]] = []
     rounds = []
     for index in range(args.rounds):
         # Alternate the order: on a shared VM the machine's speed drifts over minutes, and a
         # fixed order would hand that drift to one configuration every time.
         order = args.workers if index % 2 == 0 else args.workers[::-1]
+        if work is not None:
+            seconds = min(10.0, args.duration)
+            ceilings.append(compute_ceiling(model_path, work, sorted(set(args.workers)), seconds))
         runs = {
             w: run(w, args.clients, args.duration, model_path, (X, reference), args)
             for w in order
@@ -600,10 +612,15 @@ def main() -> None:
             )
         report.append(ray_run)
     ratios = _scaling(rounds)
-    if ratios and ceiling is not None:
+    machine = []
+    if ratios and ceilings:
         base, best = args.workers[0], args.workers[-1]
-        print(f"compute-only ceiling: {best} processes / {base} = "
-              f"{ceiling[best] / ceiling[base]:.2f}x")
+        machine = [round(c[best] / c[base], 3) for c in ceilings]
+        listed = ", ".join(f"{v:.2f}" for v in machine)
+        print(
+            f"compute-only ceiling (no service): {best} processes / {base} = "
+            f"{float(np.median(machine)):.2f}x (per round: {listed})"
+        )
     out = {
         "loadavg": os.getloadavg(),
         "cpus": os.cpu_count(),
@@ -611,7 +628,8 @@ def main() -> None:
         "images_per_request": args.images_per_request,
         "loadgen": args.loadgen,
         "pinned": args.pin,
-        "compute_only_evaluations_per_s": ceiling,
+        "compute_only_evaluations_per_s_per_round": ceilings,
+        "compute_only_scaling_per_round": machine,
         "scaling_per_round": ratios,
         "rounds": rounds,
         "runs": report,
