@@ -19,19 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import heinfer.server.workers as service_workers
-from heinfer.cli import wait_ready
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from linear import Service, _free_port
+from linear import Service
 
 _real_infer = service_workers._infer
 _canned: bytes | None = None
@@ -54,21 +50,6 @@ def _serve(argv: list[str]) -> None:
     heinfer_main()
 
 
-class _CannedService(Service):
-    """bench/linear.py's Service, started through `_serve`."""
-
-    def __init__(self, model_path: Path, workers: int) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._keys = tempfile.TemporaryDirectory(prefix="heinfer-bench-front-")
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, "--serve", str(model_path), "--port", str(self.port),
-             "--workers", str(workers), "--key-store", self._keys.name,
-             "--log-level", "warning"],
-        )
-        wait_ready(self.url, self.process, 120, "service")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=15.0)
@@ -77,22 +58,21 @@ def main() -> None:
     args = parser.parse_args()
 
     import load
-    from load import RESULTS, _cpu_seconds, _prepare_clients, _run_level
+    from load import RESULTS, _prepare_clients, _run_level
 
     model_path, X, reference = load.mnist_model()
-    service = _CannedService(model_path, args.workers)
+    service = Service(model_path, args.workers, launcher=(__file__,))
     levels = []
     try:
         clients = _prepare_clients(service.url, max(args.clients), X, reference, False, 1)
         for level in args.clients:
             _run_level(service, clients[:level], min(3.0, args.duration), "raw", 1)
-            before, started = _cpu_seconds(service.process.pid), time.monotonic()
             result = _run_level(service, clients[:level], args.duration, "raw", 1)
-            busy = (_cpu_seconds(service.process.pid) - before) / (time.monotonic() - started)
             result = {k: v for k, v in result.items() if not k.startswith("images_")}
+            cpu = result["cpu_ms_per_request"]
+            busy = cpu["http_process"] * result["requests_per_s"] / 1e3
             result["http_process_busy_cores"] = busy
             levels.append(result)
-            cpu = result["cpu_ms_per_request"]
             print(
                 f"canned answers, workers={args.workers} clients={level}: "
                 f"{result['requests_per_s']:.0f} req/s, p50 {result['p50_ms']:.1f} ms, "
@@ -110,7 +90,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--serve":
+    if sys.argv[1:2] == ["serve"]:  # as Service launches it
         _serve(sys.argv[2:])
     else:
         main()

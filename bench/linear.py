@@ -169,14 +169,21 @@ class _Clock:
 
 
 class Service:
-    """`heinfer serve` on loopback; `cpus` confines it (HTTP process and workers) to those."""
+    """`heinfer serve` on loopback; `cpus` confines it (HTTP process and workers) to those;
+    `launcher` is what the interpreter runs in place of `-m heinfer` (bench/front.py's own)."""
 
-    def __init__(self, model_path: Path, workers: int, cpus: set[int] | None = None) -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        workers: int,
+        cpus: set[int] | None = None,
+        launcher: tuple[str, ...] = ("-m", "heinfer"),
+    ) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._keys = tempfile.TemporaryDirectory(prefix="heinfer-bench-")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "heinfer", "serve", str(model_path), "--port", str(self.port),
+            [sys.executable, *launcher, "serve", str(model_path), "--port", str(self.port),
              "--workers", str(workers), "--key-store", self._keys.name, "--log-level", "warning"],
             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         )
