@@ -198,6 +198,8 @@ def test_killed_worker_loses_no_request(
         after = worker_pids(service.pid)
         # only the killed worker is replaced; the other one kept its caches and kept serving
         assert len(after) == 2 and before[0] not in after and before[1] in after
+        if hasattr(os, "SCHED_BATCH"):  # the replacement is a batch task, as the first were
+            assert {os.sched_getscheduler(pid) for pid in after} == {os.SCHED_BATCH}
         assert metric(service.url, "heinfer_worker_restarts") >= 1
         # and again, both workers at once, while idle
         for pid in after:

@@ -65,6 +65,7 @@ _STATE: _WorkerState | None = None  # per worker process, never in the service p
 
 def _initialize(model_paths: list[str], store_url: str, cache_bytes: int) -> None:
     global _STATE
+    _batch_scheduling()
     _single_threaded_blas()
     models = {}
     for path in model_paths:
@@ -74,6 +75,16 @@ def _initialize(model_paths: list[str], store_url: str, cache_bytes: int) -> Non
         models[model.name] = model
     store = open_key_store(store_url, cache_bytes=0)
     _STATE = _WorkerState(models, store, OrderedDict(), 0, cache_bytes)
+
+
+def _batch_scheduling() -> None:
+    """Linux's SCHED_BATCH: evaluation is throughput work, and the service process that feeds
+    every worker must not wait behind one. A batch task that wakes never preempts the running
+    task, so a worker handed its next call lets the service process finish the request it is
+    on; unlike a nice value, the worker's share of the CPU is unchanged. With 2 workers on 2
+    cores this was worth 1.5-2.6% in throughput (bench: paired 6 s runs, 32 clients)."""
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not permitted
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
 
 
 def _single_threaded_blas() -> None:
