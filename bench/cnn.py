@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -72,7 +73,7 @@ def save_spec(spec: NetworkSpec, path: Path) -> None:
                 entry[k] = v
         meta.append(entry)
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    np.savez(path, **arrays)
+    np.savez(path, **cast(dict[str, Any], arrays))  # numpy's stub reads ** as allow_pickle
 
 
 def load_spec(path: Path) -> NetworkSpec:
@@ -89,8 +90,8 @@ def load_spec(path: Path) -> NetworkSpec:
 
 
 def bench_heinfer(
-    spec: NetworkSpec, Xtr: np.ndarray, Xte: np.ndarray, args
-) -> tuple[dict, NetworkPlan]:
+    spec: NetworkSpec, Xtr: np.ndarray, Xte: np.ndarray, args: argparse.Namespace
+) -> tuple[dict[str, Any], NetworkPlan]:
     t = time.perf_counter()
     plan = compile_network(spec, "mnist-cnn", calibration=Xtr[:2000])
     compile_s = time.perf_counter() - t
@@ -197,7 +198,9 @@ def bench_batch(spec: NetworkSpec, plan: NetworkPlan, X: np.ndarray) -> dict:
     }
 
 
-def tenseal_tutorial(Xtr, ytr, Xte, yte, args) -> dict:
+def tenseal_tutorial(
+    Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.ndarray, args: argparse.Namespace
+) -> dict[str, Any]:
     """TenSEAL's 'Encrypted convolution on MNIST' tutorial model and HE evaluation."""
     import tenseal as ts
     import torch
@@ -206,13 +209,13 @@ def tenseal_tutorial(Xtr, ytr, Xte, yte, args) -> dict:
     torch.set_num_threads(2)
 
     class ConvNet(torch.nn.Module):
-        def __init__(self, hidden=64, output=10):
+        def __init__(self, hidden: int = 64, output: int = 10) -> None:
             super().__init__()
             self.conv1 = torch.nn.Conv2d(1, 4, kernel_size=7, padding=0, stride=3)
             self.fc1 = torch.nn.Linear(256, hidden)
             self.fc2 = torch.nn.Linear(hidden, output)
 
-        def forward(self, x):
+        def forward(self, x: Any) -> Any:
             x = self.conv1(x)
             x = x * x
             x = x.view(-1, 256)
@@ -252,6 +255,7 @@ def tenseal_tutorial(Xtr, ytr, Xte, yte, args) -> dict:
     key_bytes = len(public.serialize(save_galois_keys=True, save_relin_keys=True))
 
     w_conv = model.conv1.weight.data.view(4, 7, 7).tolist()
+    assert model.conv1.bias is not None  # Conv2d's default bias=True
     b_conv = model.conv1.bias.data.tolist()
     fc1_w = model.fc1.weight.T.data.tolist()
     fc1_b = model.fc1.bias.data.tolist()

@@ -38,7 +38,7 @@ import heinfer
 import peers
 from heinfer.cli import wait_ready
 from heinfer.he.backend import SecretKey
-from heinfer.plans.linear import BATCH_LAYOUT_KIND, LAYOUT_KIND, LinearCodec
+from heinfer.plans.linear import BATCH_LAYOUT_KIND, LAYOUT_KIND, LinearCodec, LinearPlan
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -47,6 +47,11 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _linear_plan(model: heinfer.EncryptedModel) -> LinearPlan:
+    assert isinstance(model.plan, LinearPlan), "this benchmark is for linear models"
+    return model.plan
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -58,14 +63,15 @@ def measure_heinfer_local(model: heinfer.EncryptedModel, X: np.ndarray, n: int) 
     codec = LinearCodec(model.manifest)
     secret = SecretKey.generate(codec.context)
     public = secret.public_key_bytes()
-    key = model.plan.load_key(public)
+    plan = _linear_plan(model)
+    key = plan.load_key(public)
     encrypt_ms, server_ms, decrypt_ms, scores = [], [], [], []
     request = response = b""
     for x in X[:n]:
         t0 = time.perf_counter()
         request = codec.encrypt(secret, x[None])[0]
         t1 = time.perf_counter()
-        response = model.plan.evaluate(request, key)
+        response = plan.evaluate(request, key)
         t2 = time.perf_counter()
         scores.append(codec.decrypt(secret, response))
         t3 = time.perf_counter()
@@ -96,7 +102,8 @@ def measure_batch_local(
     """The coeff-batch layout in process: full batches of N images, per-image figures."""
     codec = LinearCodec(model.manifest)
     secret = SecretKey.generate(codec.context)
-    key = model.plan.load_key(secret.public_key_bytes())
+    plan = _linear_plan(model)
+    key = plan.load_key(secret.public_key_bytes())
     size = codec.batch_capacity
     batch = np.resize(X, (size, X.shape[1]))  # the test digits, repeated up to N images
     encrypt_s, server_s, decrypt_s = [], [], []
@@ -106,7 +113,7 @@ def measure_batch_local(
         t0 = time.perf_counter()
         request = codec.encrypt_batch(secret, batch)
         t1 = time.perf_counter()
-        response = model.plan.evaluate_batch(request, size, key)
+        response = plan.evaluate_batch(request, size, key)
         t2 = time.perf_counter()
         scores = codec.decrypt_batch(secret, response, size)
         t3 = time.perf_counter()
@@ -248,7 +255,7 @@ def measure_heinfer_http(
         with _Clock(service.process.pid) as clock:
             payloads = [client.infer(body) for body in rowpack]
         scores = np.concatenate([client.decrypt(p) for p in payloads])
-        per_sample = {
+        per_sample: dict[str, Any] = {
             "layout": LAYOUT_KIND, "images": len(X), "images_per_request": chunk,
             "request_bytes_per_image": sum(map(len, rowpack)) / len(X),
             "response_bytes_per_image": sum(map(len, payloads)) / len(X),
@@ -270,7 +277,7 @@ def measure_heinfer_http(
         with _Clock(service.process.pid) as clock, ThreadPoolExecutor(workers) as pool:
             payloads = list(pool.map(client.infer, batch_bodies))
         scores = np.concatenate([client.decrypt(p) for p in payloads])
-        batch = {
+        batch: dict[str, Any] = {
             "layout": BATCH_LAYOUT_KIND, "images": len(big), "images_per_request": size,
             "requests_in_flight": workers,
             "request_bytes_per_image": sum(map(len, batch_bodies)) / len(big),
@@ -405,7 +412,7 @@ def main() -> None:
         rows.append(peers.run_peer("encrypted-inference 0.9", peers.measure_encrypted_inference,
                                    fitted.W, fitted.b, Xte, n=2 if few else 5))
     targets = _targets(local, http, rows)
-    report = {
+    report: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
         "model": {"train_accuracy": fitted.train_accuracy, "test_accuracy": fitted.test_accuracy,

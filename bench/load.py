@@ -33,7 +33,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import heinfer
 from heinfer.cli import wait_ready
+from heinfer.plans.linear import LinearPlan
 from linear import Service
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -198,6 +199,10 @@ def _parse_head(head: bytes) -> tuple[int, int, bool]:
     return int(lines[0][9:12]), length, close
 
 
+def _factory(protocol: _RawConnection) -> Callable[[], _RawConnection]:
+    return lambda: protocol
+
+
 async def _raw_client(
     url: str, sim: SimulatedClient, deadline: float, errors: dict[str, int]
 ) -> None:
@@ -216,7 +221,7 @@ async def _raw_client(
     while time.monotonic() < deadline:
         connection = _RawConnection(sim, heads, deadline, errors)
         try:
-            await loop.create_connection(lambda made=connection: made, host, port)
+            await loop.create_connection(_factory(connection), host, port)
         except OSError as exc:
             errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
             await asyncio.sleep(0.05)
@@ -389,6 +394,7 @@ def _evaluate_for(model_path: str, work: list[tuple[bytes, bytes]], seconds: flo
 
     threadpool_limits(1)  # as in the service's workers
     plan = heinfer.load_model(model_path).plan
+    assert isinstance(plan, LinearPlan), "the ceiling is measured on the linear MNIST model"
     pairs = [(plan.load_key(key), record) for key, record in work]
     plan.evaluate(pairs[0][1], pairs[0][0])  # warm
     done, deadline = 0, time.monotonic() + seconds
