@@ -49,7 +49,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _linear_plan(model: heinfer.EncryptedModel) -> LinearPlan:
+def linear_plan(model: heinfer.EncryptedModel) -> LinearPlan:
     assert isinstance(model.plan, LinearPlan), "this benchmark is for linear models"
     return model.plan
 
@@ -63,7 +63,7 @@ def measure_heinfer_local(model: heinfer.EncryptedModel, X: np.ndarray, n: int) 
     codec = LinearCodec(model.manifest)
     secret = SecretKey.generate(codec.context)
     public = secret.public_key_bytes()
-    plan = _linear_plan(model)
+    plan = linear_plan(model)
     key = plan.load_key(public)
     encrypt_ms, server_ms, decrypt_ms, scores = [], [], [], []
     request = response = b""
@@ -102,7 +102,7 @@ def measure_batch_local(
     """The coeff-batch layout in process: full batches of N images, per-image figures."""
     codec = LinearCodec(model.manifest)
     secret = SecretKey.generate(codec.context)
-    plan = _linear_plan(model)
+    plan = linear_plan(model)
     key = plan.load_key(secret.public_key_bytes())
     size = codec.batch_capacity
     batch = np.resize(X, (size, X.shape[1]))  # the test digits, repeated up to N images

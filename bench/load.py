@@ -46,8 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import heinfer
 from heinfer.cli import wait_ready
-from heinfer.plans.linear import LinearPlan
-from linear import Service
+from heinfer.he.backend import SecretKey
+from heinfer.plans.linear import LinearCodec
+from linear import Service, linear_plan
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KEY_HEADER = "X-Heinfer-Key-Id"
@@ -393,8 +394,7 @@ def _evaluate_for(model_path: str, work: list[tuple[bytes, bytes]], seconds: flo
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(1)  # as in the service's workers
-    plan = heinfer.load_model(model_path).plan
-    assert isinstance(plan, LinearPlan), "the ceiling is measured on the linear MNIST model"
+    plan = linear_plan(heinfer.load_model(model_path))
     pairs = [(plan.load_key(key), record) for key, record in work]
     plan.evaluate(pairs[0][1], pairs[0][0])  # warm
     done, deadline = 0, time.monotonic() + seconds
@@ -407,9 +407,6 @@ def _evaluate_for(model_path: str, work: list[tuple[bytes, bytes]], seconds: flo
 
 def ceiling_work(model_path: Path, X: np.ndarray, tenants: int) -> list[tuple[bytes, bytes]]:
     """(public key, request) of `tenants` different clients, for `compute_ceiling`."""
-    from heinfer.he.backend import SecretKey
-    from heinfer.plans.linear import LinearCodec
-
     codec = LinearCodec(heinfer.load_model(model_path).manifest)
     work = []
     for i in range(tenants):
