@@ -2,7 +2,7 @@
 
     python bench/load.py [--duration 20] [--clients 1 8 32] [--workers 1 2]
                          [--images-per-request 1] [--loadgen raw|httpx] [--batch] [--ray]
-                         [--pin] [--rounds 1]
+                         [--pin] [--rounds 1] [--pairs K [--pair-seconds 6]]
 
 For each worker count it starts a real `heinfer serve` on loopback, gives every simulated
 client its own key (uploaded once), pre-encrypts a few request bodies per client (so the load
@@ -13,8 +13,10 @@ milliseconds per request spent by the service's HTTP process, its workers and th
 generator, and the resident memory of the service and each worker; after each level it
 decrypts the last answer of every client and checks its argmax against the plaintext model.
 With `--rounds R` the worker configurations run R times in alternating order (1, 2, 2, 1, ...)
-and the scaling ratio is the median over rounds. Each round also measures the compute-only
-ceiling: evaluations/s of 1 and N independent processes with no service at all. Writes
+and the scaling ratio is the median over rounds. `--pairs K` measures only that ratio, at the
+top client level, from K pairs of adjacent windows with both services up at once (less exposed
+to the VM's drift than restarting a service per configuration). Each round also measures the
+compute-only ceiling: evaluations/s of 1 and N independent processes with no service at all. Writes
 bench/results/load*.json and a plot. Everything is bounded in time and loopback-only.
 
 The default load generator (`raw`) writes pre-encoded HTTP/1.1 requests on keep-alive
@@ -490,6 +492,89 @@ def run(
         service.stop()
 
 
+def interleaved_scaling(
+    model_path: Path,
+    data: tuple[np.ndarray, np.ndarray],
+    options: argparse.Namespace,
+) -> dict[str, Any]:
+    """The scaling ratio from adjacent windows: both services run at once (the idle one costs
+    nothing), and the load alternates between them in short windows, in A B B A order.
+
+    Restarting a service per configuration puts half a minute between the two measurements of
+    a ratio, over which this VM's speed drifts by 10-20%; adjacent windows a few seconds apart
+    share most of that drift, and the ABBA order cancels a linear trend within a pair."""
+    base, best = options.workers[0], options.workers[-1]
+    count = max(options.clients)
+    services: dict[int, Service] = {}
+    try:
+        for workers in (base, best):
+            cpus = set(sorted(os.sched_getaffinity(0))[:workers]) if options.pin else None
+            services[workers] = Service(model_path, workers, cpus)
+        X, reference = data
+        clients = {
+            w: _prepare_clients(s.url, count, X, reference, False, options.images_per_request)
+            for w, s in services.items()
+        }
+        windows: dict[int, list[dict[str, Any]]] = {base: [], best: []}
+        for index in range(options.pairs):
+            for workers in (base, best) if index % 2 == 0 else (best, base):
+                service, sims = services[workers], clients[workers]
+                # the other service's queue has just drained: one second to settle first
+                _run_level(service, sims, 1.0, options.loadgen, options.images_per_request)
+                windows[workers].append(
+                    _run_level(
+                        service, sims, options.pair_seconds, options.loadgen,
+                        options.images_per_request,
+                    )
+                )
+            low, high = windows[base][-1], windows[best][-1]
+            print(
+                f"pair {index + 1}/{options.pairs}: {low['requests_per_s']:.1f} and "
+                f"{high['requests_per_s']:.1f} req/s, ratio "
+                f"{high['requests_per_s'] / low['requests_per_s']:.3f}",
+                flush=True,
+            )
+        for sims in clients.values():
+            for sim in sims:
+                sim.client.close()
+    finally:
+        for service in services.values():
+            service.stop()
+    ratios = [
+        high["requests_per_s"] / low["requests_per_s"]
+        for low, high in zip(windows[base], windows[best], strict=True)
+    ]
+    errors = sum(sum(w["errors"].values()) for runs in windows.values() for w in runs)
+    checked = sum(w["images_checked"] for runs in windows.values() for w in runs)
+    agreeing = sum(w["images_agreeing"] for runs in windows.values() for w in runs)
+    q1, median, q3 = (float(v) for v in np.percentile(ratios, [25, 50, 75]))
+    print(
+        f"interleaved, clients={count}: {best} workers / {base} = {median:.3f}x throughput "
+        f"(median of {len(ratios)} pairs of {options.pair_seconds:g} s windows; mean "
+        f"{float(np.mean(ratios)):.3f}, quartiles {q1:.3f}-{q3:.3f}, range "
+        f"{min(ratios):.3f}-{max(ratios):.3f}); errors {errors}; argmax {agreeing}/{checked}"
+    )
+    return {
+        "clients": count,
+        "workers": [base, best],
+        "pinned": options.pin,
+        "pair_seconds": options.pair_seconds,
+        "ratios": [round(r, 4) for r in ratios],
+        "median": median,
+        "mean": float(np.mean(ratios)),
+        "quartiles": [q1, q3],
+        "errors": errors,
+        "images_checked": checked,
+        "images_agreeing": agreeing,
+        "requests_per_s": {
+            str(w): [round(r["requests_per_s"], 2) for r in runs] for w, runs in windows.items()
+        },
+        "cpu_ms_per_request": {
+            str(w): [r["cpu_ms_per_request"] for r in runs] for w, runs in windows.items()
+        },
+    }
+
+
 def _plot(report: list[dict[str, Any]], path: Path, unit: str) -> None:
     try:
         import matplotlib
@@ -585,8 +670,24 @@ def main() -> None:
     parser.add_argument(
         "--batch", action="store_true", help="each request is one full coeff-batch (N images)"
     )
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=0,
+        help="instead of the levels: the scaling ratio at the top client level from this many "
+        "pairs of adjacent windows, both services running at once (see interleaved_scaling)",
+    )
+    parser.add_argument("--pair-seconds", type=float, default=6.0)
     args = parser.parse_args()
     model_path, X, reference = mnist_model()
+    if args.pairs:
+        if args.batch or args.ray or len(args.workers) < 2:
+            parser.error("--pairs compares two worker counts; it takes no --batch or --ray")
+        result = interleaved_scaling(model_path, (X, reference), args)
+        result["loadavg"] = os.getloadavg()
+        name = "load-interleaved" + ("-pinned" if args.pin else "")
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
+        return
     work = None
     if not args.batch and len(args.workers) >= 2:
         work = ceiling_work(model_path, X, max(args.clients))
