@@ -13,8 +13,8 @@ import pytest
 from scipy.stats import chisquare
 
 import heinfer
-from heinfer.he.backend import SecretKey
-from heinfer.plans.linear import LinearCodec
+from heinfer.he.backend import NegacyclicProduct, SecretKey
+from heinfer.plans.linear import SEAL_NOISE_SIGMA, LinearCodec
 from service_helpers import protections
 
 
@@ -68,6 +68,34 @@ def test_result_c1_does_not_reveal_weights(setup: dict[str, Any]) -> None:
     with protections(setup["plan"], rerandomize=False):
         assert _weights_recovered_fraction(setup) == 1.0  # the attack works without re-randomizing
     assert _weights_recovered_fraction(setup) < 0.001
+
+
+def test_request_error_has_the_variance_the_noise_budget_assumes(
+    mnist_model: heinfer.EncryptedModel, mnist: dict[str, np.ndarray]
+) -> None:
+    """The flooding bound is 2^40 x a tail bound with sigma = SEAL_NOISE_SIGMA on the error of
+    SEAL's own per-sample encryptions: measure that error (c0 + c1*s - round(q*m/t)) with the
+    secret key. SEAL 4.1 samples a centered binomial of variance 10.5; the 3.2 of its Gaussian
+    option (variance 10.24) sits 7 standard errors below what 40 encryptions measure."""
+    codec = LinearCodec(mnist_model.manifest)
+    context = codec.context
+    secret = SecretKey.generate(context)
+    q = context.params.data_primes[0]
+    product = NegacyclicProduct(secret.ternary())
+    X = mnist["X_test"][:40]
+    errors = []
+    for x_int, record in zip(codec.quantize(X), codec.encrypt(secret, X), strict=True):
+        c0, c1 = context.ciphertext_arrays(context.load_request(record).ciphertext)[:, 0]
+        message = np.zeros(context.n, dtype=np.int64)
+        message[: x_int.size] = x_int
+        scaled = context.scale_plain(message)[0]
+        c1_s = product.multiply(c1[np.newaxis], q)[0]
+        error = (c0.astype(object) + c1_s.astype(object) - scaled.astype(object)) % q
+        errors.extend(int(v) - q if v > q // 2 else int(v) for v in error)
+    measured = np.array(errors, dtype=np.float64)
+    assert np.abs(measured).max() <= 21
+    assert abs(measured.mean()) < 0.05
+    assert measured.var() == pytest.approx(SEAL_NOISE_SIGMA**2, abs=0.15)
 
 
 def _output_deviation(

@@ -74,10 +74,10 @@ __all__ = [
 LAYOUT_KIND = "coeff-rowpack"
 BATCH_LAYOUT_KIND = "coeff-batch"
 FLOODING_BITS = 40
-SEAL_NOISE_SIGMA = 3.2
-# The batch layout's client error is SEAL 4.1's default centered binomial (21 + 21 bits),
-# sub-Gaussian with variance proxy 21/2 (Hoeffding); SEAL's own encryptions measure the same.
-BATCH_NOISE_SIGMA = math.sqrt(CBD_VARIANCE)
+# The client's encryption error, in both layouts: SEAL 4.1's default centered binomial (21 + 21
+# bits; the batch layout samples the same in numpy), sub-Gaussian with variance proxy 21/2
+# (Hoeffding), so sigma = 3.24 in the tail bounds, not the 3.2 of SEAL's Gaussian option.
+SEAL_NOISE_SIGMA = math.sqrt(CBD_VARIANCE)
 _RING_DEGREES = (4096, 8192, 16384, 32768)
 _SPECIAL_PRIME_BITS = 20
 _MIN_SPECIAL_PRIME_BITS = 17
@@ -192,7 +192,7 @@ def _batch_budget(
     value_bound = float(np.max(np.abs(w_int).sum(axis=1) * x_max_int + np.abs(b_int)))
     z = _tail_factor(FLOODING_BITS, degree * w_int.shape[0])
     w = w_int.astype(np.float64)
-    per_row = z * BATCH_NOISE_SIGMA * np.sqrt((w**2).sum(axis=1)) + 0.5 * np.abs(w).sum(axis=1)
+    per_row = z * SEAL_NOISE_SIGMA * np.sqrt((w**2).sum(axis=1)) + 0.5 * np.abs(w).sum(axis=1)
     leak = float(per_row.max())
     flood = 1 << max(1, math.ceil(math.log2(leak * 2.0**FLOODING_BITS)))
     return _moduli(value_bound, leak, flood, z, degree, eta_target)
@@ -526,7 +526,8 @@ def compile_linear(
             notes=(
                 "results are re-randomized with a fresh public-key encryption of zero; output "
                 "noise is flooded 2^40 above a tail bound of e_x*W (honest-but-curious client, "
-                "SEAL's sigma=3.2 error); non-output coefficients are masked and not sent"
+                "SEAL's centered binomial error, sigma 3.24); non-output coefficients are "
+                "masked and not sent"
             ),
         ),
         max_batch=max_batch,
