@@ -58,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import load
-    from load import RESULTS, _prepare_clients, _run_level
+    from load import RESULTS, _prepare_clients, measure_level
 
     model_path, X, reference = load.mnist_model()
     service = Service(model_path, args.workers, launcher=(__file__,))
@@ -66,8 +66,9 @@ def main() -> None:
     try:
         clients = _prepare_clients(service.url, max(args.clients), X, reference, False, 1)
         for level in args.clients:
-            _run_level(service, clients[:level], min(3.0, args.duration), "raw", 1)
-            result = _run_level(service, clients[:level], args.duration, "raw", 1)
+            result = measure_level(
+                service, clients[:level], args.duration, min(3.0, args.duration)
+            )
             result = {k: v for k, v in result.items() if not k.startswith("images_")}
             cpu = result["cpu_ms_per_request"]
             busy = cpu["http_process"] * result["requests_per_s"] / 1e3

@@ -335,6 +335,20 @@ def _run_level(
     }
 
 
+def measure_level(
+    service: Service | RayReplicas,
+    clients: list[SimulatedClient],
+    seconds: float,
+    warmup: float,
+    loadgen: str = "raw",
+    images: int = 1,
+) -> dict[str, Any]:
+    """`_run_level` after `warmup` seconds of the same load, which are not counted: queues,
+    connections and caches reach their steady state first."""
+    _run_level(service, clients, warmup, loadgen, images)
+    return _run_level(service, clients, seconds, loadgen, images)
+
+
 class RayReplicas:
     """`heinfer serve --ray` with two single-worker replicas (one per node) on the two-node
     loopback cluster of .ci/services/ray.sh; requests go through Serve's HTTP proxy."""
@@ -467,9 +481,10 @@ def run(
         images = clients[0].client.batch_capacity if options.batch else options.images_per_request
         results = []
         for level in levels:
-            _run_level(service, clients[:level], min(3.0, duration), options.loadgen, images)
             results.append(
-                _run_level(service, clients[:level], duration, options.loadgen, images)
+                measure_level(
+                    service, clients[:level], duration, min(3.0, duration), options.loadgen, images
+                )
             )
             r = results[-1]
             cpu = r["cpu_ms_per_request"]
@@ -518,13 +533,11 @@ def interleaved_scaling(
         windows: dict[int, list[dict[str, Any]]] = {base: [], best: []}
         for index in range(options.pairs):
             for workers in (base, best) if index % 2 == 0 else (best, base):
-                service, sims = services[workers], clients[workers]
                 # the other service's queue has just drained: one second to settle first
-                _run_level(service, sims, 1.0, options.loadgen, options.images_per_request)
                 windows[workers].append(
-                    _run_level(
-                        service, sims, options.pair_seconds, options.loadgen,
-                        options.images_per_request,
+                    measure_level(
+                        services[workers], clients[workers], options.pair_seconds, 1.0,
+                        options.loadgen, options.images_per_request,
                     )
                 )
             low, high = windows[base][-1], windows[best][-1]
@@ -692,13 +705,13 @@ def main() -> None:
     if not args.batch and len(args.workers) >= 2:
         work = ceiling_work(model_path, X, max(args.clients))
     ceilings: list[dict[int, float]] = []
+    seconds = min(10.0, args.duration)  # per compute-only ceiling measurement
     rounds = []
     for index in range(args.rounds):
         # Alternate the order: on a shared VM the machine's speed drifts over minutes, and a
         # fixed order would hand that drift to one configuration every time.
         order = args.workers if index % 2 == 0 else args.workers[::-1]
         if work is not None:
-            seconds = min(10.0, args.duration)
             ceilings.append(compute_ceiling(model_path, work, sorted(set(args.workers)), seconds))
         runs = {
             w: run(w, args.clients, args.duration, model_path, (X, reference), args)
