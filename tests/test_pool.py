@@ -160,3 +160,54 @@ def test_one_call_at_a_time_goes_to_the_worker_idle_longest(
         assert all(a != b for a, b in itertools.pairwise(pids)), pids
 
     _run(loop_kind, main)
+
+
+def test_a_busy_worker_holds_one_small_call_behind_its_own_and_no_large_one(
+    loop_kind: str,
+) -> None:
+    pool = ProcessPool(1, helpers.initialize)
+
+    async def main() -> None:
+        await pool.call(helpers.spin, 0.0)  # attached
+        worker = pool._workers[0]
+        small = [asyncio.ensure_future(pool.call(helpers.spin, 0.3)) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        assert len(worker.jobs) == 2  # running one, holding the next; the third waits here
+        assert set(await asyncio.gather(*small)) == set(pool.pids())
+        big = b"x" * (1 << 20)
+        calls = [
+            asyncio.ensure_future(pool.call(helpers.spin, 0.3)),
+            asyncio.ensure_future(pool.call(helpers.echo, big)),
+        ]
+        await asyncio.sleep(0.1)
+        assert len(worker.jobs) == 1  # a large call waits here until the worker is free
+        _pid, (_, back) = await asyncio.gather(*calls)
+        assert back == big
+
+    try:
+        _run(loop_kind, main)
+    finally:
+        pool.shutdown()
+
+
+def test_a_held_call_is_not_charged_for_the_death_of_the_call_ahead_of_it(
+    loop_kind: str,
+) -> None:
+    """A call that died every time it ran is reported; the call each dead worker was holding
+    never started, so it is re-queued with its attempts untouched and answered."""
+    pool = ProcessPool(1, helpers.initialize)
+
+    async def main() -> None:
+        await pool.call(helpers.spin, 0.0)
+        doomed = asyncio.ensure_future(pool.call(helpers.always_die))
+        held = asyncio.ensure_future(pool.call(helpers.echo, b"held"))
+        with pytest.raises(WorkerCrashed):
+            await doomed
+        _pid, back = await asyncio.wait_for(held, 60)
+        assert back == b"dleh"
+        assert pool.restarts == 2
+
+    try:
+        _run(loop_kind, main)
+    finally:
+        pool.shutdown()

@@ -10,6 +10,18 @@ before it wakes the caller: no task, queue or stream per call. A worker that die
 idle) is noticed as its socket closing, replaced, and its call retried on the fresh worker
 (`WorkerCrashed` once the attempts are used up).
 
+When every worker is busy, each also gets the next small call to hold behind the one it runs,
+and the event loop naps between iterations while all of them hold one. Each worker then goes
+from call to call without waiting for this process, and this process wakes once per nap for
+everything that arrived meanwhile, instead of once or twice per request. Where this process
+shares cores with the workers, each wake-up preempts a worker and runs on cold caches. On 2
+cores, 2 workers, 32 clients, against the pool without holding and naps in alternating 6 s
+windows: 1.7 -> 0.75 voluntary context switches per request here; CPU per request -10% and
+-16% here, -1% and -4% in the workers; requests/s +0% and +4.6% (medians of 14 and 20 pairs).
+Only small calls wait behind small calls, so a long batch shard never holds a short call back;
+a held call cannot move to another worker that frees up first, which costs nothing when calls
+of that size take about the same time (here: single samples of a linear model).
+
 Only our own processes are ever on the other end of these sockets (spawned children), so the
 pickles they carry are as trusted as the code itself; nothing from the network is unpickled.
 """
@@ -39,6 +51,9 @@ log = logging.getLogger("heinfer.pool")
 _HEADER = struct.Struct("<Q")  # message length; 0 asks the worker to exit
 _RESTART_BACKOFF_MAX_S = 5.0
 _ONE_WRITE_BYTES = 1 << 20
+_QUEUE_BEHIND_MAX_BYTES = 1 << 18  # calls this small may wait in a busy worker's socket
+_NAP_MAX_S = 0.004
+_NAP_MIN_S = 0.0005  # calls shorter than twice this: naps would cost more than they save
 
 
 class WorkerCrashed(Exception):
@@ -157,6 +172,11 @@ class _Job:
     payload: bytes
     future: asyncio.Future[bytearray]
     attempts: int = 0
+    started: float = 0.0  # when its worker began it (monotonic)
+
+    @property
+    def small(self) -> bool:
+        return len(self.payload) <= _QUEUE_BEHIND_MAX_BYTES
 
 
 class _Worker:
@@ -179,8 +199,20 @@ class _Worker:
         parent.close()
         self.started = time.monotonic()
         self.link: _Link | None = None
-        self.job: _Job | None = None
+        self.jobs: collections.deque[_Job] = collections.deque()  # running first, then held
         self.gone = False  # its socket closed: it is being replaced
+
+    @property
+    def job(self) -> _Job | None:
+        """The call it is running, if any."""
+        return self.jobs[0] if self.jobs else None
+
+    def can_hold(self, job: _Job) -> bool:
+        """Whether `job` may wait behind the one small call this worker is running."""
+        return (
+            job.small and len(self.jobs) == 1 and self.jobs[0].small
+            and not self.gone and self.link is not None
+        )
 
     async def connect(
         self, on_frame: Callable[[bytearray], None], on_lost: Callable[[], None]
@@ -194,7 +226,9 @@ class _Worker:
 
     def send(self, job: _Job) -> None:
         assert self.link is not None and self.link.transport is not None
-        self.job = job
+        if not self.jobs:
+            job.started = time.monotonic()
+        self.jobs.append(job)
         self.link.transport.writelines((_HEADER.pack(len(job.payload)), job.payload))
 
     def stop(self, timeout: float) -> None:
@@ -223,6 +257,7 @@ class _LoopState:
     idle: list[_Worker] = field(default_factory=list)  # attached and not running a call
     tasks: set[asyncio.Task[None]] = field(default_factory=set)  # attaching, replacing
     closed: bool = False
+    napping: bool = False
 
     def start(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = self.loop.create_task(coroutine)
@@ -256,6 +291,7 @@ class ProcessPool:
         self._idle = idle
         self._workers = [self._spawn() for _ in range(workers)]
         self._quick_deaths = [0] * workers
+        self._small_call_s = 0.0  # moving average of small calls' running time
         self._state: _LoopState | None = None
         self._closed = False
         self.restarts = 0
@@ -272,7 +308,8 @@ class ProcessPool:
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(*args)` in a worker; its exception is re-raised here. A call whose worker
-        dies is retried on a fresh worker, `attempts` times in all, then WorkerCrashed."""
+        dies while running it is retried on a fresh worker, `attempts` times in all, then
+        WorkerCrashed; a call the worker was only holding is queued again, uncharged."""
         if self._closed:
             raise RuntimeError("the pool is shut down")
         state = self._loop_state()
@@ -305,13 +342,42 @@ class ProcessPool:
                 self._workers[slot] = self._spawn()
 
     def _dispatch(self, state: _LoopState) -> None:
-        """Hand queued calls to idle workers (a call whose caller gave up is dropped)."""
-        while state.pending and state.idle:
-            job = state.pending.popleft()
+        """Hand queued calls to idle workers, then small ones to busy workers to hold (a call
+        whose caller gave up is dropped); nap if every worker now holds one."""
+        while state.pending:
+            job = state.pending[0]
             if job.future.done():
+                state.pending.popleft()
                 continue
-            worker = state.idle.pop(0)  # the one idle longest: done with its idle-time work
+            worker = self._taker(state, job)
+            if worker is None:
+                break
+            state.pending.popleft()
             worker.send(job)
+        if state.pending and not state.napping and self._all_holding():
+            state.napping = True
+            state.loop.call_soon(self._nap, state)
+
+    def _taker(self, state: _LoopState, job: _Job) -> _Worker | None:
+        if state.idle:
+            return state.idle.pop(0)  # the one idle longest: done with its idle-time work
+        holders = [w for w in self._workers if w.can_hold(job)]
+        return min(holders, key=lambda w: w.jobs[0].started, default=None)  # soonest done
+
+    def _all_holding(self) -> bool:
+        live = [w for w in self._workers if not w.gone and w.link is not None]
+        return bool(live) and all(len(w.jobs) >= 2 for w in live)
+
+    def _nap(self, state: _LoopState) -> None:
+        """Block the event loop for half a small call while every worker holds its next call:
+        nothing this process does meanwhile would make them go faster, and what arrives is
+        handled together after the nap (health checks included, at most 4 ms late)."""
+        nap = min(_NAP_MAX_S, self._small_call_s / 2)
+        if state.closed or not state.pending or nap < _NAP_MIN_S or not self._all_holding():
+            state.napping = False
+            return
+        time.sleep(nap)
+        state.loop.call_soon(self._nap, state)
 
     async def _attach(self, state: _LoopState, worker: _Worker) -> None:
         try:
@@ -327,30 +393,37 @@ class ProcessPool:
             self._dispatch(state)
 
     def _answered(self, state: _LoopState, worker: _Worker, frame: bytearray) -> None:
-        job, worker.job = worker.job, None
+        job = worker.jobs.popleft() if worker.jobs else None
         if job is None or state.closed:
             return
-        state.idle.append(worker)
+        now = time.monotonic()
+        if job.small:
+            self._small_call_s = 0.9 * self._small_call_s + 0.1 * (now - job.started)
+        if worker.jobs:
+            worker.jobs[0].started = now  # it was waiting in the socket: it runs now
+        else:
+            state.idle.append(worker)
         self._dispatch(state)  # the worker's next call first: it is idle until then
         if not job.future.done():
             job.future.set_result(frame)
 
     def _lost(self, state: _LoopState, worker: _Worker) -> None:
-        """The worker's socket closed: retry its call elsewhere and replace it."""
+        """The worker's socket closed: retry its calls elsewhere and replace it."""
         if state.closed or worker.gone:
             return
         worker.gone = True
         if worker in state.idle:
             state.idle.remove(worker)
-        job, worker.job = worker.job, None
-        if job is not None:
-            job.attempts += 1
-            if job.attempts >= self._attempts:
-                if not job.future.done():
-                    job.future.set_exception(WorkerCrashed())
-            else:
-                state.pending.appendleft(job)
-                self._dispatch(state)
+        jobs = list(worker.jobs)
+        worker.jobs.clear()
+        if jobs:
+            jobs[0].attempts += 1  # the one it was running; the held ones never started
+            if jobs[0].attempts >= self._attempts:
+                if not jobs[0].future.done():
+                    jobs[0].future.set_exception(WorkerCrashed())
+                del jobs[0]
+            state.pending.extendleft(reversed(jobs))
+            self._dispatch(state)
         state.start(self._replace(state, worker))
 
     async def _replace(self, state: _LoopState, old: _Worker) -> None:
