@@ -457,6 +457,11 @@ def compute_ceiling(
     return rates
 
 
+def _service_cpus(workers: int, options: argparse.Namespace) -> set[int] | None:
+    """With --pin, the first `workers` CPUs this process may use; else no confinement."""
+    return set(sorted(os.sched_getaffinity(0))[:workers]) if options.pin else None
+
+
 def run(
     workers: int,
     levels: list[int],
@@ -466,7 +471,7 @@ def run(
     options: argparse.Namespace,
     ray_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    cpus = set(sorted(os.sched_getaffinity(0))[:workers]) if options.pin else None
+    cpus = _service_cpus(workers, options)
     service: Service | RayReplicas = (
         Service(model_path, workers, cpus) if ray_env is None else RayReplicas(model_path, ray_env)
     )
@@ -523,14 +528,14 @@ def interleaved_scaling(
     services: dict[int, Service] = {}
     try:
         for workers in (base, best):
-            cpus = set(sorted(os.sched_getaffinity(0))[:workers]) if options.pin else None
-            services[workers] = Service(model_path, workers, cpus)
+            services[workers] = Service(model_path, workers, _service_cpus(workers, options))
         X, reference = data
         clients = {
             w: _prepare_clients(s.url, count, X, reference, False, options.images_per_request)
             for w, s in services.items()
         }
         windows: dict[int, list[dict[str, Any]]] = {base: [], best: []}
+        ratios: list[float] = []
         for index in range(options.pairs):
             for workers in (base, best) if index % 2 == 0 else (best, base):
                 # the other service's queue has just drained: one second to settle first
@@ -540,11 +545,11 @@ def interleaved_scaling(
                         options.loadgen, options.images_per_request,
                     )
                 )
-            low, high = windows[base][-1], windows[best][-1]
+            low, high = windows[base][-1]["requests_per_s"], windows[best][-1]["requests_per_s"]
+            ratios.append(high / low)
             print(
-                f"pair {index + 1}/{options.pairs}: {low['requests_per_s']:.1f} and "
-                f"{high['requests_per_s']:.1f} req/s, ratio "
-                f"{high['requests_per_s'] / low['requests_per_s']:.3f}",
+                f"pair {index + 1}/{options.pairs}: {low:.1f} and {high:.1f} req/s, "
+                f"ratio {ratios[-1]:.3f}",
                 flush=True,
             )
         for sims in clients.values():
@@ -553,10 +558,6 @@ def interleaved_scaling(
     finally:
         for service in services.values():
             service.stop()
-    ratios = [
-        high["requests_per_s"] / low["requests_per_s"]
-        for low, high in zip(windows[base], windows[best], strict=True)
-    ]
     errors = sum(sum(w["errors"].values()) for runs in windows.values() for w in runs)
     checked = sum(w["images_checked"] for runs in windows.values() for w in runs)
     agreeing = sum(w["images_agreeing"] for runs in windows.values() for w in runs)

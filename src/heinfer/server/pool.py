@@ -354,7 +354,7 @@ class ProcessPool:
                 break
             state.pending.popleft()
             worker.send(job)
-        if state.pending and not state.napping and self._all_holding():
+        if not state.napping and self._saturated(state):
             state.napping = True
             state.loop.call_soon(self._nap, state)
 
@@ -364,16 +364,17 @@ class ProcessPool:
         holders = [w for w in self._workers if w.can_hold(job)]
         return min(holders, key=lambda w: w.jobs[0].started, default=None)  # soonest done
 
-    def _all_holding(self) -> bool:
+    def _saturated(self, state: _LoopState) -> bool:
+        """Calls are waiting and every live worker already holds its next one."""
         live = [w for w in self._workers if not w.gone and w.link is not None]
-        return bool(live) and all(len(w.jobs) >= 2 for w in live)
+        return bool(state.pending and live) and all(len(w.jobs) >= 2 for w in live)
 
     def _nap(self, state: _LoopState) -> None:
         """Block the event loop for half a small call while every worker holds its next call:
         nothing this process does meanwhile would make them go faster, and what arrives is
         handled together after the nap (health checks included, at most 4 ms late)."""
         nap = min(_NAP_MAX_S, self._small_call_s / 2)
-        if state.closed or not state.pending or nap < _NAP_MIN_S or not self._all_holding():
+        if state.closed or nap < _NAP_MIN_S or not self._saturated(state):
             state.napping = False
             return
         time.sleep(nap)
