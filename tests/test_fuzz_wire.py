@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from heinfer.errors import BadInputError
-from heinfer.he.backend import Context, SecretKey, pack_bits
+from heinfer.he.backend import SEED_BYTES, Context, SecretKey, pack_bits
 from heinfer.plans.linear import LinearCodec, LinearPlan, compile_linear
 from heinfer.plans.wire import (
     BatchRequest,
@@ -250,7 +250,7 @@ def test_load_evaluation_key_random_of_the_right_size(
     rng = np.random.default_rng(seed)
     if in_range:
         primes = valid.context.params.coeff_modulus
-        blob = _in_range_limbs(valid.context, rng, primes) * 2
+        blob = rng.bytes(SEED_BYTES) + _in_range_limbs(valid.context, rng, primes)
     else:
         blob = rng.bytes(len(valid.public_key))
     assert len(blob) == len(valid.public_key)

@@ -300,12 +300,12 @@ def test_key_bytes_quota_flag(mnist_model_path: Path, tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     running = Service(
         [str(mnist_model_path), "--workers", "1", "--key-store", str(keys),
-         "--max-key-bytes-per-tenant", "250000"]
+         "--max-key-bytes-per-tenant", "125000"]
     )
     try:
         clients = [heinfer.Client(running.url, model="mnist") for _ in range(3)]
         clients[0].upload_keys()
-        clients[1].upload_keys()  # 2 x ~112 KB fit in 250,000 bytes
+        clients[1].upload_keys()  # 2 x ~56 KB fit in 125,000 bytes
         with pytest.raises(QuotaExceededError, match="storage quota"):
             clients[2].upload_keys()
         clients[0].delete_keys()

@@ -202,6 +202,7 @@ def _unpack_bits_generic(data: bytes, count: int, bits: int) -> np.ndarray:
 # SHAKE-128 under a fresh secret key from the OS CSPRNG.
 
 BATCH_A_TAG = b"heinfer/coeff-batch/a/v1"
+PUBLIC_A_TAG = b"heinfer/public-key/a/v1"  # the uniform half of a seeded public key
 _NOISE_TAG = b"heinfer/coeff-batch/e/v1"
 SEED_BYTES = 32
 CBD_HALF_BITS = 21  # SEAL 4.1's default error: hw(21 bits) - hw(21 bits), variance 21/2
@@ -235,18 +236,23 @@ def mulmod_const(x: np.ndarray, k: int, q: int) -> np.ndarray:
 
 
 def expand_uniform(
-    seed: bytes, primes: tuple[int, ...], count: int, degree: int, first: int = 0
+    seed: bytes,
+    primes: tuple[int, ...],
+    count: int,
+    degree: int,
+    first: int = 0,
+    tag: bytes = BATCH_A_TAG,
 ) -> np.ndarray:
     """(L, count, N) polynomials first..first+count-1, uniform modulo each prime, from a seed.
 
-    Polynomial i modulo prime j is SHAKE-128(BATCH_A_TAG || seed || u32le(i) || u8(j)) read as
+    Polynomial i modulo prime j is SHAKE-128(tag || seed || u32le(i) || u8(j)) read as
     little-endian uint64 words masked to the prime's bit length, keeping the first N words
     below the prime (rejection sampling: exactly uniform).
     """
     if len(seed) != SEED_BYTES:
         raise MalformedPayloadError(f"seed must be {SEED_BYTES} bytes")
     out = np.empty((len(primes), count, degree), dtype=np.uint64)
-    prefix = BATCH_A_TAG + seed
+    prefix = tag + seed
     for j, q in enumerate(primes):
         mask = np.uint64((1 << q.bit_length()) - 1)
         qq = np.uint64(q)
@@ -460,6 +466,8 @@ class Context:
             + self._seed_bytes
         )
         self.max_key_bytes = 2 * self.n * len(self.params.coeff_modulus) * 8 + 4096
+        polynomial = sum((self.n * q.bit_length() + 7) // 8 for q in self.params.coeff_modulus)
+        self.public_key_bytes = SEED_BYTES + polynomial  # seeded: see SecretKey.public_key_bytes
 
     @staticmethod
     def _prefix(serialized: bytes) -> bytes:
@@ -735,6 +743,20 @@ class RequestCiphertext:
         return results
 
 
+def _unpack_limbs(context: Context, data: bytes) -> np.ndarray:
+    """(L, N) values from one bit-packed polynomial at the key level, each checked below its
+    prime."""
+    limbs, offset = [], 0
+    for q in context.params.coeff_modulus:
+        size = (context.n * q.bit_length() + 7) // 8
+        limb = unpack_bits(data[offset : offset + size], context.n, q.bit_length())
+        if np.any(limb >= np.uint64(q)):
+            raise MalformedPayloadError("public key coefficient out of range")
+        limbs.append(limb)
+        offset += size
+    return np.stack(limbs)
+
+
 class EvaluationKey:
     """The public key the server holds for one client: re-randomizes results."""
 
@@ -746,24 +768,16 @@ class EvaluationKey:
 
     @classmethod
     def from_bytes(cls, context: Context, data: bytes) -> EvaluationKey:
-        """Unpack our bit-packed public key and hand it to SEAL's validating loader."""
-        primes = context.params.coeff_modulus
-        bits = [q.bit_length() for q in primes]
-        sizes = [(context.n * b + 7) // 8 for b in bits]
-        expected = 2 * sum(sizes)
-        if len(data) != expected:
+        """Expand a seeded public key (`SecretKey.public_key_bytes`) and hand it to SEAL's
+        validating loader."""
+        if len(data) != context.public_key_bytes:
             raise MalformedPayloadError(
-                f"public key must be {expected} bytes for these parameters, got {len(data)}"
+                f"public key must be {context.public_key_bytes} bytes for these parameters, "
+                f"got {len(data)}"
             )
-        limbs, offset = [], 0
-        for _ in range(2):
-            for q, b, size in zip(primes, bits, sizes, strict=True):
-                limb = unpack_bits(data[offset : offset + size], context.n, b)
-                if np.any(limb >= np.uint64(q)):
-                    raise MalformedPayloadError("public key coefficient out of range")
-                limbs.append(limb)
-                offset += size
-        arrays = np.stack(limbs).reshape(2, len(primes), context.n)
+        primes = context.params.coeff_modulus
+        a = expand_uniform(data[:SEED_BYTES], primes, 1, context.n, tag=PUBLIC_A_TAG)[:, 0]
+        arrays = np.stack([_unpack_limbs(context, data[SEED_BYTES:]), a])
         serialized = Context._compose(context._pk_prefix, arrays)
         try:
             public = _SCRATCH.load(seal.PublicKey(), context.seal_context, serialized)
@@ -827,19 +841,29 @@ class SecretKey:
         return f"SecretKey(N={self._context.n}, <hidden>)"
 
     def public_key_bytes(self) -> bytes:
-        """The public key, bit-packed at each prime's exact width (SEAL's zstd gets ~20% more)."""
+        """The public key as the seed of its uniform half plus its other half, bit-packed.
+
+        SEAL's key generator makes pk = (-(a*s + e), a) in NTT form with `a` from its own
+        generator, so `a` would travel whole: half the upload. Here `a` is replaced by a' expanded
+        from a fresh public seed (SHAKE-128, exactly uniform) and pk0 is corrected to match:
+        pk0 + (a - a')*s = -(a'*s + e), the same error e. The result is one fresh RLWE sample,
+        as SEAL's own seeded objects are; SEAL's original key never leaves this method.
+        """
+        context = self._context
         public = seal.PublicKey()
-        seal.KeyGenerator(self._context.seal_context, self._secret).create_public_key(public)
-        payload = _payload(_SCRATCH.save(public))
-        primes = self._context.params.coeff_modulus
-        count = 2 * len(primes) * self._context.n
-        arrays = np.frombuffer(payload, dtype="<u8", count=count, offset=len(payload) - 8 * count)
-        arrays = arrays.reshape(2, len(primes), self._context.n)
-        return b"".join(
-            pack_bits(arrays[c, i], q.bit_length())
-            for c in range(2)
-            for i, q in enumerate(primes)
-        )
+        seal.KeyGenerator(context.seal_context, self._secret).create_public_key(public)
+        pk0, a = context.ciphertext_arrays(public)  # (L, N) each, NTT form, key level
+        s = context.plaintext_arrays(self._secret)  # (L, N), NTT form, key level
+        seed = os.urandom(SEED_BYTES)
+        primes = context.params.coeff_modulus
+        a_seeded = expand_uniform(seed, primes, 1, context.n, tag=PUBLIC_A_TAG)[:, 0]
+        limbs = []
+        for j, q in enumerate(primes):
+            # exact products of two values below q (< 2**61): Python integers, once per key
+            difference = a[j].astype(object) - a_seeded[j].astype(object)
+            corrected = (pk0[j].astype(object) + difference * s[j].astype(object)) % q
+            limbs.append(pack_bits(corrected.astype(np.uint64), q.bit_length()))
+        return seed + b"".join(limbs)
 
     def encrypt(self, coefficients: np.ndarray) -> bytes:
         """Seeded symmetric encryption: the uniform half of the ciphertext travels as a seed."""

@@ -209,8 +209,7 @@ class _ModelChecks:
             return cls(manifest.name, manifest.max_batch, opaque=True)
         params = BFVParameters.from_dict(manifest.scheme)
         context = Context(params)  # templates only (tens of ms); no keys, no evaluation
-        n = params.poly_modulus_degree
-        key_bytes = 2 * sum((n * q.bit_length() + 7) // 8 for q in params.coeff_modulus)
+        key_bytes = context.public_key_bytes
         parts = {"public"} if manifest.keys.public else set()
         if manifest.keys.relin:
             parts.add("relin")
