@@ -1,14 +1,29 @@
-"""The uploaded public key: a seed for its uniform half plus one polynomial, and as good as
-SEAL's own key for the encryptions of zero that re-randomize every result."""
+"""Uploaded keys travel seeded: the linear models' public key as a seed plus one polynomial,
+the CKKS networks' keys in SEAL's own seeded form; each works as SEAL's own key does."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import pytest
 import tenseal.sealapi as seal
 
 import heinfer
 from heinfer.errors import MalformedPayloadError
+from heinfer.he import ckks
 from heinfer.he.backend import SEED_BYTES, Context, EvaluationKey, SecretKey
+from heinfer.he.ckks import (
+    KIND_GALOIS,
+    KIND_PUBLIC,
+    KIND_RELIN,
+    CkksContext,
+    ClientKeys,
+    ServerKeys,
+    galois_element,
+    select_parameters,
+)
+from heinfer.he.scratch import SCRATCH
 from heinfer.plans.linear import LinearCodec
 
 
@@ -86,3 +101,57 @@ def test_public_key_coefficient_out_of_range_is_refused(context: Context) -> Non
     public[SEED_BYTES : SEED_BYTES + (bits + 7) // 8] = b"\xff" * ((bits + 7) // 8)
     with pytest.raises(MalformedPayloadError, match="out of range"):
         EvaluationKey.from_bytes(context, bytes(public))
+
+
+# -- CKKS network keys: SEAL's own seeded form, written by us ------------------------------------
+
+
+def _full_size_keys(client: Any, steps: list[int]) -> dict[str, bytes]:
+    """SEAL's keys as the binding saves them (a travels whole), for comparison."""
+    ctx = client.ctx
+    public, relin, galois = seal.PublicKey(), seal.RelinKeys(), seal.GaloisKeys()
+    client._keygen.create_public_key(public)
+    client._keygen.create_relin_keys(relin)
+    client._keygen.create_galois_keys([galois_element(s, ctx.n) for s in steps], galois)
+    return {
+        "public": ctx.wrap(KIND_PUBLIC, SCRATCH.save(public)),
+        "relin": ctx.wrap(KIND_RELIN, SCRATCH.save(relin)),
+        "galois": ctx.wrap(KIND_GALOIS, SCRATCH.save(galois)),
+    }
+
+
+def _square_and_rotate(ctx: CkksContext, client: ClientKeys, keys: ServerKeys) -> np.ndarray:
+    values = np.linspace(-1.0, 1.0, ctx.slots)
+    ct = ctx.load_ciphertext(client.encrypt(values, 2.0**30))
+    squared = ctx.multiply_relin_rescale(ct, ct, keys.relin)
+    rotated = ctx.rotate(squared, 3, keys.galois)
+    fresh = ctx.encrypt_public(keys.encryptor, ctx.encode(values, 2.0**30, ctx.top_count))
+    return np.concatenate([client.decrypt_ciphertext(rotated), client.decrypt_ciphertext(fresh)])
+
+
+def test_ckks_keys_travel_seeded_at_half_the_size_and_work_as_seals_own() -> None:
+    ctx = CkksContext(select_parameters([40, 30, 40]))
+    client = ClientKeys(ctx)
+    steps = [1, 3]
+    seeded = client.public_keys(steps)
+    full = _full_size_keys(client, steps)
+    for name in ("public", "relin", "galois"):
+        assert len(seeded[name]) < 0.6 * len(full[name]), name
+    values = np.linspace(-1.0, 1.0, ctx.slots)
+    expected = np.concatenate([np.roll(values**2, -3), values])
+    ours = _square_and_rotate(ctx, client, ServerKeys(ctx, seeded, steps, relin=True))
+    theirs = _square_and_rotate(ctx, client, ServerKeys(ctx, full, steps, relin=True))
+    assert np.abs(ours - expected).max() < 1e-3
+    assert np.abs(theirs - expected).max() < 1e-3
+
+
+def test_ckks_seeded_keys_need_the_correction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control: without correcting k0 for the new a, the keys load but compute
+    garbage, so the test above would catch a seeding that forgot it."""
+    ctx = CkksContext(select_parameters([40, 30, 40]))
+    client = ClientKeys(ctx)
+    monkeypatch.setattr(ckks, "mulmod_arrays", lambda x, y, q: np.zeros_like(x))
+    keys = ServerKeys(ctx, client.public_keys([3]), [3], relin=True)
+    values = np.linspace(-1.0, 1.0, ctx.slots)
+    assert np.abs(_square_and_rotate(ctx, client, keys)[: ctx.slots]
+                  - np.roll(values**2, -3)).max() > 1.0

@@ -235,6 +235,24 @@ def mulmod_const(x: np.ndarray, k: int, q: int) -> np.ndarray:
     return np.where(total >= np.uint64(q), total - np.uint64(q), total)
 
 
+def mulmod_arrays(x: np.ndarray, y: np.ndarray, q: int) -> np.ndarray:
+    """x * y mod q elementwise, exactly, for uint64 arrays x, y < q < 2**62.
+
+    y is taken in 16-bit digits and x in 32-bit halves, so every partial product fits 64 bits.
+    """
+    x = np.asarray(x, dtype=np.uint64)
+    y = np.asarray(y, dtype=np.uint64)
+    qq = np.uint64(q)
+    low, high = x & np.uint64(0xFFFFFFFF), x >> np.uint64(32)
+    total = np.zeros(np.broadcast(x, y).shape, dtype=np.uint64)
+    for k in range(4):
+        digit = (y >> np.uint64(16 * k)) & np.uint64(0xFFFF)
+        term = (low * digit) % qq + mulmod_const((high * digit) % qq, 1 << 32, q)
+        total += mulmod_const(term % qq, 1 << (16 * k), q)
+        total %= qq
+    return total
+
+
 def expand_uniform(
     seed: bytes,
     primes: tuple[int, ...],
@@ -859,10 +877,10 @@ class SecretKey:
         a_seeded = expand_uniform(seed, primes, 1, context.n, tag=PUBLIC_A_TAG)[:, 0]
         limbs = []
         for j, q in enumerate(primes):
-            # exact products of two values below q (< 2**61): Python integers, once per key
-            difference = a[j].astype(object) - a_seeded[j].astype(object)
-            corrected = (pk0[j].astype(object) + difference * s[j].astype(object)) % q
-            limbs.append(pack_bits(corrected.astype(np.uint64), q.bit_length()))
+            qq = np.uint64(q)
+            difference = (a[j] + (qq - a_seeded[j])) % qq
+            corrected = (pk0[j] + mulmod_arrays(difference, s[j], q)) % qq
+            limbs.append(pack_bits(corrected, q.bit_length()))
         return seed + b"".join(limbs)
 
     def encrypt(self, coefficients: np.ndarray) -> bytes:

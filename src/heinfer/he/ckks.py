@@ -11,8 +11,9 @@ Binding: `tenseal.sealapi` (SEAL 4.1). Its quirks are hidden here:
 * `KeyGenerator.create_galois_keys(list)` takes Galois *elements*, not rotation steps, so we
   convert steps ourselves (`galois_element`, SEAL's generator 3);
 * the seeded `Serializable` return values of key generation are not registered in the binding,
-  so keys are serialized in full (zstd-compressed); ciphertexts from the client use seeded
-  symmetric encryption (`encrypt_symmetric(plain)` -> Serializable), which halves requests.
+  so `ClientKeys.public_keys` writes SEAL's seeded form of each key itself (`_KeySeeder`), which
+  halves every key; ciphertexts from the client use seeded symmetric encryption
+  (`encrypt_symmetric(plain)` -> Serializable), which halves requests.
 
 Wire envelope: every object we emit is `MAGIC(4) | version(1) | kind(1) | fingerprint(8) | SEAL
 bytes`. The fingerprint is a hash of the exact parameters (N and every prime), so bytes made for
@@ -32,8 +33,10 @@ from typing import Any
 
 import numpy as np
 import tenseal.sealapi as seal
+import zstandard
 
 from heinfer.errors import MalformedPayloadError, ParameterMismatchError
+from heinfer.he.backend import mulmod_arrays
 from heinfer.he.scratch import SCRATCH
 
 __all__ = [
@@ -78,6 +81,11 @@ _KIND_NAMES = {
 _ENVELOPE = struct.Struct("<4sBB8s")
 _SEAL_HEADER = struct.Struct("<HBBBBHQ")  # magic 0xA15E, header size, version, compr, -, size
 _MAX_OBJECT_BYTES = 256 << 20
+# parms_id (4 x u64), is_ntt_form (u8), size, N, L (u64 each), scale (f64), correction (u64)
+_CT_META = struct.Struct("<4QBQQQdQ")
+_COMPR_NONE, _COMPR_ZSTD = 0, 2
+_PRNG_BLAKE2XB = 1  # SEAL's prng_type for the seeds it writes itself
+_PRNG_SEED_BYTES = 64
 
 
 _SCRATCH = SCRATCH
@@ -405,19 +413,21 @@ class ClientKeys:
         return self.ctx.wrap(KIND_SECRET, _SCRATCH.save(self._secret))
 
     def public_keys(self, galois_steps: Sequence[int], relin: bool = True) -> dict[str, bytes]:
+        """The keys the server needs, each in SEAL's seeded form (half the bytes)."""
         ctx = self.ctx
+        seeder = _KeySeeder(ctx, self._secret)
         public = seal.PublicKey()
         self._keygen.create_public_key(public)
-        out = {"public": ctx.wrap(KIND_PUBLIC, _SCRATCH.save(public))}
+        out = {"public": ctx.wrap(KIND_PUBLIC, seeder.public_key(_SCRATCH.save(public)))}
         if relin:
             rk = seal.RelinKeys()
             self._keygen.create_relin_keys(rk)
-            out["relin"] = ctx.wrap(KIND_RELIN, _SCRATCH.save(rk))
+            out["relin"] = ctx.wrap(KIND_RELIN, seeder.switching_keys(_SCRATCH.save(rk)))
         if galois_steps:
             gk = seal.GaloisKeys()
             elements = sorted({galois_element(s, ctx.n) for s in galois_steps})
             self._keygen.create_galois_keys(elements, gk)
-            out["galois"] = ctx.wrap(KIND_GALOIS, _SCRATCH.save(gk))
+            out["galois"] = ctx.wrap(KIND_GALOIS, seeder.switching_keys(_SCRATCH.save(gk)))
         return out
 
     def encrypt(self, values: np.ndarray, scale: float) -> bytes:
@@ -434,6 +444,102 @@ class ClientKeys:
 
     def decrypt(self, data: bytes, *, prime_count: int | None = None) -> np.ndarray:
         return self.decrypt_ciphertext(self.ctx.load_ciphertext(data, prime_count=prime_count))
+
+
+class _KeySeeder:
+    """Rewrites SEAL keys in the seeded form SEAL's own `Serializable` keys have.
+
+    Every key (the public key, and each component of relinearization and Galois keys) is an
+    RLWE pair (k0, a) in NTT form at the key level with k0 = -(a*s + e) + (what the key
+    carries). In the seeded form `a` is replaced by a 64-byte seed that SEAL's loader expands;
+    we draw the seed from the OS, let SEAL expand it to a', and correct k0 by (a - a')*s, so the
+    key keeps SEAL's error e and payload. The server loads the result with SEAL's validating
+    loader, unchanged. The secret key never leaves this object's caller.
+    """
+
+    def __init__(self, ctx: CkksContext, secret: Any) -> None:
+        self._ctx = ctx
+        key_data = ctx.seal_context.key_context_data()
+        self._primes = [m.value() for m in key_data.parms().coeff_modulus()]
+        payload = _seal_payload(_SCRATCH.save(secret))
+        (count,) = struct.unpack_from("<Q", payload, 32)  # after the parms_id
+        self._secret_ntt = np.frombuffer(
+            payload, dtype="<u8", count=count, offset=len(payload) - 8 * count
+        ).reshape(len(self._primes), ctx.n)
+        self._version = _SEAL_HEADER.unpack_from(_SCRATCH.save(secret))[2:4]
+
+    def public_key(self, serialized: bytes) -> bytes:
+        body = _seal_payload(serialized)
+        return self._object(self._seeded(body), compress=True)
+
+    def switching_keys(self, serialized: bytes) -> bytes:
+        """KSwitchKeys: parms_id, a count of key lists, then per list a count and its keys,
+        each a whole SEAL object (header included)."""
+        payload = _seal_payload(serialized)
+        out = [payload[:32]]
+        offset = 32
+        (lists,) = struct.unpack_from("<Q", payload, offset)
+        out.append(payload[offset : offset + 8])
+        offset += 8
+        for _ in range(lists):
+            (keys,) = struct.unpack_from("<Q", payload, offset)
+            out.append(payload[offset : offset + 8])
+            offset += 8
+            for _ in range(keys):
+                size = _SEAL_HEADER.unpack_from(payload, offset)[6]
+                body = payload[offset + _SEAL_HEADER.size : offset + size]
+                out.append(self._object(self._seeded(body)))
+                offset += size
+        if offset != len(payload):
+            raise ValueError("unexpected SEAL key layout")  # our own keys: a bug, not input
+        return self._object(b"".join(out), compress=True)
+
+    def _seeded(self, body: bytes) -> bytes:
+        meta = _CT_META.unpack_from(body)
+        size, n, levels = meta[5], meta[6], meta[7]
+        if (meta[4], size, n, levels) != (1, 2, self._ctx.n, len(self._primes)):
+            raise ValueError("unexpected SEAL key layout")
+        count = size * n * levels
+        pair = np.frombuffer(body, dtype="<u8", count=count, offset=len(body) - 8 * count)
+        k0, a = pair.reshape(2, levels, n)
+        seed = os.urandom(_PRNG_SEED_BYTES)
+        probe = self._seeded_body(body, np.zeros_like(k0), seed)
+        expanded = _SCRATCH.load(seal.PublicKey(), self._ctx.seal_context, self._object(probe))
+        payload = _seal_payload(_SCRATCH.save(expanded))
+        a_seeded = np.frombuffer(
+            payload, dtype="<u8", count=count, offset=len(payload) - 8 * count
+        ).reshape(2, levels, n)[1]
+        corrected = np.empty_like(k0)
+        for j, q in enumerate(self._primes):
+            qq = np.uint64(q)
+            difference = (a[j] + (qq - a_seeded[j])) % qq
+            corrected[j] = (k0[j] + mulmod_arrays(difference, self._secret_ntt[j], q)) % qq
+        return self._seeded_body(body, corrected, seed)
+
+    def _seeded_body(self, body: bytes, k0: np.ndarray, seed: bytes) -> bytes:
+        """The metadata, then only k0 as the data array, then the PRNG type and seed."""
+        data = struct.pack("<Q", k0.size) + np.ascontiguousarray(k0, dtype="<u8").tobytes()
+        return (
+            body[: _CT_META.size]
+            + self._object(data)
+            + self._object(bytes([_PRNG_BLAKE2XB]) + seed)
+        )
+
+    def _object(self, body: bytes, compress: bool = False) -> bytes:
+        mode = _COMPR_NONE
+        if compress:
+            body, mode = zstandard.ZstdCompressor().compress(body), _COMPR_ZSTD
+        total = _SEAL_HEADER.size + len(body)
+        return _SEAL_HEADER.pack(0xA15E, 16, *self._version, mode, 0, total) + body
+
+
+def _seal_payload(data: bytes) -> bytes:
+    """The bytes after a SEAL header, decompressed (our own keys: sizes are known)."""
+    mode = _SEAL_HEADER.unpack_from(data)[4]
+    body = data[_SEAL_HEADER.size :]
+    if mode == _COMPR_NONE:
+        return body
+    return zstandard.ZstdDecompressor().decompress(body, max_output_size=_MAX_OBJECT_BYTES)
 
 
 class ServerKeys:
