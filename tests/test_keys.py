@@ -12,7 +12,7 @@ import tenseal.sealapi as seal
 import heinfer
 from heinfer.errors import MalformedPayloadError
 from heinfer.he import ckks
-from heinfer.he.backend import SEED_BYTES, Context, EvaluationKey, SecretKey
+from heinfer.he.backend import SEED_BYTES, Context, EvaluationKey, SecretKey, mulmod_arrays
 from heinfer.he.ckks import (
     KIND_GALOIS,
     KIND_PUBLIC,
@@ -25,6 +25,16 @@ from heinfer.he.ckks import (
 )
 from heinfer.he.scratch import SCRATCH
 from heinfer.plans.linear import LinearCodec
+
+
+def test_mulmod_arrays_is_exact() -> None:
+    rng = np.random.default_rng(7)
+    for q in (65537, 1099511922689, (1 << 55) - 55, (1 << 61) - 1):
+        x = rng.integers(0, q, size=5000, dtype=np.uint64)
+        y = rng.integers(0, q, size=5000, dtype=np.uint64)
+        x[:3], y[:3] = [0, q - 1, q - 1], [q - 1, q - 1, 1]
+        expected = (x.astype(object) * y.astype(object) % q).astype(np.uint64)
+        assert (mulmod_arrays(x, y, q) == expected).all(), q
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +151,13 @@ def test_ckks_keys_travel_seeded_at_half_the_size_and_work_as_seals_own() -> Non
     expected = np.concatenate([np.roll(values**2, -3), values])
     ours = _square_and_rotate(ctx, client, ServerKeys(ctx, seeded, steps, relin=True))
     theirs = _square_and_rotate(ctx, client, ServerKeys(ctx, full, steps, relin=True))
-    assert np.abs(ours - expected).max() < 1e-3
-    assert np.abs(theirs - expected).max() < 1e-3
+    # CKKS error at scale 2**30 after a relinearization and a rotation: ~1e-6 typical, up to
+    # ~1.4e-3 in the first slots (either key set); a key that does not match its seed is off
+    # by > 1 (test below)
+    assert np.abs(ours - expected).max() < 1e-2
+    assert np.abs(theirs - expected).max() < 1e-2
+    # typical error ~1.3e-6 with either key set: the seeded keys add no noise
+    assert np.median(np.abs(ours - expected)) < 3 * np.median(np.abs(theirs - expected))
 
 
 def test_ckks_seeded_keys_need_the_correction(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -150,7 +165,7 @@ def test_ckks_seeded_keys_need_the_correction(monkeypatch: pytest.MonkeyPatch) -
     garbage, so the test above would catch a seeding that forgot it."""
     ctx = CkksContext(select_parameters([40, 30, 40]))
     client = ClientKeys(ctx)
-    monkeypatch.setattr(ckks, "mulmod_arrays", lambda x, y, q: np.zeros_like(x))
+    monkeypatch.setattr(ckks, "replace_uniform_half", lambda k0, *_: k0)
     keys = ServerKeys(ctx, client.public_keys([3]), [3], relin=True)
     values = np.linspace(-1.0, 1.0, ctx.slots)
     assert np.abs(_square_and_rotate(ctx, client, keys)[: ctx.slots]

@@ -17,7 +17,7 @@ import hashlib
 import math
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -251,6 +251,19 @@ def mulmod_arrays(x: np.ndarray, y: np.ndarray, q: int) -> np.ndarray:
         total += mulmod_const(term % qq, 1 << (16 * k), q)
         total %= qq
     return total
+
+
+def replace_uniform_half(
+    k0: np.ndarray, a: np.ndarray, a_new: np.ndarray, secret: np.ndarray, primes: Sequence[int]
+) -> np.ndarray:
+    """k0 + (a - a_new)*s per prime, all (L, N) in NTT form: the first half of an RLWE pair
+    (k0, a) = (-(a*s + e) + m, a) rewritten for a_new, with the same e and m."""
+    out = np.empty_like(k0)
+    for j, q in enumerate(primes):
+        qq = np.uint64(q)
+        difference = (a[j] + (qq - a_new[j])) % qq
+        out[j] = (k0[j] + mulmod_arrays(difference, secret[j], q)) % qq
+    return out
 
 
 def expand_uniform(
@@ -875,12 +888,8 @@ class SecretKey:
         seed = os.urandom(SEED_BYTES)
         primes = context.params.coeff_modulus
         a_seeded = expand_uniform(seed, primes, 1, context.n, tag=PUBLIC_A_TAG)[:, 0]
-        limbs = []
-        for j, q in enumerate(primes):
-            qq = np.uint64(q)
-            difference = (a[j] + (qq - a_seeded[j])) % qq
-            corrected = (pk0[j] + mulmod_arrays(difference, s[j], q)) % qq
-            limbs.append(pack_bits(corrected, q.bit_length()))
+        corrected = replace_uniform_half(pk0, a, a_seeded, s, primes)
+        limbs = [pack_bits(limb, q.bit_length()) for limb, q in zip(corrected, primes, strict=True)]
         return seed + b"".join(limbs)
 
     def encrypt(self, coefficients: np.ndarray) -> bytes:

@@ -36,7 +36,7 @@ import tenseal.sealapi as seal
 import zstandard
 
 from heinfer.errors import MalformedPayloadError, ParameterMismatchError
-from heinfer.he.backend import mulmod_arrays
+from heinfer.he.backend import replace_uniform_half
 from heinfer.he.scratch import SCRATCH
 
 __all__ = [
@@ -509,11 +509,7 @@ class _KeySeeder:
         a_seeded = np.frombuffer(
             payload, dtype="<u8", count=count, offset=len(payload) - 8 * count
         ).reshape(2, levels, n)[1]
-        corrected = np.empty_like(k0)
-        for j, q in enumerate(self._primes):
-            qq = np.uint64(q)
-            difference = (a[j] + (qq - a_seeded[j])) % qq
-            corrected[j] = (k0[j] + mulmod_arrays(difference, self._secret_ntt[j], q)) % qq
+        corrected = replace_uniform_half(k0, a, a_seeded, self._secret_ntt, self._primes)
         return self._seeded_body(body, corrected, seed)
 
     def _seeded_body(self, body: bytes, k0: np.ndarray, seed: bytes) -> bytes:
