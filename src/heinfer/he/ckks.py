@@ -454,19 +454,21 @@ class _KeySeeder:
     carries). In the seeded form `a` is replaced by a 64-byte seed that SEAL's loader expands;
     we draw the seed from the OS, let SEAL expand it to a', and correct k0 by (a - a')*s, so the
     key keeps SEAL's error e and payload. The server loads the result with SEAL's validating
-    loader, unchanged. The secret key never leaves this object's caller.
+    loader, unchanged. The secret key's NTT form is held here for the corrections and is part
+    of nothing written out.
     """
 
     def __init__(self, ctx: CkksContext, secret: Any) -> None:
         self._ctx = ctx
         key_data = ctx.seal_context.key_context_data()
         self._primes = [m.value() for m in key_data.parms().coeff_modulus()]
-        payload = _seal_payload(_SCRATCH.save(secret))
+        serialized = _SCRATCH.save(secret)
+        self._version = _SEAL_HEADER.unpack_from(serialized)[2:4]
+        payload = _seal_payload(serialized)
         (count,) = struct.unpack_from("<Q", payload, 32)  # after the parms_id
         self._secret_ntt = np.frombuffer(
             payload, dtype="<u8", count=count, offset=len(payload) - 8 * count
         ).reshape(len(self._primes), ctx.n)
-        self._version = _SEAL_HEADER.unpack_from(_SCRATCH.save(secret))[2:4]
 
     def public_key(self, serialized: bytes) -> bytes:
         body = _seal_payload(serialized)
