@@ -29,6 +29,7 @@ from heinfer.he.params import BFVParameters
 from heinfer.he.scratch import SCRATCH
 
 __all__ = [
+    "CT_META",
     "Context",
     "EvaluationKey",
     "RequestCiphertext",
@@ -36,6 +37,11 @@ __all__ = [
     "find_ntt_primes",
     "pack_bits",
     "pack_bits_into",
+    "payload_arrays",
+    "plaintext_arrays",
+    "replace_uniform_half",
+    "seal_object",
+    "seal_payload",
     "unpack_bits",
 ]
 
@@ -43,7 +49,7 @@ _HEADER = struct.Struct("<HBBBBHQ")
 _SEAL_MAGIC = 0xA15E
 _COMPR_NONE, _COMPR_ZSTD = 0, 2
 # parms_id (4 x u64), is_ntt_form (u8), size, N, L (u64 each), scale (f64), correction (u64)
-_CT_META = struct.Struct("<4QBQQQdQ")
+CT_META = struct.Struct("<4QBQQQdQ")
 _MAX_DECOMPRESSED = 64 << 20
 _FINGERPRINT_BYTES = 8
 
@@ -81,17 +87,43 @@ def _check_header(data: bytes, what: str, max_bytes: int) -> int:
     return int(compr)
 
 
-def _payload(data: bytes) -> bytes:
+def seal_payload(data: bytes, max_bytes: int = _MAX_DECOMPRESSED) -> bytes:
     """The (decompressed) bytes after a SEAL header."""
     compr = _HEADER.unpack_from(data)[4]
     if compr == _COMPR_NONE:
         return data[_HEADER.size :]
     try:
         return zstandard.ZstdDecompressor().decompress(
-            data[_HEADER.size :], max_output_size=_MAX_DECOMPRESSED
+            data[_HEADER.size :], max_output_size=max_bytes
         )
     except zstandard.ZstdError as exc:
         raise MalformedPayloadError(f"corrupt compressed SEAL data: {exc}") from exc
+
+
+def seal_object(body: bytes, *, compress: bool = False) -> bytes:
+    """`body` behind a SEAL header of the bundled SEAL's version, zstd-compressed if asked."""
+    mode = _COMPR_NONE
+    if compress:
+        body, mode = zstandard.ZstdCompressor().compress(body), _COMPR_ZSTD
+    return _seal_header(mode, _HEADER.size + len(body)) + body
+
+
+def payload_arrays(payload: bytes) -> np.ndarray:
+    """(size, L, N) view of the RNS coefficients in a ciphertext-shaped object's payload
+    (ciphertexts, public keys, key-switching key components)."""
+    size, n, levels = struct.unpack_from("<QQQ", payload, 33)
+    count = size * n * levels
+    data = np.frombuffer(payload, dtype="<u8", count=count, offset=len(payload) - 8 * count)
+    return data.reshape(size, levels, n)
+
+
+def plaintext_arrays(plain: Any, degree: int) -> np.ndarray:
+    """A plaintext's (or secret key's) raw coefficients: (N,) mod t, or (L, N) RNS values when
+    in NTT form."""
+    payload = seal_payload(_SCRATCH.save(plain))
+    (count,) = struct.unpack_from("<Q", payload, 32)
+    data = np.frombuffer(payload, dtype="<u8", count=count, offset=len(payload) - 8 * count)
+    return data.reshape(-1, degree).copy() if count > degree else data.copy()
 
 
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
@@ -176,6 +208,22 @@ def unpack_bits(
 
 _FAST_MIN_BITS, _FAST_MAX_BITS = 8, 57
 _PACK_CHUNK = 1 << 17
+
+
+def _unpack_limbs(
+    data: bytes, offset: int, primes: Sequence[int], degree: int, what: str
+) -> tuple[np.ndarray, int]:
+    """(L, N) values of one polynomial bit-packed prime by prime from `offset`, each checked
+    below its prime, and the offset after it."""
+    limbs = []
+    for q in primes:
+        size = (degree * q.bit_length() + 7) // 8
+        limb = unpack_bits(data[offset : offset + size], degree, q.bit_length())
+        if np.any(limb >= np.uint64(q)):
+            raise MalformedPayloadError(f"{what} coefficient out of range")
+        limbs.append(limb)
+        offset += size
+    return np.stack(limbs), offset
 
 
 def _pack_bits_generic(flat: np.ndarray, bits: int) -> bytes:
@@ -476,8 +524,8 @@ class Context:
         keygen = seal.KeyGenerator(self.seal_context)
         encryptor = seal.Encryptor(self.seal_context, keygen.secret_key())
         plain = self.plaintext_from_coefficients(None)
-        seeded = _payload(_SCRATCH.save(encryptor.encrypt_symmetric(plain)))
-        self._seeded_prefix = seeded[: _CT_META.size + 16 + 8]
+        seeded = seal_payload(_SCRATCH.save(encryptor.encrypt_symmetric(plain)))
+        self._seeded_prefix = seeded[: CT_META.size + 16 + 8]
         self._seed_bytes = len(seeded) - len(self._seeded_prefix) - 8 * self.n * len(
             self.params.data_primes
         )
@@ -503,12 +551,12 @@ class Context:
     @staticmethod
     def _prefix(serialized: bytes) -> bytes:
         """Metadata + DynArray header of a ciphertext-shaped object (everything but the data)."""
-        return _payload(serialized)[: _CT_META.size + 16 + 8]
+        return seal_payload(serialized)[: CT_META.size + 16 + 8]
 
     @staticmethod
     def _compose(prefix: bytes, data: np.ndarray) -> bytes:
         body = prefix + np.ascontiguousarray(data, dtype="<u8").tobytes()
-        return _seal_header(_COMPR_NONE, _HEADER.size + len(body)) + body
+        return seal_object(body)
 
     def plaintext_from_coefficients(self, coefficients: np.ndarray | None) -> Any:
         """A Plaintext with N coefficients taken mod t (negative values wrap, as BFV expects)."""
@@ -518,9 +566,8 @@ class Context:
             coeffs = np.asarray(coefficients, dtype=np.int64)
             values[: coeffs.size] = np.mod(coeffs, t).astype(np.uint64)
         # Plaintext metadata: parms_id (zero: not NTT), coeff_count, scale; then a DynArray.
-        dyn = _seal_header(_COMPR_NONE, 16 + 8 + 8 * self.n) + struct.pack("<Q", self.n)
-        body = struct.pack("<4QQd", 0, 0, 0, 0, self.n, 1.0) + dyn + values.astype("<u8").tobytes()
-        data = _seal_header(_COMPR_NONE, _HEADER.size + len(body)) + body
+        dyn = seal_object(struct.pack("<Q", self.n) + values.astype("<u8").tobytes())
+        data = seal_object(struct.pack("<4QQd", 0, 0, 0, 0, self.n, 1.0) + dyn)
         return _SCRATCH.load(seal.Plaintext(), self.seal_context, data)
 
     def ntt_plaintext(self, coefficients: np.ndarray) -> Any:
@@ -530,20 +577,14 @@ class Context:
         return plain
 
     # -- ciphertext <-> numpy -----------------------------------------------------------------
-    def ciphertext_arrays(self, ciphertext: Any) -> np.ndarray:
-        """(size, L, N) uint64 view of a ciphertext's RNS coefficients."""
-        payload = _payload(_SCRATCH.save(ciphertext))
-        size, n, levels = struct.unpack_from("<QQQ", payload, 33)
-        count = size * n * levels
-        data = np.frombuffer(payload, dtype="<u8", count=count, offset=len(payload) - 8 * count)
-        return data.reshape(size, levels, n).copy()
+    @staticmethod
+    def ciphertext_arrays(ciphertext: Any) -> np.ndarray:
+        """(size, L, N) uint64 copy of a ciphertext's RNS coefficients."""
+        return payload_arrays(seal_payload(_SCRATCH.save(ciphertext))).copy()
 
     def plaintext_arrays(self, plain: Any) -> np.ndarray:
         """A plaintext's raw coefficients: (N,) mod t, or (L, N) RNS values when in NTT form."""
-        payload = _payload(_SCRATCH.save(plain))
-        (count,) = struct.unpack_from("<Q", payload, 32)
-        data = np.frombuffer(payload, dtype="<u8", count=count, offset=len(payload) - 8 * count)
-        return data.reshape(-1, self.n).copy() if count > self.n else data.copy()
+        return plaintext_arrays(plain, self.n)
 
     def to_ntt(self, ciphertext: Any) -> Any:
         result = seal.Ciphertext()
@@ -601,7 +642,7 @@ class Context:
 
     def compact_request(self, serialized: bytes) -> bytes:
         """SEAL's seeded ciphertext -> parameter tag + c0 bit-packed per prime + SEAL's seed."""
-        payload = _payload(serialized)
+        payload = seal_payload(serialized)
         count = self.n * len(self._data_bits)
         start = len(self._seeded_prefix)
         c0 = np.frombuffer(payload, dtype="<u8", count=count, offset=start).reshape(-1, self.n)
@@ -622,20 +663,11 @@ class Context:
                 f"ciphertext must be {self.request_bytes} bytes for these parameters, "
                 f"got {len(data)}"
             )
-        limbs, offset = [], _FINGERPRINT_BYTES
-        for q, bits in zip(self.params.data_primes, self._data_bits, strict=True):
-            size = (self.n * bits + 7) // 8
-            limb = unpack_bits(data[offset : offset + size], self.n, bits)
-            if np.any(limb >= np.uint64(q)):
-                raise MalformedPayloadError("ciphertext coefficient out of range")
-            limbs.append(limb)
-            offset += size
-        body = (
-            self._seeded_prefix
-            + np.stack(limbs).astype("<u8").tobytes()
-            + data[offset:]
+        c0, offset = _unpack_limbs(
+            data, _FINGERPRINT_BYTES, self.params.data_primes, self.n, "ciphertext"
         )
-        serialized = _seal_header(_COMPR_NONE, _HEADER.size + len(body)) + body
+        body = self._seeded_prefix + c0.astype("<u8").tobytes() + data[offset:]
+        serialized = seal_object(body)
         try:
             ciphertext = _SCRATCH.load(seal.Ciphertext(), self.seal_context, serialized)
         except (RuntimeError, ValueError) as exc:
@@ -774,20 +806,6 @@ class RequestCiphertext:
         return results
 
 
-def _unpack_limbs(context: Context, data: bytes) -> np.ndarray:
-    """(L, N) values from one bit-packed polynomial at the key level, each checked below its
-    prime."""
-    limbs, offset = [], 0
-    for q in context.params.coeff_modulus:
-        size = (context.n * q.bit_length() + 7) // 8
-        limb = unpack_bits(data[offset : offset + size], context.n, q.bit_length())
-        if np.any(limb >= np.uint64(q)):
-            raise MalformedPayloadError("public key coefficient out of range")
-        limbs.append(limb)
-        offset += size
-    return np.stack(limbs)
-
-
 class EvaluationKey:
     """The public key the server holds for one client: re-randomizes results."""
 
@@ -808,7 +826,8 @@ class EvaluationKey:
             )
         primes = context.params.coeff_modulus
         a = expand_uniform(data[:SEED_BYTES], primes, 1, context.n, tag=PUBLIC_A_TAG)[:, 0]
-        arrays = np.stack([_unpack_limbs(context, data[SEED_BYTES:]), a])
+        pk0, _ = _unpack_limbs(data, SEED_BYTES, primes, context.n, "public key")
+        arrays = np.stack([pk0, a])
         serialized = Context._compose(context._pk_prefix, arrays)
         try:
             public = _SCRATCH.load(seal.PublicKey(), context.seal_context, serialized)
@@ -976,12 +995,10 @@ class SecretKey:
         return int(self._decryptor.invariant_noise_budget(ciphertext))
 
     def _plain_coefficients(self, plain: Any) -> np.ndarray:
-        payload = _payload(_SCRATCH.save(plain))
-        (count,) = struct.unpack_from("<Q", payload, 32)
+        raw = plaintext_arrays(plain, self._context.n)
         values = np.zeros(self._context.n, dtype=np.int64)
-        raw = np.frombuffer(payload, dtype="<u8", count=count, offset=len(payload) - 8 * count)
         t = self._context.params.plain_modulus
         centered = raw.astype(object)
         centered = np.where(raw >= np.uint64((t + 1) // 2), centered - t, centered)
-        values[:count] = centered.astype(np.int64)
+        values[: raw.size] = centered.astype(np.int64)
         return values

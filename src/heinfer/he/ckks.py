@@ -33,10 +33,16 @@ from typing import Any
 
 import numpy as np
 import tenseal.sealapi as seal
-import zstandard
 
 from heinfer.errors import MalformedPayloadError, ParameterMismatchError
-from heinfer.he.backend import replace_uniform_half
+from heinfer.he.backend import (
+    CT_META,
+    payload_arrays,
+    plaintext_arrays,
+    replace_uniform_half,
+    seal_object,
+    seal_payload,
+)
 from heinfer.he.scratch import SCRATCH
 
 __all__ = [
@@ -81,9 +87,6 @@ _KIND_NAMES = {
 _ENVELOPE = struct.Struct("<4sBB8s")
 _SEAL_HEADER = struct.Struct("<HBBBBHQ")  # magic 0xA15E, header size, version, compr, -, size
 _MAX_OBJECT_BYTES = 256 << 20
-# parms_id (4 x u64), is_ntt_form (u8), size, N, L (u64 each), scale (f64), correction (u64)
-_CT_META = struct.Struct("<4QBQQQdQ")
-_COMPR_NONE, _COMPR_ZSTD = 0, 2
 _PRNG_BLAKE2XB = 1  # SEAL's prng_type for the seeds it writes itself
 _PRNG_SEED_BYTES = 64
 
@@ -462,22 +465,15 @@ class _KeySeeder:
         self._ctx = ctx
         key_data = ctx.seal_context.key_context_data()
         self._primes = [m.value() for m in key_data.parms().coeff_modulus()]
-        serialized = _SCRATCH.save(secret)
-        self._version = _SEAL_HEADER.unpack_from(serialized)[2:4]
-        payload = _seal_payload(serialized)
-        (count,) = struct.unpack_from("<Q", payload, 32)  # after the parms_id
-        self._secret_ntt = np.frombuffer(
-            payload, dtype="<u8", count=count, offset=len(payload) - 8 * count
-        ).reshape(len(self._primes), ctx.n)
+        self._secret_ntt = plaintext_arrays(secret, ctx.n)  # (L, N) at the key level
 
     def public_key(self, serialized: bytes) -> bytes:
-        body = _seal_payload(serialized)
-        return self._object(self._seeded(body), compress=True)
+        return seal_object(self._seeded(seal_payload(serialized, _MAX_OBJECT_BYTES)), compress=True)
 
     def switching_keys(self, serialized: bytes) -> bytes:
         """KSwitchKeys: parms_id, a count of key lists, then per list a count and its keys,
         each a whole SEAL object (header included)."""
-        payload = _seal_payload(serialized)
+        payload = seal_payload(serialized, _MAX_OBJECT_BYTES)
         out = [payload[:32]]
         offset = 32
         (lists,) = struct.unpack_from("<Q", payload, offset)
@@ -490,54 +486,33 @@ class _KeySeeder:
             for _ in range(keys):
                 size = _SEAL_HEADER.unpack_from(payload, offset)[6]
                 body = payload[offset + _SEAL_HEADER.size : offset + size]
-                out.append(self._object(self._seeded(body)))
+                out.append(seal_object(self._seeded(body)))
                 offset += size
         if offset != len(payload):
             raise ValueError("unexpected SEAL key layout")  # our own keys: a bug, not input
-        return self._object(b"".join(out), compress=True)
+        return seal_object(b"".join(out), compress=True)
 
     def _seeded(self, body: bytes) -> bytes:
-        meta = _CT_META.unpack_from(body)
-        size, n, levels = meta[5], meta[6], meta[7]
-        if (meta[4], size, n, levels) != (1, 2, self._ctx.n, len(self._primes)):
+        meta = CT_META.unpack_from(body)
+        if (meta[4], meta[5], meta[6], meta[7]) != (1, 2, self._ctx.n, len(self._primes)):
             raise ValueError("unexpected SEAL key layout")
-        count = size * n * levels
-        pair = np.frombuffer(body, dtype="<u8", count=count, offset=len(body) - 8 * count)
-        k0, a = pair.reshape(2, levels, n)
+        k0, a = payload_arrays(body)
         seed = os.urandom(_PRNG_SEED_BYTES)
         probe = self._seeded_body(body, np.zeros_like(k0), seed)
-        expanded = _SCRATCH.load(seal.PublicKey(), self._ctx.seal_context, self._object(probe))
-        payload = _seal_payload(_SCRATCH.save(expanded))
-        a_seeded = np.frombuffer(
-            payload, dtype="<u8", count=count, offset=len(payload) - 8 * count
-        ).reshape(2, levels, n)[1]
+        expanded = _SCRATCH.load(seal.PublicKey(), self._ctx.seal_context, seal_object(probe))
+        a_seeded = payload_arrays(seal_payload(_SCRATCH.save(expanded)))[1]
         corrected = replace_uniform_half(k0, a, a_seeded, self._secret_ntt, self._primes)
         return self._seeded_body(body, corrected, seed)
 
-    def _seeded_body(self, body: bytes, k0: np.ndarray, seed: bytes) -> bytes:
+    @staticmethod
+    def _seeded_body(body: bytes, k0: np.ndarray, seed: bytes) -> bytes:
         """The metadata, then only k0 as the data array, then the PRNG type and seed."""
         data = struct.pack("<Q", k0.size) + np.ascontiguousarray(k0, dtype="<u8").tobytes()
         return (
-            body[: _CT_META.size]
-            + self._object(data)
-            + self._object(bytes([_PRNG_BLAKE2XB]) + seed)
+            body[: CT_META.size]
+            + seal_object(data)
+            + seal_object(bytes([_PRNG_BLAKE2XB]) + seed)
         )
-
-    def _object(self, body: bytes, compress: bool = False) -> bytes:
-        mode = _COMPR_NONE
-        if compress:
-            body, mode = zstandard.ZstdCompressor().compress(body), _COMPR_ZSTD
-        total = _SEAL_HEADER.size + len(body)
-        return _SEAL_HEADER.pack(0xA15E, 16, *self._version, mode, 0, total) + body
-
-
-def _seal_payload(data: bytes) -> bytes:
-    """The bytes after a SEAL header, decompressed (our own keys: sizes are known)."""
-    mode = _SEAL_HEADER.unpack_from(data)[4]
-    body = data[_SEAL_HEADER.size :]
-    if mode == _COMPR_NONE:
-        return body
-    return zstandard.ZstdDecompressor().decompress(body, max_output_size=_MAX_OBJECT_BYTES)
 
 
 class ServerKeys:
