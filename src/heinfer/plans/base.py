@@ -1,0 +1,454 @@
+"""One interface for every layout, and the registry that finds them by manifest kind.
+
+A *layout* is one request format of a compiled model: how the client lays its inputs into
+ciphertexts, what the server computes on them, and how the answer comes back. A model offers
+one or more layouts that share one key upload (`coeff-rowpack` and `coeff-batch` share a BFV
+public key; `ckks-network` and `ckks-network-batch` share CKKS keys, the batch layout needing a
+subset). The request body's first four bytes (its magic) say which layout it uses.
+
+Two sides, two families of classes, built from the same public manifest:
+
+    server (private weights)                    client (secret key, manifest only)
+    ------------------------                    ----------------------------------
+    Plan            one compiled model          Codec            one model's manifest
+      .check(body) -> Request   (no HE work)      .keygen() -> Secret
+      .load_keys(upload) -> Keys (parsed once)    .key_upload(secret, layouts) -> bytes
+      .evaluate(body, keys) -> bytes              .encrypt(secret, X, layout) -> bytes
+      .split(request, ways) / .join(bodies)       .decrypt(secret, body) -> scores
+    ServerLayout    one request format          ClientLayout     one request format
+
+The HTTP process calls only `check` (sizes, frames, parameter tags), the workers `load_keys`
+and `evaluate`, the client the `Codec` verbs: none of them knows which layouts exist. A new
+layout is a `ServerLayout` and a `ClientLayout` in its own module, registered with
+`register_layout`; a new family of layouts (another scheme) is a `Plan` and a `Codec`
+registered with `register_family`. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+from heinfer.errors import (
+    BadInputError,
+    MalformedPayloadError,
+    ModelFormatError,
+    ParameterMismatchError,
+)
+from heinfer.plans.manifest import Manifest
+from heinfer.plans.wire import decode_keys, encode_keys
+
+__all__ = [
+    "ClientLayout",
+    "Codec",
+    "Keys",
+    "Plan",
+    "Request",
+    "Secret",
+    "ServerLayout",
+    "codec_for",
+    "family_of",
+    "layout_kinds",
+    "plan_from_arrays",
+    "register_family",
+    "register_layout",
+]
+
+
+class Keys(Protocol):
+    """A client's public key material, parsed and validated by the plan (one per upload)."""
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the parsed keys hold: what the workers' key cache is bounded by."""
+        ...
+
+
+class Secret(Protocol):
+    """A client's secret key. Never leaves the client process except through `to_bytes`."""
+
+    def to_bytes(self) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class Request:
+    """What `Plan.check` learned about a request body without any HE work."""
+
+    layout: str  # the layout kind the body's magic names
+    samples: int  # inputs the request holds (what the service counts)
+    body: bytes | memoryview
+
+
+# -- one request format ------------------------------------------------------------------------
+
+
+class ServerLayout(abc.ABC):
+    """Server side of one request format. Built by its plan, which it may read freely."""
+
+    kind: ClassVar[str]
+    request_magic: ClassVar[bytes]
+
+    @abc.abstractmethod
+    def check(self, body: bytes | memoryview) -> Request:
+        """Frame, sizes and parameter tag of a request: cheap, no HE library call."""
+
+    @abc.abstractmethod
+    def evaluate(self, body: bytes | memoryview, keys: Any) -> bytes:
+        """The response body for one request body (checked again: workers trust nothing)."""
+
+    def split(self, request: Request, ways: int) -> list[bytes | memoryview]:
+        """Independent request bodies whose responses `join` reassembles (default: one)."""
+        return [request.body]
+
+    def join(self, responses: Sequence[bytes]) -> bytes:
+        """One response body from the responses to `split`'s bodies, in order."""
+        if len(responses) != 1:
+            raise ValueError(f"{self.kind} does not split requests")
+        return responses[0]
+
+
+class ClientLayout(abc.ABC):
+    """Client side of one request format, built from the manifest by its codec."""
+
+    kind: ClassVar[str]
+    response_magic: ClassVar[bytes]
+
+    @property
+    @abc.abstractmethod
+    def capacity(self) -> int:
+        """Most samples one request holds."""
+
+    @property
+    def preferred_from(self) -> int | None:
+        """Fewest samples for which this layout beats one-sample-per-record layouts (on the
+        wire and on the server); None: never chosen automatically."""
+        return None
+
+    @property
+    def request_bytes_hint(self) -> int:
+        """An upper bound on one request body (used to stay within the service's body limit);
+        0 when it depends on the number of samples only mildly."""
+        return 0
+
+    @property
+    @abc.abstractmethod
+    def key_parts(self) -> frozenset[str]:
+        """Which public key parts (`public`, `relin`, `galois`) the server needs for it."""
+
+    @abc.abstractmethod
+    def encrypt(self, secret: Any, X: np.ndarray) -> bytes:
+        """A request body for X (n, n_features), 1 <= n <= capacity."""
+
+    @abc.abstractmethod
+    def decrypt(self, secret: Any, body: bytes) -> np.ndarray:
+        """Scores (n, n_outputs) from a response body of this layout."""
+
+
+# -- one compiled model --------------------------------------------------------------------------
+
+
+class Plan(abc.ABC):
+    """Server side of one compiled model: private weights, its layouts, its key format."""
+
+    family: ClassVar[str]
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        self._layouts: dict[bytes, ServerLayout] | None = None
+
+    @property
+    def layouts(self) -> Mapping[bytes, ServerLayout]:
+        """The layouts this model serves, by request magic (built on first use)."""
+        if self._layouts is None:
+            self._layouts = {
+                layout.request_magic: layout
+                for layout in (entry.server(self) for entry in _layouts_of(self))
+            }
+        return self._layouts
+
+    def layout(self, body: bytes | memoryview) -> ServerLayout:
+        magic = bytes(body[:4])
+        layout = self.layouts.get(magic)
+        if layout is not None:
+            return layout
+        known = _magic_names(_LAYOUTS_BY_FAMILY.get(self.family, []))
+        if magic in known:
+            raise ParameterMismatchError(
+                f"model {self.manifest.name!r} does not serve the {known[magic]} layout; "
+                f"it serves {', '.join(sorted(l.kind for l in self.layouts.values()))}"
+            )
+        expected = " or ".join(m.decode() for m in self.layouts)
+        raise MalformedPayloadError(
+            f"request body does not start with a magic of model {self.manifest.name!r} "
+            f"({expected})"
+        )
+
+    def check(self, body: bytes | memoryview) -> Request:
+        """What the HTTP process checks before a request reaches a worker."""
+        return self.layout(body).check(body)
+
+    def split(self, request: Request, ways: int) -> list[bytes | memoryview]:
+        return self.layout(request.body).split(request, ways)
+
+    def join(self, request: Request, responses: Sequence[bytes]) -> bytes:
+        return self.layout(request.body).join(responses)
+
+    def evaluate(self, body: bytes | memoryview, keys: Any) -> bytes:
+        return self.layout(body).evaluate(body, keys)
+
+    def check_keys(self, upload: bytes) -> None:
+        """Cheap checks of a key upload (frame, parameters, part sizes) for the HTTP process."""
+        fingerprint, parts = decode_keys(upload)
+        self._check_key_parts(fingerprint, parts)
+
+    def load_keys(self, upload: bytes) -> Keys:
+        """Parse and validate a key upload with the HE library's loaders (once per worker)."""
+        fingerprint, parts = decode_keys(upload)
+        self._check_key_parts(fingerprint, parts)
+        return self._load_key_parts(parts)
+
+    def _check_key_parts(self, fingerprint: bytes, parts: dict[str, bytes]) -> None:
+        if fingerprint != self.key_fingerprint:
+            raise ParameterMismatchError(
+                f"these keys were made for other encryption parameters than model "
+                f"{self.manifest.name!r}: fetch its manifest and make keys for it"
+            )
+        accepted = {frozenset(entry.key_parts) for entry in self.layouts.values()}
+        if frozenset(parts) not in accepted and frozenset(parts) != self.all_key_parts:
+            options = " or ".join(str(sorted(a)) for a in sorted(accepted, key=len))
+            raise ParameterMismatchError(
+                f"model {self.manifest.name!r} needs exactly one of these sets of key parts: "
+                f"{options}"
+            )
+        self._check_part_sizes(parts)
+
+    @property
+    def all_key_parts(self) -> frozenset[str]:
+        parts: frozenset[str] = frozenset()
+        for layout in self.layouts.values():
+            parts |= layout.key_parts
+        return parts
+
+    @property
+    @abc.abstractmethod
+    def key_fingerprint(self) -> bytes:
+        """32 bytes naming the parameters keys must be made for (the key upload's header)."""
+
+    def _check_part_sizes(self, parts: dict[str, bytes]) -> None:  # noqa: B027
+        """Exact sizes where the family knows them without the HE library."""
+
+    @abc.abstractmethod
+    def _load_key_parts(self, parts: dict[str, bytes]) -> Keys:
+        """Key parts (already checked for set and sizes) -> parsed keys."""
+
+    @abc.abstractmethod
+    def predict_plain(self, X: np.ndarray) -> np.ndarray:
+        """Plaintext reference scores (n, n_outputs): what decrypted results must match."""
+
+    @abc.abstractmethod
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Everything private the plan needs besides its manifest (saved as npz, no pickle)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_arrays(cls, manifest: Manifest, arrays: dict[str, np.ndarray]) -> Plan:
+        """Inverse of `to_arrays`, checking the arrays against the manifest."""
+
+
+class Codec(abc.ABC):
+    """Client side of one model, built from its public manifest alone."""
+
+    family: ClassVar[str]
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        self.layouts: dict[str, ClientLayout] = {
+            entry.kind: entry.client(self) for entry in _layouts_of(self)
+        }
+        self._by_response = {layout.response_magic: layout for layout in self.layouts.values()}
+
+    @property
+    @abc.abstractmethod
+    def key_fingerprint(self) -> bytes:
+        """32 bytes naming the parameters keys are made for (the key upload's header)."""
+
+    @property
+    def default_layout(self) -> str:
+        """The layout for small requests: the first one the family registered."""
+        return next(iter(self.layouts))
+
+    @abc.abstractmethod
+    def keygen(self) -> Secret:
+        """A fresh secret key for this model's parameters."""
+
+    @abc.abstractmethod
+    def load_secret(self, data: bytes) -> Secret:
+        """A secret key saved with `Secret.to_bytes`, validated against the parameters."""
+
+    @abc.abstractmethod
+    def public_keys(self, secret: Any, parts: frozenset[str]) -> dict[str, bytes]:
+        """The public key parts to upload, each in its seeded wire form."""
+
+    def key_parts(self, layouts: Iterable[str] | None = None) -> frozenset[str]:
+        """The key parts that serve every layout in `layouts` (default: all of them)."""
+        parts: frozenset[str] = frozenset()
+        for kind in layouts if layouts is not None else self.layouts:
+            parts |= self.layout(kind).key_parts
+        return parts
+
+    def key_upload(self, secret: Any, layouts: Iterable[str] | None = None) -> bytes:
+        """The `POST /v2/keys` body serving `layouts` (default: every layout of the model)."""
+        return encode_keys(self.key_fingerprint, self.public_keys(secret, self.key_parts(layouts)))
+
+    def layout(self, kind: str) -> ClientLayout:
+        try:
+            return self.layouts[kind]
+        except KeyError:
+            raise BadInputError(
+                f"unknown layout {kind!r} for model {self.manifest.name!r}: "
+                + " or ".join(self.layouts)
+            ) from None
+
+    def encrypt(self, secret: Any, X: np.ndarray, layout: str | None = None) -> bytes:
+        chosen = self.layout(layout or self.layout_for(len(X)))
+        if not 1 <= len(X) <= chosen.capacity:
+            raise BadInputError(
+                f"a {chosen.kind} request holds 1..{chosen.capacity} samples, got {len(X)}"
+            )
+        return chosen.encrypt(secret, X)
+
+    def decrypt(self, secret: Any, body: bytes) -> np.ndarray:
+        layout = self._by_response.get(bytes(body[:4]))
+        if layout is None:
+            expected = " or ".join(m.decode() for m in self._by_response)
+            raise MalformedPayloadError(f"response body does not start with {expected}")
+        return layout.decrypt(secret, body)
+
+    def layout_for(self, samples: int, max_body_bytes: int | None = None) -> str:
+        """The cheapest layout for one request of `samples` samples: the largest-capacity
+        layout that is preferred from that many samples on, else the default one."""
+        best = self.default_layout
+        for layout in self.layouts.values():
+            start = layout.preferred_from
+            if start is None or not start <= samples <= layout.capacity:
+                continue
+            if max_body_bytes is not None and layout.request_bytes_hint > max_body_bytes:
+                continue
+            if layout.capacity > self.layouts[best].capacity:
+                best = layout.kind
+        return best
+
+    def chunks(
+        self, total: int, max_body_bytes: int | None = None, layout: str | None = None
+    ) -> list[tuple[int, int, str]]:
+        """(start, stop, layout) per request for `total` samples: full requests in the
+        preferred batch layout while enough samples remain, then the default layout."""
+        bounds: list[tuple[int, int, str]] = []
+        start = 0
+        if layout is not None:
+            capacity = self.layout(layout).capacity
+            return [(i, min(total, i + capacity), layout) for i in range(0, total, capacity)]
+        while start < total:
+            kind = self.layout_for(total - start, max_body_bytes)
+            chosen = self.layouts[kind]
+            if kind == self.default_layout:
+                break
+            stop = min(total, start + chosen.capacity)
+            bounds.append((start, stop, kind))
+            start = stop
+        size = self.layouts[self.default_layout].capacity
+        bounds.extend(
+            (i, min(total, i + size), self.default_layout) for i in range(start, total, size)
+        )
+        return bounds
+
+
+# -- the registry --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _LayoutEntry:
+    kind: str
+    family: str
+    server: Callable[[Any], ServerLayout]
+    client: Callable[[Any], ClientLayout]
+    offered: Callable[[Manifest], bool]
+    request_magic: bytes
+
+
+@dataclass(frozen=True)
+class _FamilyEntry:
+    kind: str
+    plan: type[Plan]
+    codec: type[Codec]
+
+
+_FAMILIES: dict[str, _FamilyEntry] = {}
+_LAYOUTS_BY_FAMILY: dict[str, list[_LayoutEntry]] = {}
+
+
+def register_family(kind: str, plan: type[Plan], codec: type[Codec]) -> None:
+    """A family of layouts sharing keys, found by the manifest's `layout.kind`."""
+    _FAMILIES[kind] = _FamilyEntry(kind, plan, codec)
+
+
+def register_layout(
+    family: str,
+    server: type[ServerLayout],
+    client: type[ClientLayout],
+    offered: Callable[[Manifest], bool] = lambda _: True,
+) -> None:
+    """One request format of `family`; `offered(manifest)` says whether a model serves it.
+    Layouts are tried in registration order; the first is the family's default."""
+    if server.kind != client.kind:
+        raise ValueError(f"server layout {server.kind!r} paired with client {client.kind!r}")
+    entry = _LayoutEntry(server.kind, family, server, client, offered, server.request_magic)
+    _LAYOUTS_BY_FAMILY.setdefault(family, []).append(entry)
+
+
+def layout_kinds() -> list[str]:
+    """Every registered layout kind (what a manifest may name)."""
+    return [entry.kind for entries in _LAYOUTS_BY_FAMILY.values() for entry in entries]
+
+
+def _ensure_registered() -> None:
+    """Import the built-in layouts (each module registers itself on import)."""
+    import heinfer.plans.layouts  # noqa: F401
+
+
+def family_of(manifest: Manifest) -> _FamilyEntry:
+    _ensure_registered()
+    kind = str(manifest.layout.get("kind"))
+    try:
+        return _FAMILIES[kind]
+    except KeyError:
+        raise ModelFormatError(
+            f"model {manifest.name!r} uses layout {kind!r}, which this heinfer does not know "
+            f"(known: {', '.join(sorted(_FAMILIES))}); upgrade heinfer"
+        ) from None
+
+
+def _layouts_of(side: Plan | Codec) -> list[_LayoutEntry]:
+    return [
+        entry
+        for entry in _LAYOUTS_BY_FAMILY.get(side.family, [])
+        if entry.offered(side.manifest)
+    ]
+
+
+def _magic_names(entries: list[_LayoutEntry]) -> dict[bytes, str]:
+    return {entry.request_magic: entry.kind for entry in entries}
+
+
+def plan_from_arrays(manifest: Manifest, arrays: dict[str, np.ndarray]) -> Plan:
+    """The server plan of a saved model, by its manifest's family."""
+    return family_of(manifest).plan.from_arrays(manifest, arrays)
+
+
+def codec_for(manifest: Manifest) -> Codec:
+    """The client codec of a manifest fetched from a service."""
+    return family_of(manifest).codec(manifest)
