@@ -22,23 +22,20 @@ from heinfer.errors import (
     ShapeError,
     UnsupportedModelError,
 )
-from heinfer.plans.linear import LinearPlan, compile_linear
-from heinfer.plans.manifest import (
-    InputSpec,
-    KeysSpec,
-    Manifest,
-    OutputSpec,
-    PrecisionSpec,
-    PrivacySpec,
-)
+from heinfer.plans.base import Plan, plan_from_arrays
+from heinfer.plans.linear import compile_linear
+from heinfer.plans.manifest import Manifest
 
 if TYPE_CHECKING:
-    from heinfer.plans.network import NetworkPlan, NetworkSpec
+    from heinfer.plans.network import NetworkSpec
 
 __all__ = ["SUPPORTED_ESTIMATORS", "EncryptedModel", "compile", "load_model"]
 
 MODEL_FORMAT = "heinfer.model"
-MODEL_FORMAT_VERSION = 1
+# 2: one layout for every plan: manifest.json is the common manifest, arrays.npz the plan's
+# `to_arrays()`. Version 1 files (networks kept their own manifest and spec arrays) still load.
+MODEL_FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 
 SUPPORTED_ESTIMATORS = (
     "LogisticRegression",
@@ -54,38 +51,24 @@ SUPPORTED_ESTIMATORS = (
 )
 
 
-NETWORK_LAYOUT = "ckks-network"
-
-
 class EncryptedModel:
-    """A compiled model: the private plan plus its public manifest.
+    """A compiled model: the private plan, which carries its public manifest.
 
-    Linear estimators compile to a coefficient-encoded BFV `LinearPlan`; small neural networks
-    (PyTorch or ONNX) to a slot-packed CKKS `NetworkPlan`. The manifest has the same shape for
-    both, so the client and the HTTP API do not change with the model kind.
+    Every kind of model (linear estimators on BFV, small networks on CKKS) is a `Plan`, so the
+    client, the service and this class do not change with the model kind.
     """
 
-    def __init__(
-        self,
-        plan: LinearPlan | NetworkPlan,
-        *,
-        spec: NetworkSpec | None = None,
-        estimator: str = "network",
-    ) -> None:
+    def __init__(self, plan: Plan) -> None:
         self.plan = plan
-        self.spec = spec
-        if isinstance(plan, LinearPlan):
-            self._manifest = plan.manifest
-        else:
-            self._manifest = _network_manifest(plan.manifest(), estimator)
 
     @property
     def manifest(self) -> Manifest:
-        return self._manifest
+        return self.plan.manifest
 
     @property
     def kind(self) -> str:
-        return "linear" if isinstance(self.plan, LinearPlan) else "network"
+        """The model's family of layouts (the manifest's `layout.kind`)."""
+        return self.plan.family
 
     @property
     def name(self) -> str:
@@ -93,37 +76,22 @@ class EncryptedModel:
 
     def predict_plain(self, X: Any) -> np.ndarray:
         """Plaintext reference scores, shape (n, n_outputs): what decrypted results match."""
-        X = _check_X(X, self.manifest.n_features)
-        if isinstance(self.plan, LinearPlan):
-            return self.plan.predict_plain(X)
-        assert self.spec is not None
-        return self.spec.predict_plain(X)
+        return self.plan.predict_plain(_check_X(X, self.manifest.n_features))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         path = Path(path)
-        header: dict[str, Any] = {
+        header = {
             "format": MODEL_FORMAT,
             "format_version": MODEL_FORMAT_VERSION,
-            "plan": self.kind,
+            "family": self.plan.family,
         }
-        if isinstance(self.plan, LinearPlan):
-            arrays = dict(self.plan.arrays)
-            manifest_json = self.manifest.to_json()
-        else:
-            assert self.spec is not None
-            arrays = {f"plan_{k}": v for k, v in self.plan.to_arrays().items()}
-            layers, spec_arrays = _spec_to_arrays(self.spec)
-            arrays.update(spec_arrays)
-            header["layers"] = layers
-            header["estimator"] = self.manifest.estimator
-            manifest_json = json.dumps(self.plan.manifest())
         buffer = io.BytesIO()
         save_arrays: Any = np.savez  # numpy's stub cannot type **arrays
-        save_arrays(buffer, **arrays)
+        save_arrays(buffer, **self.plan.to_arrays())
         tmp = path.with_name(path.name + ".tmp")
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             archive.writestr("heinfer.json", json.dumps(header))
-            archive.writestr("manifest.json", manifest_json)
+            archive.writestr("manifest.json", self.manifest.to_json())
             archive.writestr("arrays.npz", buffer.getvalue())
         os.replace(tmp, path)
         return path
@@ -137,100 +105,33 @@ class EncryptedModel:
         )
 
 
-def _network_manifest(plan_manifest: dict[str, Any], estimator: str) -> Manifest:
-    """The CKKS plan's own manifest, wrapped in the common shape every client reads."""
-    precision = plan_manifest["precision"]
-    privacy = plan_manifest["privacy"]
-    scheme = {"scheme": "ckks", **plan_manifest["params"]}
-    return Manifest(
-        name=plan_manifest["name"],
-        task="classification",
-        estimator=estimator,
-        input=InputSpec(
-            shape=list(plan_manifest["input"]["shape"]),
-            low=float(plan_manifest["input"]["range"][0]),
-            high=float(plan_manifest["input"]["range"][1]),
-            bits=None,
-            encoding="CKKS slots: the image repeated as the layout says, one ciphertext each",
-        ),
-        output=OutputSpec(
-            shape=list(plan_manifest["output"]["shape"]),
-            classes=list(range(int(plan_manifest["output"]["shape"][0]))),
-        ),
-        scheme=scheme,
-        layout={"kind": NETWORK_LAYOUT, "plan_manifest": plan_manifest},
-        keys=KeysSpec(**plan_manifest["keys"]),
-        precision=PrecisionSpec(
-            max_abs_error=float(precision["score_abs_error"]),
-            expected_abs_error=float(precision["score_abs_error"]),
-            noise_abs_error=float(10 * precision["flood_noise_std"]),
-        ),
-        privacy=PrivacySpec(
-            rerandomized=bool(privacy["rerandomized"]),
-            masked=True,
-            flooding_statistical_bits=int(privacy["statistical_security_bits"]),
-            notes=f"masked: {privacy['masked_slots']}; not covered: {privacy['not_covered']}",
-        ),
-        max_batch=int(plan_manifest["input"]["max_images_per_request"]),
-    )
-
-
-def _spec_to_arrays(spec: NetworkSpec) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
-    layers, arrays = [], {}
-    for index, layer in enumerate(spec.layers):
-        scalars = {}
-        for key, value in layer.items():
-            if isinstance(value, np.ndarray):
-                arrays[f"spec{index}_{key}"] = value
-                scalars[key] = {"array": f"spec{index}_{key}"}
-            else:
-                scalars[key] = value
-        layers.append(scalars)
-    return layers, arrays
-
-
-def _spec_from_arrays(layers: list[dict[str, Any]], arrays: dict[str, np.ndarray]) -> NetworkSpec:
-    from heinfer.plans.network import NetworkSpec
-
-    built = []
-    for layer in layers:
-        built.append(
-            {
-                key: arrays[value["array"]] if isinstance(value, dict) else value
-                for key, value in layer.items()
-            }
-        )
-    return NetworkSpec(built)
-
-
 def load_model(path: str | os.PathLike[str]) -> EncryptedModel:
     """Load a model saved by `EncryptedModel.save`, checking its format version."""
     try:
         with zipfile.ZipFile(path) as archive:
             header = json.loads(archive.read("heinfer.json"))
-            if header.get("format") != MODEL_FORMAT:
+            if not isinstance(header, dict) or header.get("format") != MODEL_FORMAT:
                 raise ModelFormatError(f"{path} is not a heinfer model")
-            if header.get("format_version") != MODEL_FORMAT_VERSION:
+            version = header.get("format_version")
+            if version not in _READABLE_VERSIONS:
                 raise ModelFormatError(
-                    f"{path} has model format version {header.get('format_version')}; this "
-                    f"heinfer reads version {MODEL_FORMAT_VERSION}"
+                    f"{path} has model format version {version}; this heinfer reads versions "
+                    f"{', '.join(map(str, _READABLE_VERSIONS))}: upgrade heinfer"
                 )
             manifest_text = archive.read("manifest.json")
             with np.load(io.BytesIO(archive.read("arrays.npz")), allow_pickle=False) as data:
                 arrays = {key: data[key] for key in data.files}
-        if header.get("plan") == "network":
-            from heinfer.plans.network import NetworkPlan
+        if version == 1 and header.get("plan") == "network":
+            from heinfer.plans.network import convert_v1_network
 
-            plan_arrays = {k[5:]: v for k, v in arrays.items() if k.startswith("plan_")}
-            network = NetworkPlan.from_arrays(json.loads(manifest_text), plan_arrays)
-            spec = _spec_from_arrays(header["layers"], arrays)
-            return EncryptedModel(network, spec=spec, estimator=str(header.get("estimator")))
-        manifest = Manifest.from_json(manifest_text)
+            manifest, arrays = convert_v1_network(header, json.loads(manifest_text), arrays)
+        else:
+            manifest = Manifest.from_json(manifest_text)
+        return EncryptedModel(plan_from_arrays(manifest, arrays))
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, ValueError, OSError) as exc:
         if isinstance(exc, ModelFormatError):
             raise
         raise ModelFormatError(f"cannot read heinfer model {path}: {exc}") from exc
-    return EncryptedModel(LinearPlan(manifest, arrays))
 
 
 def compile(
@@ -254,9 +155,10 @@ def compile(
         from heinfer.plans.network import compile_network
 
         spec, origin = network
-        calibration = None if X is None else _check_X(X, 784)
-        plan = compile_network(spec, name, calibration=calibration)
-        return EncryptedModel(plan, spec=spec, estimator=origin)
+        calibration = None if X is None else _check_X(X, spec.n_features)
+        return EncryptedModel(
+            compile_network(spec, name, calibration=calibration, estimator=origin)
+        )
     kind = type(estimator).__name__
     if kind not in SUPPORTED_ESTIMATORS:
         raise UnsupportedModelError(

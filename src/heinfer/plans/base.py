@@ -91,6 +91,7 @@ class ServerLayout(abc.ABC):
 
     kind: ClassVar[str]
     request_magic: ClassVar[bytes]
+    key_parts: frozenset[str]  # the public key parts its evaluation needs
 
     @abc.abstractmethod
     def check(self, body: bytes | memoryview) -> Request:
@@ -140,6 +141,10 @@ class ClientLayout(abc.ABC):
         """Which public key parts (`public`, `relin`, `galois`) the server needs for it."""
 
     @abc.abstractmethod
+    def wire_bytes(self, samples: int) -> int:
+        """Request plus response bytes of one request of `samples` samples."""
+
+    @abc.abstractmethod
     def encrypt(self, secret: Any, X: np.ndarray) -> bytes:
         """A request body for X (n, n_features), 1 <= n <= capacity."""
 
@@ -179,7 +184,7 @@ class Plan(abc.ABC):
         if magic in known:
             raise ParameterMismatchError(
                 f"model {self.manifest.name!r} does not serve the {known[magic]} layout; "
-                f"it serves {', '.join(sorted(l.kind for l in self.layouts.values()))}"
+                f"it serves {', '.join(sorted(x.kind for x in self.layouts.values()))}"
             )
         expected = " or ".join(m.decode() for m in self.layouts)
         raise MalformedPayloadError(
@@ -199,6 +204,17 @@ class Plan(abc.ABC):
 
     def evaluate(self, body: bytes | memoryview, keys: Any) -> bytes:
         return self.layout(body).evaluate(body, keys)
+
+    def warm_up(self) -> None:
+        """Build what evaluation needs (HE contexts, encoded weights) before the first request.
+        The HTTP process never calls it: `check` needs none of it."""
+        _ = self.layouts
+
+    def prepare_ahead(self, recent: Sequence[Keys]) -> bool:
+        """One step of idle-time work that makes later requests cheaper without changing their
+        results' distribution (e.g. fresh randomness drawn ahead, each used once); `recent` are
+        this model's cached keys, most recently used first. False when there is nothing to do."""
+        return False
 
     def check_keys(self, upload: bytes) -> None:
         """Cheap checks of a key upload (frame, parameters, part sizes) for the HTTP process."""
@@ -330,37 +346,52 @@ class Codec(abc.ABC):
 
     def layout_for(self, samples: int, max_body_bytes: int | None = None) -> str:
         """The cheapest layout for one request of `samples` samples: the largest-capacity
-        layout that is preferred from that many samples on, else the default one."""
-        best = self.default_layout
+        layout that holds them and is preferred from that many samples on, else the default."""
+        return self._preferred(samples, max_body_bytes, must_hold=True)
+
+    def _preferred(self, samples: int, max_body_bytes: int | None, *, must_hold: bool) -> str:
+        candidates = []
         for layout in self.layouts.values():
             start = layout.preferred_from
-            if start is None or not start <= samples <= layout.capacity:
+            if start is None or samples < start or (must_hold and samples > layout.capacity):
                 continue
             if max_body_bytes is not None and layout.request_bytes_hint > max_body_bytes:
                 continue
-            if layout.capacity > self.layouts[best].capacity:
-                best = layout.kind
-        return best
+            candidates.append(layout)
+        if not candidates:
+            return self.default_layout
+        return max(candidates, key=lambda layout: layout.capacity).kind
 
     def chunks(
-        self, total: int, max_body_bytes: int | None = None, layout: str | None = None
+        self,
+        total: int,
+        max_body_bytes: int | None = None,
+        layout: str | None = None,
+        *,
+        per_request: int | None = None,
     ) -> list[tuple[int, int, str]]:
         """(start, stop, layout) per request for `total` samples: full requests in the
-        preferred batch layout while enough samples remain, then the default layout."""
+        preferred batch layout while enough samples remain, then the default layout in
+        requests of at most `per_request` samples. A forced `layout` is used throughout."""
+        def sized(kind: str) -> int:
+            capacity = self.layout(kind).capacity
+            if kind == self.default_layout and per_request is not None:
+                return min(capacity, per_request)
+            return capacity
+
+        if layout is not None:
+            size = sized(layout)
+            return [(i, min(total, i + size), layout) for i in range(0, total, size)]
         bounds: list[tuple[int, int, str]] = []
         start = 0
-        if layout is not None:
-            capacity = self.layout(layout).capacity
-            return [(i, min(total, i + capacity), layout) for i in range(0, total, capacity)]
         while start < total:
-            kind = self.layout_for(total - start, max_body_bytes)
-            chosen = self.layouts[kind]
+            kind = self._preferred(total - start, max_body_bytes, must_hold=False)
             if kind == self.default_layout:
                 break
-            stop = min(total, start + chosen.capacity)
+            stop = min(total, start + self.layouts[kind].capacity)
             bounds.append((start, stop, kind))
             start = stop
-        size = self.layouts[self.default_layout].capacity
+        size = sized(self.default_layout)
         bounds.extend(
             (i, min(total, i + size), self.default_layout) for i in range(start, total, size)
         )
@@ -433,6 +464,7 @@ def family_of(manifest: Manifest) -> _FamilyEntry:
 
 
 def _layouts_of(side: Plan | Codec) -> list[_LayoutEntry]:
+    _ensure_registered()
     return [
         entry
         for entry in _LAYOUTS_BY_FAMILY.get(side.family, [])

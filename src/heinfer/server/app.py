@@ -56,20 +56,13 @@ from heinfer.errors import (
     BadInputError,
     HeinferError,
     KeyNotFoundError,
-    MalformedPayloadError,
     ModelNotFoundError,
-    ParameterMismatchError,
     PayloadTooLargeError,
     QuotaExceededError,
     ServiceUnavailableError,
 )
-from heinfer.he.backend import _FINGERPRINT_BYTES, Context
-from heinfer.he.params import BFVParameters
 from heinfer.models import load_model
-from heinfer.plans.linear import BATCH_LAYOUT_KIND as BATCH_LAYOUT
-from heinfer.plans.linear import LAYOUT_KIND as LINEAR_LAYOUT
-from heinfer.plans.manifest import Manifest
-from heinfer.plans.wire import BatchRequest, decode_keys, decode_request, encode_response
+from heinfer.plans.base import Plan
 from heinfer.server.auth import PUBLIC_TENANT, TokenFile
 from heinfer.server.keystore import KeyStore, key_id_for, open_key_store
 from heinfer.server.settings import ServiceSettings
@@ -184,111 +177,6 @@ class _Metrics:
         children[1].observe(seconds)
 
 
-@dataclass(frozen=True)
-class _ModelChecks:
-    """What a well-formed request or key for one model looks like, from public parameters.
-
-    Exact for the layouts this module knows (BFV "coeff-rowpack"): parameter fingerprint,
-    ciphertext length, public key length. For other layouts only the framing is checked here
-    and the worker's loaders do the rest (still before any evaluation).
-    """
-
-    model: str
-    max_batch: int
-    fingerprint: bytes | None = None
-    record_bytes: int | None = None
-    key_bytes: int | None = None
-    key_parts: frozenset[str] = frozenset({"public", "relin", "galois"})
-    batch_samples: int | None = None  # coeff-batch requests: most samples, None if not served
-    batch_bytes: int | None = None  # ... and the exact size of their record
-    opaque: bool = False  # network plans: the body is one frame their worker-side plan parses
-
-    @classmethod
-    def of(cls, manifest: Manifest) -> _ModelChecks:
-        if manifest.layout.get("kind") != LINEAR_LAYOUT:
-            return cls(manifest.name, manifest.max_batch, opaque=True)
-        params = BFVParameters.from_dict(manifest.scheme)
-        context = Context(params)  # templates only (tens of ms); no keys, no evaluation
-        key_bytes = context.public_key_bytes
-        parts = {"public"} if manifest.keys.public else set()
-        if manifest.keys.relin:
-            parts.add("relin")
-        if manifest.keys.galois_steps:
-            parts.add("galois")
-        batch = manifest.layout.get("batch")
-        batch_samples = batch_bytes = None
-        if isinstance(batch, dict) and batch.get("kind") == BATCH_LAYOUT:
-            batch_samples = int(batch["max_samples"])
-            batch_bytes = context.batch_request_bytes(manifest.n_features)
-        return cls(
-            manifest.name, manifest.max_batch, params.fingerprint, context.request_bytes,
-            key_bytes, frozenset(parts), batch_samples, batch_bytes,
-        )
-
-    def check_records(self, records: list[bytes] | BatchRequest) -> None:
-        if isinstance(records, BatchRequest):
-            self._check_batch(records)
-            return
-        if self.fingerprint is None or self.record_bytes is None:
-            return
-        tag = self.fingerprint[:_FINGERPRINT_BYTES]
-        for index, record in enumerate(records):
-            if record[:_FINGERPRINT_BYTES] != tag:
-                raise ParameterMismatchError(
-                    f"ciphertext {index} was made for other encryption parameters: fetch the "
-                    "model's manifest again and re-encrypt"
-                )
-            if len(record) != self.record_bytes:
-                raise MalformedPayloadError(
-                    f"ciphertext {index} must be {self.record_bytes} bytes for these "
-                    f"parameters, got {len(record)}"
-                )
-
-    def _check_batch(self, request: BatchRequest) -> None:
-        if self.fingerprint is None:
-            return  # not a linear model: the worker refuses it
-        if bytes(request.record[:_FINGERPRINT_BYTES]) != self.fingerprint[:_FINGERPRINT_BYTES]:
-            raise ParameterMismatchError(
-                "batch request was made for other encryption parameters: fetch the model's "
-                "manifest again and re-encrypt"
-            )
-        if self.batch_samples is None or self.batch_bytes is None:
-            raise ParameterMismatchError(
-                f"model {self.model!r} was compiled without the {BATCH_LAYOUT} layout; "
-                "send per-sample (HEQ1) requests"
-            )
-        if not 1 <= request.samples <= self.batch_samples:
-            raise MalformedPayloadError(
-                f"a {BATCH_LAYOUT} request holds 1..{self.batch_samples} samples, "
-                f"not {request.samples}"
-            )
-        if len(request.record) != self.batch_bytes:
-            raise MalformedPayloadError(
-                f"a {BATCH_LAYOUT} request record must be {self.batch_bytes} bytes for these "
-                f"parameters, got {len(request.record)}"
-            )
-
-    def check_keys(self, model: str, body: bytes) -> None:
-        fingerprint, parts = decode_keys(body)
-        if self.fingerprint is None or self.key_bytes is None:
-            return
-        if fingerprint != self.fingerprint:
-            raise ParameterMismatchError(
-                f"these keys were made for other encryption parameters than model {model!r}: "
-                "fetch its manifest and make keys for it"
-            )
-        if "public" not in parts:
-            raise ParameterMismatchError(f"model {model!r} needs a public key in the upload")
-        extra = sorted(set(parts) - self.key_parts)
-        if extra:
-            raise MalformedPayloadError(f"model {model!r} takes no {', '.join(extra)} keys")
-        if len(parts["public"]) != self.key_bytes:
-            raise MalformedPayloadError(
-                f"public key must be {self.key_bytes} bytes for these parameters, "
-                f"got {len(parts['public'])}"
-            )
-
-
 class _Admission:
     """Bounded admission: running + queued requests never exceed a fixed number."""
 
@@ -377,8 +265,7 @@ class _Slot:
 @dataclass
 class _Service:
     settings: ServiceSettings
-    manifests: dict[str, Manifest]
-    checks: dict[str, _ModelChecks]
+    plans: dict[str, Plan]  # used for `check` and `check_keys` only: no HE work here
     store: KeyStore
     pool: WorkerPool
     tokens: TokenFile | None
@@ -394,11 +281,11 @@ class _Service:
         request.state.tenant = tenant
         return tenant
 
-    def manifest(self, name: str) -> Manifest:
+    def plan(self, name: str) -> Plan:
         try:
-            return self.manifests[name]
+            return self.plans[name]
         except KeyError:
-            known = ", ".join(sorted(self.manifests)) or "none"
+            known = ", ".join(sorted(self.plans)) or "none"
             raise ModelNotFoundError(
                 f"unknown model {name[:64]!r}; served models: {known}"
             ) from None
@@ -581,12 +468,11 @@ _INFER_PATH = re.compile(r"/v2/models/([^/]+)/infer")
 
 
 async def _infer(request: Request) -> Response:
-    """POST /v2/models/{name}/infer: encrypted records in, encrypted scores out."""
+    """POST /v2/models/{name}/infer: an encrypted request body in, an encrypted answer out."""
     name = str(request.path_params["name"])
     svc: _Service = request.app.state.service
     tenant = svc.tenant(request)
-    svc.manifest(name)
-    checks = svc.checks[name]
+    plan = svc.plan(name)
     settings = svc.settings
     key_id = request.headers.get(KEY_ID_HEADER)
     if not key_id:
@@ -594,25 +480,19 @@ async def _infer(request: Request) -> Response:
     with svc.admission.admit(request, settings.max_body_bytes):
         await svc.existing_key(tenant, key_id)
         body = await _body(request, settings.max_body_bytes, settings.body_timeout_seconds)
-        if checks.opaque:
-            records: Any = [body]
-        else:
-            records = decode_request(
-                body, max_records=checks.max_batch, max_record_bytes=settings.max_key_bytes
-            )
-            if isinstance(records, list):  # a coeff-batch request is checked by its plan
-                checks.check_records(records)
+        checked = plan.check(body)
         svc.metrics.bytes_in.inc(len(body))
         async with svc.admission.slot():
             started = time.perf_counter()
             try:
-                results = await svc.evaluate(svc.pool.infer(name, tenant, key_id, records))
+                parts = plan.split(checked, svc.pool.workers)
+                results = await svc.evaluate(svc.pool.infer(name, tenant, key_id, parts))
             except KeyNotFoundError:  # deleted meanwhile: the same answer as above
                 raise KeyNotFoundError(_UNKNOWN_KEY) from None
             svc.metrics.evaluate_seconds.observe(time.perf_counter() - started)
-    payload = results[0] if checks.opaque else encode_response(results)
+    payload = plan.join(checked, results)
     svc.metrics.bytes_out.inc(len(payload))
-    svc.metrics.samples.inc(len(records))
+    svc.metrics.samples.inc(checked.samples)
     return Response(payload, media_type="application/octet-stream")
 
 
@@ -697,12 +577,10 @@ class _HeinferApp(FastAPI):
 
 def create_app(settings: ServiceSettings) -> FastAPI:
     """The ASGI app; models load at startup, workers start in the lifespan."""
-    manifests: dict[str, Manifest] = {}
-    checks: dict[str, _ModelChecks] = {}
+    plans: dict[str, Plan] = {}
     for path in settings.model_paths:
-        manifest = load_model(path).manifest
-        manifests[manifest.name] = manifest
-        checks[manifest.name] = _ModelChecks.of(manifest)
+        plan = load_model(path).plan
+        plans[plan.manifest.name] = plan
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -721,7 +599,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         admission = _Admission(settings, metrics)
         metrics.admitted.set_function(lambda: admission.admitted)
         app.state.service = _Service(
-            settings, manifests, checks, store, pool, tokens, admission, metrics
+            settings, plans, store, pool, tokens, admission, metrics
         )
         try:
             yield
@@ -775,7 +653,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             "models": [
                 {"name": m.name, "version": m.model_version, "estimator": m.estimator,
                  "inputs": m.n_features, "outputs": m.n_outputs}
-                for m in svc.manifests.values()
+                for m in (plan.manifest for plan in svc.plans.values())
             ]
         }
 
@@ -783,18 +661,17 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     async def get_manifest(name: str, request: Request) -> JSONResponse:
         svc = service(request)
         svc.tenant(request)
-        return JSONResponse(svc.manifest(name).to_dict())
+        return JSONResponse(svc.plan(name).manifest.to_dict())
 
     @app.post("/v2/keys")
     async def upload_key(request: Request, model: str) -> dict[str, str]:
         svc = service(request)
         tenant = svc.tenant(request)
-        svc.manifest(model)
-        checks = svc.checks[model]
+        plan = svc.plan(model)
         settings = svc.settings
         with svc.admission.admit(request, settings.max_key_bytes):
             body = await _body(request, settings.max_key_bytes, settings.body_timeout_seconds)
-            checks.check_keys(model, body)
+            plan.check_keys(body)
             key_id = key_id_for(body)
             await _check_quota(svc, tenant, key_id, len(body))
             async with svc.admission.slot():

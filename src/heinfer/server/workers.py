@@ -2,9 +2,10 @@
 
 SEAL's Python bindings hold the GIL, so CPU parallelism needs processes. Each worker loads the
 models and opens the key store itself (keys travel by id, never through the parent), and keeps
-its own byte-bounded cache of parsed public keys. A worker that dies (a native crash, kill -9)
-is replaced at once and the call it was running is retried once on the fresh one: evaluation
-is a pure function of (request, key), so a retry is safe.
+one byte-bounded cache of parsed keys, keyed by (tenant, key id, model). A worker that dies (a
+native crash, kill -9) is replaced at once and the call it was running is retried once on the
+fresh one: evaluation is a pure function of (request, key), so a retry is safe. Workers speak
+only the `Plan` interface: they never look at which layout a request uses.
 """
 
 from __future__ import annotations
@@ -12,52 +13,66 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import tempfile
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar, overload
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from heinfer.errors import ParameterMismatchError, ServiceUnavailableError
-from heinfer.he.backend import EvaluationKey
-from heinfer.models import EncryptedModel, load_model
-from heinfer.plans.linear import BATCH_LAYOUT_KIND, LinearPlan
-from heinfer.plans.network import NetworkPlan
-from heinfer.plans.wire import BatchRequest, BatchResponse, decode_keys
+from heinfer.errors import ServiceUnavailableError
+from heinfer.models import load_model
+from heinfer.plans.base import Keys, Plan
 from heinfer.server.keystore import KeyStore, open_key_store
 from heinfer.server.pool import ProcessPool, WorkerCrashed
 
-__all__ = ["WorkerPool"]
+__all__ = ["KeyCache", "WorkerPool"]
 
 log = logging.getLogger("heinfer.workers")
 T = TypeVar("T")
-# A coeff-batch record (36 MB for MNIST) costs ~150 ms to pickle through the pool's pipe;
-# above this size it goes to the worker as a private file on tmpfs instead (~10 ms each way).
+# Large request bodies (a coeff-batch request is 36 MB for MNIST) go to the worker as a private
+# file on tmpfs instead of through the pool's pipe, which pickles them.
 _HANDOFF_BYTES = 1 << 20
 
 
-@dataclass(frozen=True)
-class NetworkKeys:
-    """A network model's uploaded key parts; the plan keeps the parsed SEAL keys cached."""
+@dataclass
+class KeyCache:
+    """Parsed keys by (tenant, key id, model), least recently used first out, bounded by the
+    memory the parsed keys hold (`Keys.nbytes`). The entry in use is never evicted, so one key
+    larger than the bound still serves its request."""
 
-    parts: dict[str, bytes]
+    max_bytes: int
+    entries: OrderedDict[tuple[str, str, str], Keys] = field(default_factory=OrderedDict)
+    nbytes: int = 0
 
-    @property
-    def nbytes(self) -> int:
-        return sum(len(v) for v in self.parts.values())
+    def get(self, key: tuple[str, str, str]) -> Keys | None:
+        found = self.entries.get(key)
+        if found is not None:
+            self.entries.move_to_end(key)
+        return found
+
+    def put(self, key: tuple[str, str, str], keys: Keys) -> None:
+        previous = self.entries.pop(key, None)
+        if previous is not None:
+            self.nbytes -= previous.nbytes
+        self.entries[key] = keys
+        self.nbytes += keys.nbytes
+        while self.nbytes > self.max_bytes and len(self.entries) > 1:
+            _, evicted = self.entries.popitem(last=False)
+            self.nbytes -= evicted.nbytes
+
+    def recent(self, model: str) -> list[Keys]:
+        """The model's cached keys, most recently used first."""
+        return [keys for (_, _, name), keys in reversed(self.entries.items()) if name == model]
 
 
 @dataclass
 class _WorkerState:
     """Everything one worker process holds; set once by the pool's initializer."""
 
-    models: dict[str, EncryptedModel]
+    plans: dict[str, Plan]
     store: KeyStore
-    keys: OrderedDict[tuple[str, str, str], EvaluationKey | NetworkKeys]
-    key_bytes: int
-    max_key_bytes: int
+    keys: KeyCache
 
 
 _STATE: _WorkerState | None = None  # per worker process, never in the service process
@@ -67,14 +82,13 @@ def _initialize(model_paths: list[str], store_url: str, cache_bytes: int) -> Non
     global _STATE
     _batch_scheduling()
     _single_threaded_blas()
-    models = {}
+    plans = {}
     for path in model_paths:
-        model = load_model(path)
-        if isinstance(model.plan, LinearPlan):
-            _ = model.plan.context  # build SEAL objects now, not on the first request
-        models[model.name] = model
+        plan = load_model(path).plan
+        plan.warm_up()  # build HE objects now, not on the first request
+        plans[plan.manifest.name] = plan
     store = open_key_store(store_url, cache_bytes=0)
-    _STATE = _WorkerState(models, store, OrderedDict(), 0, cache_bytes)
+    _STATE = _WorkerState(plans, store, KeyCache(cache_bytes))
 
 
 def _batch_scheduling() -> None:
@@ -103,128 +117,42 @@ def _state() -> _WorkerState:
     return _STATE
 
 
-def _evaluation_key(
-    model: EncryptedModel, tenant: str, key_id: str
-) -> EvaluationKey | NetworkKeys:
+def _keys(model: str, tenant: str, key_id: str) -> Keys:
     state = _state()
-    cache_key = (model.name, tenant, key_id)
-    cached = state.keys.get(cache_key)
-    if cached is not None:
-        state.keys.move_to_end(cache_key)
-        return cached
-    fingerprint, parts = decode_keys(state.store.get(tenant, key_id))
-    key = _parse_key(model, fingerprint, parts)
-    state.keys[cache_key] = key
-    state.key_bytes += key.nbytes
-    while state.key_bytes > state.max_key_bytes and len(state.keys) > 1:
-        _, evicted = state.keys.popitem(last=False)
-        state.key_bytes -= evicted.nbytes
-    return key
+    cache_key = (tenant, key_id, model)
+    keys = state.keys.get(cache_key)
+    if keys is None:
+        keys = state.plans[model].load_keys(state.store.get(tenant, key_id))
+        state.keys.put(cache_key, keys)
+    return keys
 
 
-def _parse_key(
-    model: EncryptedModel, fingerprint: bytes, parts: dict[str, bytes]
-) -> EvaluationKey | NetworkKeys:
-    if not isinstance(model.plan, LinearPlan):
-        return _parse_network_keys(model, model.plan, fingerprint, parts)
-    if fingerprint != model.plan.params.fingerprint:
-        raise ParameterMismatchError(
-            f"this key was made for other encryption parameters than model {model.name!r}: "
-            "fetch its manifest and make keys for it"
-        )
-    if "public" not in parts:
-        raise ParameterMismatchError(f"model {model.name!r} needs a public key in the upload")
-    return model.plan.load_key(parts["public"])
-
-
-def _parse_network_keys(
-    model: EncryptedModel, plan: NetworkPlan, fingerprint: bytes, parts: dict[str, bytes]
-) -> NetworkKeys:
-    if fingerprint != plan.key_fingerprint:
-        raise ParameterMismatchError(
-            f"this key was made for other encryption parameters than model {model.name!r}: "
-            "fetch its manifest and make keys for it"
-        )
-    # The full set serves both layouts; with the batched layout, {public, relin} serves batches
-    # (single-image requests with it get a 422 from the plan).
-    accepted = plan.key_part_sets()
-    if frozenset(parts) not in accepted:
-        options = " or ".join(str(sorted(a)) for a in accepted)
-        raise ParameterMismatchError(
-            f"model {model.name!r} needs exactly one of these sets of key parts: {options}"
-        )
-    plan.load_keys(parts)  # SEAL's validating loaders, cached by content in the plan
-    return NetworkKeys(parts)
-
-
-def _handed(record: bytes | str) -> bytes:
-    """A record, read from its handoff file when the pool passed a path."""
-    if isinstance(record, str):
-        with open(record, "rb") as fh:
+def _handed(body: bytes | memoryview | str) -> bytes | memoryview:
+    """A request body, read from its handoff file when the pool passed a path."""
+    if isinstance(body, str):
+        with open(body, "rb") as fh:
             return fh.read()
-    return record
+    return body
 
 
-def _infer(
-    model_name: str, tenant: str, key_id: str, records: list[bytes] | list[bytes | str]
-) -> list[bytes]:
-    """Per-sample records (a large single record may come as the path of a handoff file)."""
-    records = [_handed(record) for record in records]
-    model = _state().models[model_name]
-    key = _evaluation_key(model, tenant, key_id)
-    if isinstance(key, NetworkKeys):
-        # Either layout: the plan dispatches on the body's magic (HNQ1 single, HNB1 batched).
-        assert not isinstance(model.plan, LinearPlan)
-        return [model.plan.evaluate(record, key.parts) for record in records]
-    assert isinstance(model.plan, LinearPlan)
-    return [model.plan.evaluate(record, key) for record in records]
+def _infer(model: str, tenant: str, key_id: str, body: bytes | memoryview | str) -> bytes:
+    """One request body (or the path of a handoff file holding it) -> its response body."""
+    data = _handed(body)
+    plan = _state().plans[model]
+    plan.check(data)  # cheap refusals before the key is fetched and parsed
+    return plan.evaluate(data, _keys(model, tenant, key_id))
 
 
-def _infer_batch(
-    model_name: str, tenant: str, key_id: str, samples: int, record: bytes | str
-) -> bytes:
-    """One coeff-batch request: n feature ciphertexts for `samples` samples, one unit of work.
-
-    `record` is the request record, or the path of a handoff file holding it.
-    """
-    record = _handed(record)
-    model = _state().models[model_name]
-    plan = model.plan
-    if not isinstance(plan, LinearPlan):
-        raise ParameterMismatchError(
-            f"model {model_name!r} does not accept {BATCH_LAYOUT_KIND} requests"
-        )
-    plan.check_batch_samples(samples)  # cheap refusals before the key is fetched
-    key = _evaluation_key(model, tenant, key_id)
-    assert isinstance(key, EvaluationKey)  # a LinearPlan's keys parse to EvaluationKey
-    return plan.evaluate_batch(record, samples, key)
-
-
-def _validate_key(model_name: str, body: bytes) -> None:
-    model = _state().models[model_name]
-    fingerprint, parts = decode_keys(body)
-    _parse_key(model, fingerprint, parts)
-
-
-# Idle-time work: per-sample linear requests need two public-key encryptions of zero and two
-# uniform masks (~2.5 ms of a ~6 ms evaluation); made while a worker waits, they leave the
-# request path. Bounded: a few per key for the most recently used keys.
-_SPARES_PER_KEY = 4
-_SPARE_KEYS = 4
-_SPARE_MASKS = 4
+def _validate_key(model: str, body: bytes) -> None:
+    _state().plans[model].load_keys(body)
 
 
 def _prepare_ahead() -> bool:
-    """One step of idle-time work; False when everything is stocked."""
+    """One step of idle-time work for any plan that has some; False when all are stocked."""
     state = _state()
-    for model in state.models.values():
-        plan = model.plan
-        if isinstance(plan, LinearPlan) and plan.mask and plan.context.prepare_spare_mask(
-            _SPARE_MASKS
-        ):
-            return True
-    recent = [key for key in reversed(state.keys.values()) if isinstance(key, EvaluationKey)]
-    return any(key.prepare_spare(_SPARES_PER_KEY) for key in recent[:_SPARE_KEYS])
+    return any(
+        plan.prepare_ahead(state.keys.recent(name)) for name, plan in state.plans.items()
+    )
 
 
 def _ping() -> int:
@@ -260,40 +188,25 @@ class WorkerPool:
             ) from None
         return result
 
-    @overload
     async def infer(
-        self, model: str, tenant: str, key_id: str, records: list[bytes]
-    ) -> list[bytes]: ...
-
-    @overload
-    async def infer(
-        self, model: str, tenant: str, key_id: str, records: BatchRequest
-    ) -> BatchResponse: ...
-
-    async def infer(
-        self, model: str, tenant: str, key_id: str, records: list[bytes] | BatchRequest
-    ) -> list[bytes] | BatchResponse:
-        """Per-sample records fan out over all workers, results in request order; a coeff-batch
-        request is one unit of work on one worker (clients send several concurrently)."""
-        if isinstance(records, BatchRequest):
-            samples = records.samples
-            record = await self._handed_over(
-                records.record,
-                lambda data: self._call(_infer_batch, model, tenant, key_id, samples, data),
+        self, model: str, tenant: str, key_id: str, bodies: list[bytes | memoryview]
+    ) -> list[bytes]:
+        """Independent request bodies (a plan's `split`) fan out over the workers; responses
+        come back in order. A large body goes by handoff file."""
+        if len(bodies) == 1:  # the common case: no gather, no extra task
+            return [await self._infer_one(model, tenant, key_id, bodies[0])]
+        return list(
+            await asyncio.gather(
+                *(self._infer_one(model, tenant, key_id, body) for body in bodies)
             )
-            return BatchResponse(samples, record)
-        if len(records) == 1 and len(records[0]) > _HANDOFF_BYTES:  # a batched network body
-            return await self._handed_over(
-                records[0], lambda data: self._call(_infer, model, tenant, key_id, [data])
-            )
-        size = max(1, math.ceil(len(records) / self.workers))
-        chunks = [records[i : i + size] for i in range(0, len(records), size)]
-        if len(chunks) == 1:  # the common single-sample request: no gather, no extra task
-            return await self._call(_infer, model, tenant, key_id, records)
-        parts = await asyncio.gather(
-            *(self._call(_infer, model, tenant, key_id, chunk) for chunk in chunks)
         )
-        return [record for part in parts for record in part]
+
+    async def _infer_one(
+        self, model: str, tenant: str, key_id: str, body: bytes | memoryview
+    ) -> bytes:
+        return await self._handed_over(
+            body, lambda data: self._call(_infer, model, tenant, key_id, data)
+        )
 
     async def validate_key(self, model: str, body: bytes) -> None:
         await self._call(_validate_key, model, body)
@@ -316,7 +229,7 @@ class WorkerPool:
         if len(data) > _HANDOFF_BYTES:
             path = await asyncio.to_thread(self._handoff, data)  # None: tmpfs full
         try:
-            return await call(path or bytes(data))
+            return await call(path or (data if isinstance(data, bytes) else bytes(data)))
         finally:
             if path is not None:
                 with contextlib.suppress(FileNotFoundError):

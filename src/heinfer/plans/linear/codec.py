@@ -1,0 +1,60 @@
+"""Client side of a linear model: one BFV secret key, one seeded public key, input quantization.
+
+Built from the public manifest alone; both linear layouts encrypt under the same secret key.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from heinfer.errors import ParameterMismatchError
+from heinfer.he.backend import Context, SecretKey
+from heinfer.he.params import BFVParameters
+from heinfer.plans.base import Codec
+from heinfer.plans.linear.plan import FAMILY
+from heinfer.plans.manifest import Manifest
+
+__all__ = ["LinearCodec"]
+
+
+class LinearCodec(Codec):
+    """Keys and quantization shared by the linear layouts."""
+
+    family: ClassVar[str] = FAMILY
+
+    def __init__(self, manifest: Manifest) -> None:
+        if manifest.layout.get("kind") != FAMILY:
+            raise ParameterMismatchError(f"not a {FAMILY} manifest")
+        self.params = BFVParameters.from_dict(manifest.scheme)
+        self.context = Context(self.params)
+        super().__init__(manifest)
+
+    @property
+    def key_fingerprint(self) -> bytes:
+        return self.params.fingerprint
+
+    def keygen(self) -> SecretKey:
+        return SecretKey.generate(self.context)
+
+    def load_secret(self, data: bytes) -> SecretKey:
+        return SecretKey.from_bytes(self.context, data)
+
+    def public_keys(self, secret: Any, parts: frozenset[str]) -> dict[str, bytes]:
+        assert isinstance(secret, SecretKey)
+        return {"public": secret.public_key_bytes()}
+
+    def quantize(self, X: np.ndarray) -> np.ndarray:
+        """x_int = round((x - low) / (high - low) * (2**bits - 1)), clipped to the range."""
+        spec = self.manifest.input
+        if spec.bits is None:
+            raise ParameterMismatchError("this manifest has no BFV input quantization")
+        levels = (1 << spec.bits) - 1
+        scaled = np.asarray(X, dtype=np.float64) - spec.low
+        scaled /= spec.high - spec.low
+        scaled *= levels
+        np.rint(scaled, out=scaled)
+        np.maximum(scaled, 0, out=scaled)
+        np.minimum(scaled, levels, out=scaled)
+        return scaled.astype(np.int64)
