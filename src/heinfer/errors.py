@@ -10,8 +10,6 @@ from __future__ import annotations
 __all__ = [
     "AuthError",
     "BadInputError",
-    "ConflictError",
-    "ForbiddenError",
     "HeinferError",
     "KeyNotFoundError",
     "MalformedPayloadError",
@@ -79,11 +77,6 @@ class AuthError(HeinferError):
     code = "unauthorized"
 
 
-class ForbiddenError(HeinferError):
-    status = 403
-    code = "forbidden"
-
-
 class ModelNotFoundError(HeinferError, LookupError):
     status = 404
     code = "model_not_found"
@@ -94,11 +87,6 @@ class KeyNotFoundError(HeinferError, LookupError):
 
     status = 404
     code = "key_not_found"
-
-
-class ConflictError(HeinferError):
-    status = 409
-    code = "conflict"
 
 
 class QuotaExceededError(HeinferError):
@@ -150,8 +138,6 @@ def error_for_status(status: int, code: str, message: str) -> HeinferError:
     """Rebuild the exception the service raised from its JSON error body (client side)."""
     for cls in _all_subclasses(HeinferError):
         if cls.code == code and cls.status == status:
-            if issubclass(cls, ServiceUnavailableError):
-                return cls(message)
             return cls(message)
     err = HeinferError(message)
     err.status = status

@@ -299,7 +299,7 @@ class _Service:
     async def evaluate(self, call: Any) -> Any:
         """Await one worker-pool call with the evaluation time limit."""
         try:
-            # asyncio's own timeout: anyio's cancel scope cost ~10% of this process's CPU
+            # asyncio's own timeout: cheaper than anyio's cancel scope (docs/performance.md)
             async with asyncio.timeout(self.settings.evaluation_timeout_seconds):
                 return await call
         except TimeoutError:
