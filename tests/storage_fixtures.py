@@ -273,7 +273,8 @@ def s3_client(server: S3Server, *, endpoint: str | None = None) -> Any:
 
 @functools.cache
 def _s3_client(endpoint: str, access_key: str, secret_key: str) -> Any:
-    # Cached: creating a boto3 client costs ~0.3 s; clients are thread-safe.
+    # Cached: creating a boto3 client is slow (it parses the service model); clients are
+    # thread-safe.
     import boto3
     from botocore.config import Config
 

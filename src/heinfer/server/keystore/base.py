@@ -19,9 +19,9 @@ log = logging.getLogger(__name__)
 _TENANT_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _KEY_ID_RE = re.compile(r"[0-9a-f]{64}")
 
-# Short timeouts so a dead store turns into a 503 in ~2-3 s instead of hanging request threads
-# for the SDK defaults (Azure: 20 s connect and 15-45 s backoff; boto3: 60 s); one retry so a
-# stale pooled connection after a store restart is transparently replaced.
+# Short timeouts so a dead store turns into a 503 within seconds instead of hanging request
+# threads for the SDK defaults (Azure: 20 s connect and 15-45 s backoff; boto3: 60 s); one
+# retry so a stale pooled connection after a store restart is transparently replaced.
 DEFAULT_CONNECT_TIMEOUT = 1.0
 DEFAULT_READ_TIMEOUT = 2.0
 DEFAULT_RETRIES = 1

@@ -13,7 +13,7 @@ from heinfer.server.keystore.base import KeyStore, _as_bytes, _check_key_id, _ch
 
 @dataclass(frozen=True, slots=True)
 class CacheStats:
-    """A consistent snapshot of the cache counters, for the /metrics endpoint."""
+    """The cache counters, read together under the lock so that they agree with each other."""
 
     hits: int
     misses: int
@@ -77,11 +77,6 @@ class CachedKeyStore(KeyStore):
                 bytes=self._bytes,
                 max_bytes=self._max_bytes,
             )
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0
 
     def _insert_locked(self, key: tuple[str, str], data: bytes) -> None:
         if len(data) > self._max_bytes:

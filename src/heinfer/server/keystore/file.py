@@ -47,10 +47,6 @@ class FileKeyStore(KeyStore):
             log.warning("key store directory %s is not usable yet: %s", self._root, exc.strerror)
         self.sweep_temp_files(stale_tmp_seconds)
 
-    @property
-    def root(self) -> str:
-        return self._root
-
     def __repr__(self) -> str:
         return f"FileKeyStore({self._root!r})"
 

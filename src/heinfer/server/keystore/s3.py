@@ -105,7 +105,7 @@ class S3KeyStore(KeyStore):
         except TypeError:  # botocore < 1.36 has neither option nor the behaviour they turn off
             config = Config(**options)
         # A private session (sessions are not thread-safe, and a fresh one re-reads credentials
-        # from the environment), but shared parsed service models: loading them is ~0.3 s.
+        # from the environment), but shared parsed service models: loading them is slow.
         session = botocore.session.get_session()
         session.register_component("data_loader", _botocore_loader())
         self._client: Any = session.create_client(
