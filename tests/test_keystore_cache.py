@@ -1,0 +1,223 @@
+"""The in-memory key cache (`CachedKeyStore`) on its own, over a counting in-memory store.
+
+A memory store makes every read and lookup countable and every interleaving reproducible; the
+cache over the real backends is covered in test_keystore.py.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from heinfer.errors import BadInputError, KeyNotFoundError
+from heinfer.server.keystore import CachedKeyStore, KeyStore, key_id_for
+
+SMALL = b"public key material \x00\x01\x02"
+
+
+class MemoryStore(KeyStore):
+    """Minimal in-memory backend that counts reads, for cache tests."""
+
+    def __init__(self) -> None:
+        self.data: dict[tuple[str, str], bytes] = {}
+        self.reads = 0
+        self.before_read: Callable[[], None] = lambda: None
+
+    def put(self, tenant: str, data: bytes) -> str:
+        key_id = key_id_for(data)
+        self.data[(tenant, key_id)] = bytes(data)
+        return key_id
+
+    def get(self, tenant: str, key_id: str) -> bytes:
+        self.reads += 1
+        try:
+            found = self.data[(tenant, key_id)]
+        except KeyError:
+            raise KeyNotFoundError("no") from None
+        self.before_read()
+        return found
+
+    def delete(self, tenant: str, key_id: str) -> None:
+        if self.data.pop((tenant, key_id), None) is None:
+            raise KeyNotFoundError("no")
+
+    def _scan(self, tenant: str) -> list[tuple[str, int]]:
+        return sorted((k, len(v)) for (t, k), v in self.data.items() if t == tenant)
+
+    def check(self) -> None:
+        pass
+
+
+def test_cache_is_bounded_in_bytes_lru() -> None:
+    inner = MemoryStore()
+    cache = CachedKeyStore(inner, max_bytes=100)
+    a = cache.put("t", b"a" * 40)
+    b = cache.put("t", b"b" * 40)
+    assert cache.stats().bytes == 80
+    cache.get("t", a)  # a is now most recently used
+    c = cache.put("t", b"c" * 40)  # 120 > 100: evicts b, the least recently used
+    stats = cache.stats()
+    assert (stats.entries, stats.bytes, stats.evictions) == (2, 80, 1)
+    reads = inner.reads
+    assert cache.get("t", a) == b"a" * 40
+    assert cache.get("t", c) == b"c" * 40
+    assert inner.reads == reads
+    assert cache.get("t", b) == b"b" * 40  # miss: refetched
+    assert inner.reads == reads + 1
+    assert cache.stats().bytes <= 100
+
+    big = cache.put("t", b"x" * 101)  # larger than the whole cache: not cached at all
+    assert cache.stats().bytes <= 100
+    cache.get("t", big)
+    assert inner.reads == reads + 2
+
+
+def test_cache_counts_hits_and_misses_and_expires() -> None:
+    now = [100.0]
+    inner = MemoryStore()
+    key_id = inner.put("t", SMALL)
+    cache = CachedKeyStore(inner, max_bytes=1 << 20, ttl_seconds=10, clock=lambda: now[0])
+    assert cache.get("t", key_id) == SMALL
+    assert cache.get("t", key_id) == SMALL
+    assert (cache.stats().hits, cache.stats().misses, inner.reads) == (1, 1, 1)
+    now[0] += 9
+    cache.get("t", key_id)
+    assert inner.reads == 1
+    now[0] += 2  # entry is now 11 s old (TTL counts from fetch, not from last use)
+    cache.get("t", key_id)
+    assert (cache.stats().hits, cache.stats().misses, inner.reads) == (2, 2, 2)
+    with pytest.raises(KeyNotFoundError):
+        cache.get("other-tenant", key_id)
+    assert cache.stats().entries == 1
+
+
+def test_get_cached_never_does_io_and_honours_ttl() -> None:
+    now = [100.0]
+    inner = MemoryStore()
+    key_id = inner.put("t", SMALL)
+    cache = CachedKeyStore(inner, max_bytes=1 << 20, ttl_seconds=10, clock=lambda: now[0])
+    assert cache.get_cached("t", key_id) is None  # not fetched yet: no read to find out
+    assert inner.reads == 0
+    cache.get("t", key_id)
+    assert cache.get_cached("t", key_id) == SMALL
+    assert cache.get_cached("other-tenant", key_id) is None
+    now[0] += 11
+    assert cache.get_cached("t", key_id) is None  # expired entries are not served
+    assert inner.reads == 1
+    with pytest.raises(BadInputError):
+        cache.get_cached("../t", key_id)
+
+
+def test_cache_delete_evicts() -> None:
+    inner = MemoryStore()
+    cache = CachedKeyStore(inner, max_bytes=1 << 20)
+    key_id = cache.put("t", SMALL)
+    cache.delete("t", key_id)
+    assert cache.stats().entries == 0
+    with pytest.raises(KeyNotFoundError):
+        cache.get("t", key_id)
+    # Deleted elsewhere (another replica): our delete still evicts the stale copy.
+    key_id = cache.put("t", SMALL)
+    inner.data.clear()
+    with pytest.raises(KeyNotFoundError):
+        cache.delete("t", key_id)
+    with pytest.raises(KeyNotFoundError):
+        cache.get("t", key_id)
+
+
+def test_cache_does_not_resurrect_a_key_deleted_during_a_read() -> None:
+    inner = MemoryStore()
+    key_id = inner.put("t", SMALL)
+    cache = CachedKeyStore(inner, max_bytes=1 << 20)
+    reading, release = threading.Event(), threading.Event()
+
+    def slow() -> None:
+        reading.set()
+        release.wait(5)
+
+    inner.before_read = slow
+    result: list[bytes] = []
+    reader = threading.Thread(target=lambda: result.append(cache.get("t", key_id)))
+    reader.start()
+    assert reading.wait(5)
+    inner.before_read = lambda: None
+    cache.delete("t", key_id)
+    release.set()
+    reader.join()
+    assert result == [SMALL]  # the read began before the delete
+    with pytest.raises(KeyNotFoundError):
+        cache.get("t", key_id)
+
+
+def test_cache_validates_before_lookup() -> None:
+    cache = CachedKeyStore(MemoryStore(), max_bytes=1 << 20)
+    with pytest.raises(BadInputError):
+        cache.get("../x", "0" * 64)
+    with pytest.raises(KeyNotFoundError):
+        cache.get("t", "../x")
+    assert cache.stats().misses == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(st.sampled_from(["put", "get", "delete"]), st.integers(0, 7)), max_size=60
+    ),
+    max_bytes=st.integers(0, 64),
+)
+def test_cache_model(ops: list[tuple[str, int]], max_bytes: int) -> None:
+    """Whatever the sequence, the cache answers like the store and respects its byte bound."""
+    inner = MemoryStore()
+    cache = CachedKeyStore(inner, max_bytes=max_bytes)
+    blobs = [bytes([i]) * (i * 5) for i in range(8)]
+    for op, i in ops:
+        key_id = key_id_for(blobs[i])
+        expected = inner.data.get(("t", key_id))
+        if op == "put":
+            cache.put("t", blobs[i])
+        elif op == "get":
+            if expected is None:
+                with pytest.raises(KeyNotFoundError):
+                    cache.get("t", key_id)
+            else:
+                assert cache.get("t", key_id) == expected
+        else:
+            if expected is None:
+                with pytest.raises(KeyNotFoundError):
+                    cache.delete("t", key_id)
+            else:
+                cache.delete("t", key_id)
+        stats = cache.stats()
+        assert 0 <= stats.bytes <= max_bytes
+    stats = cache.stats()
+    assert stats.hits + stats.misses == sum(1 for op, _ in ops if op == "get")
+
+
+def test_cache_is_thread_safe() -> None:
+    inner = MemoryStore()
+    cache = CachedKeyStore(inner, max_bytes=300)
+    blobs = [bytes([i]) * 50 for i in range(12)]
+    ids = [cache.put("t", b) for b in blobs]
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        try:
+            for n in range(400):
+                i = (seed * 7 + n) % len(blobs)
+                assert cache.get("t", ids[i]) == blobs[i]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    stats = cache.stats()
+    assert stats.bytes <= 300 and stats.bytes == stats.entries * 50
+    assert stats.hits + stats.misses == 6 * 400
