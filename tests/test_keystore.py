@@ -184,6 +184,33 @@ def test_invalid_tenants_are_rejected(store: KeyStore) -> None:
         assert store.put(ok, SMALL) == good_id
 
 
+def test_exists_is_scoped_like_get_and_reads_no_body(store: KeyStore, key_store_url: str) -> None:
+    key_id = key_id_for(SMALL)
+    assert store.exists("alice", key_id) is False  # nothing stored yet (no container or bucket)
+    assert store.put("alice", SMALL) == key_id
+    assert store.exists("alice", key_id) is True
+    # Another tenant's id is absent, whatever the name looks like.
+    for other in ("bob", "alic", "alice-2", "alice_"):
+        assert store.exists(other, key_id) is False
+    assert store.put("bob", KEY) == key_id_for(KEY)
+    assert store.exists("alice", key_id_for(KEY)) is False
+    assert store.exists("bob", key_id_for(KEY)) is True
+    # Malformed ids name nothing; invalid tenants are a bad request, as for get.
+    for bad in BAD_IDS:
+        assert store.exists("alice", bad) is False
+    for bad_tenant in BAD_TENANTS:
+        with pytest.raises(BadInputError):
+            store.exists(bad_tenant, key_id)
+    # The body is not downloaded, so not verified either: a corrupt copy exists, get refuses it.
+    raw_overwrite(key_store_url, "alice", key_id, b"tampered")
+    assert store.exists("alice", key_id) is True
+    with pytest.raises(KeyNotFoundError):
+        store.get("alice", key_id)
+    store.delete("alice", key_id)
+    assert store.exists("alice", key_id) is False
+    assert store.exists("bob", key_id_for(KEY)) is True
+
+
 def test_corrupt_key_reads_as_missing_and_put_repairs_it(
     store: KeyStore, key_store_url: str
 ) -> None:
@@ -293,8 +320,11 @@ def test_file_ignores_symlinks_and_stray_files(tmp_path: Path) -> None:
     (root / "alice").mkdir(mode=0o700)
     (root / "alice" / key_id_for(SMALL)).symlink_to(secret)
     (root / "alice" / "README").write_text("not a key")
-    with pytest.raises(KeyNotFoundError):
-        store.get("alice", key_id_for(SMALL))
+    (root / "alice" / key_id_for(b"x")).mkdir()
+    for key_id in (key_id_for(SMALL), key_id_for(b"x")):
+        with pytest.raises(KeyNotFoundError):
+            store.get("alice", key_id)
+        assert store.exists("alice", key_id) is False
     assert store.list_keys("alice") == []
 
 
@@ -425,6 +455,7 @@ def _all_ops_unavailable(store: KeyStore, within: float) -> None:
         store.check,
         lambda: store.put("alice", SMALL),
         lambda: store.get("alice", some_id),
+        lambda: store.exists("alice", some_id),
         lambda: store.delete("alice", some_id),
         lambda: store.list_keys("alice"),
         lambda: store.usage("alice"),
@@ -474,6 +505,7 @@ def test_azure_hung_server_times_out(
     set_azure_env(monkeypatch, azure_env.with_port(hung_port))
     store = AzureKeyStore(unique_store_name(), read_timeout=0.3)
     _expect_unavailable(lambda: store.get("alice", key_id_for(SMALL)), within=3.0)
+    _expect_unavailable(lambda: store.exists("alice", key_id_for(SMALL)), within=3.0)
 
 
 @pytest.mark.s3
@@ -483,6 +515,7 @@ def test_s3_hung_server_times_out(
     set_s3_env(monkeypatch, s3_env, endpoint=s3_env.with_port(hung_port))
     store = S3KeyStore(unique_store_name(), read_timeout=0.3)
     _expect_unavailable(lambda: store.get("alice", key_id_for(SMALL)), within=3.0)
+    _expect_unavailable(lambda: store.exists("alice", key_id_for(SMALL)), within=3.0)
 
 
 def _outage_and_recovery(store: KeyStore, proxy: TcpProxy) -> None:
@@ -494,6 +527,7 @@ def _outage_and_recovery(store: KeyStore, proxy: TcpProxy) -> None:
     # Same store object: the dead pooled connection is replaced transparently.
     store.check()
     assert store.get("alice", key_id) == SMALL
+    assert store.exists("alice", key_id) is True
     assert store.list_keys("alice") == [key_id]
 
 
@@ -540,7 +574,11 @@ def test_azure_wrong_account_key(
     set_azure_env(monkeypatch, azure_env.with_account_key(wrong))
     store = AzureKeyStore(unique_store_name())
     with caplog.at_level(logging.DEBUG, logger="heinfer"):
-        for call in (store.check, lambda: store.put("alice", SMALL)):
+        for call in (
+            store.check,
+            lambda: store.put("alice", SMALL),
+            lambda: store.exists("alice", key_id_for(SMALL)),  # a HEAD, so no error body
+        ):
             err = _expect_unavailable(call, within=3.0)
             assert "AZURE_STORAGE_CONNECTION_STRING" in err.message
             assert wrong not in err.message
@@ -554,7 +592,11 @@ def test_s3_wrong_secret_key(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-" + s3_env.secret_key)
     store = S3KeyStore(unique_store_name())
     with caplog.at_level(logging.DEBUG, logger="heinfer"):
-        for call in (store.check, lambda: store.put("alice", SMALL)):
+        for call in (
+            store.check,
+            lambda: store.put("alice", SMALL),
+            lambda: store.exists("alice", key_id_for(SMALL)),  # a HEAD, so no error body
+        ):
             err = _expect_unavailable(call, within=3.0)
             assert "AWS_SECRET_ACCESS_KEY" in err.message
             assert s3_env.secret_key not in err.message
@@ -571,6 +613,7 @@ def test_azure_container_recreated_after_deletion(azure_env: AzuriteServer) -> N
     with BlobServiceClient.from_connection_string(azure_env.connection_string) as svc:
         svc.delete_container(name)
     assert store.list_keys("alice") == []
+    assert store.exists("alice", key_id_for(SMALL)) is False
     assert store.put("alice", SMALL) == key_id_for(SMALL)
     assert store.list_keys("alice") == [key_id_for(SMALL)]
 
@@ -586,5 +629,6 @@ def test_s3_bucket_recreated_after_deletion(s3_env: S3Server) -> None:
     assert store.list_keys("alice") == []
     with pytest.raises(KeyNotFoundError):
         store.get("alice", key_id)
+    assert store.exists("alice", key_id) is False
     assert store.put("alice", SMALL) == key_id
     assert store.get("alice", key_id) == SMALL

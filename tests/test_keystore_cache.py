@@ -20,11 +20,12 @@ SMALL = b"public key material \x00\x01\x02"
 
 
 class MemoryStore(KeyStore):
-    """Minimal in-memory backend that counts reads, for cache tests."""
+    """Minimal in-memory backend that counts reads and lookups, for cache tests."""
 
     def __init__(self) -> None:
         self.data: dict[tuple[str, str], bytes] = {}
         self.reads = 0
+        self.lookups = 0
         self.before_read: Callable[[], None] = lambda: None
 
     def put(self, tenant: str, data: bytes) -> str:
@@ -40,6 +41,10 @@ class MemoryStore(KeyStore):
             raise KeyNotFoundError("no") from None
         self.before_read()
         return found
+
+    def exists(self, tenant: str, key_id: str) -> bool:
+        self.lookups += 1
+        return (tenant, key_id) in self.data
 
     def delete(self, tenant: str, key_id: str) -> None:
         if self.data.pop((tenant, key_id), None) is None:

@@ -20,6 +20,7 @@ from heinfer.server.keystore.base import (
     _as_bytes,
     _check_key_id,
     _check_tenant,
+    _is_key_id,
     _not_found,
     _verified,
     key_id_for,
@@ -175,6 +176,14 @@ class AzureKeyStore(KeyStore):
             except ResourceNotFoundError:
                 raise _not_found(key_id) from None
         return _verified(tenant, key_id, data)
+
+    def exists(self, tenant: str, key_id: str) -> bool:
+        tenant = _check_tenant(tenant)
+        if not _is_key_id(key_id):
+            return False
+        with self._translate("look up the key"):
+            # A HEAD request (Get Blob Properties); a missing container is a missing key too.
+            return bool(self._container.get_blob_client(f"{tenant}/{key_id}").exists())
 
     def delete(self, tenant: str, key_id: str) -> None:
         from azure.core.exceptions import ResourceNotFoundError

@@ -46,10 +46,14 @@ def _check_tenant(tenant: str) -> str:
     return tenant
 
 
+def _is_key_id(key_id: str) -> bool:
+    return isinstance(key_id, str) and _KEY_ID_RE.fullmatch(key_id) is not None
+
+
 def _check_key_id(key_id: str) -> str:
     # Anything that is not a well-formed id cannot name a stored key; answering "not found"
     # (rather than 400) means no string can ever be turned into a path or object name.
-    if not isinstance(key_id, str) or _KEY_ID_RE.fullmatch(key_id) is None:
+    if not _is_key_id(key_id):
         raise KeyNotFoundError("key not found")
     return key_id
 
@@ -95,6 +99,17 @@ class KeyStore(ABC):
         """The key's bytes; `KeyNotFoundError` if absent, owned by another tenant, or corrupt."""
 
     @abstractmethod
+    def exists(self, tenant: str, key_id: str) -> bool:
+        """Whether the tenant has the key, found out without downloading it.
+
+        For callers that only need to know a key is there, such as the HTTP process before it
+        hands a request to a worker that fetches the key itself. Scoped exactly like `get`:
+        another tenant's id and a malformed id are absent (False), an invalid tenant is
+        `BadInputError`, and a store that cannot answer is `StoreUnavailableError`. The bytes
+        are not read, so a corrupt copy exists here while `get` reports it missing.
+        """
+
+    @abstractmethod
     def delete(self, tenant: str, key_id: str) -> None:
         """Remove the key; `KeyNotFoundError` if the tenant has no such key."""
 
@@ -102,6 +117,13 @@ class KeyStore(ABC):
         """The key's bytes if they are at hand without I/O, else None (then call `get`).
 
         Lets an event loop answer the common case inline instead of hopping to a thread.
+        """
+        return None
+
+    def exists_cached(self, tenant: str, key_id: str) -> bool | None:
+        """`exists`'s answer if it is at hand without I/O, else None (then call `exists`).
+
+        The same inline fast path as `get_cached`, for callers that only need existence.
         """
         return None
 

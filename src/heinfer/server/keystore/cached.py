@@ -133,6 +133,9 @@ class CachedKeyStore(KeyStore):
                 self._insert_locked(key, data)
         return data
 
+    def exists(self, tenant: str, key_id: str) -> bool:
+        return self._inner.exists(tenant, key_id)
+
     def delete(self, tenant: str, key_id: str) -> None:
         key = (_check_tenant(tenant), _check_key_id(key_id))
         try:

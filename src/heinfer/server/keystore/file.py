@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import secrets
+import stat
 import time
 
 from heinfer.errors import StoreUnavailableError
@@ -16,6 +17,7 @@ from heinfer.server.keystore.base import (
     _as_bytes,
     _check_key_id,
     _check_tenant,
+    _is_key_id,
     _not_found,
     _verified,
     key_id_for,
@@ -137,6 +139,21 @@ class FileKeyStore(KeyStore):
         except OSError as exc:
             raise self._unavailable("read", exc) from exc
         return _verified(tenant, key_id, data)
+
+    def exists(self, tenant: str, key_id: str) -> bool:
+        tenant = _check_tenant(tenant)
+        if not _is_key_id(key_id):
+            return False
+        try:
+            st = os.stat(os.path.join(self._root, tenant, key_id), follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return False  # as in `get`
+            raise self._unavailable("read", exc) from exc
+        # Only a regular file is a key: `get` refuses symlinks and directories as well.
+        return stat.S_ISREG(st.st_mode)
 
     def delete(self, tenant: str, key_id: str) -> None:
         tenant = _check_tenant(tenant)

@@ -21,6 +21,7 @@ from heinfer.server.keystore.base import (
     _as_bytes,
     _check_key_id,
     _check_tenant,
+    _is_key_id,
     _not_found,
     _verified,
     key_id_for,
@@ -230,20 +231,33 @@ class S3KeyStore(KeyStore):
                 body.close()
         return _verified(tenant, key_id, data)
 
-    def delete(self, tenant: str, key_id: str) -> None:
+    def _head(self, name: str) -> bool:
+        """Whether the object exists, by a HEAD request (no body is transferred)."""
         from botocore.exceptions import ClientError
 
+        try:
+            self._client.head_object(Bucket=self._bucket, Key=name)
+        except ClientError as exc:
+            if self._is_missing(exc):
+                return False  # also when the bucket itself is missing
+            raise
+        return True
+
+    def exists(self, tenant: str, key_id: str) -> bool:
+        tenant = _check_tenant(tenant)
+        if not _is_key_id(key_id):
+            return False
+        with self._translate("look up the key"):
+            return self._head(f"{tenant}/{key_id}")
+
+    def delete(self, tenant: str, key_id: str) -> None:
         tenant = _check_tenant(tenant)
         key_id = _check_key_id(key_id)
         name = f"{tenant}/{key_id}"
         with self._translate("delete the key"):
             # DeleteObject succeeds for absent keys, so ask first to honour the 404 contract.
-            try:
-                self._client.head_object(Bucket=self._bucket, Key=name)
-            except ClientError as exc:
-                if self._is_missing(exc):
-                    raise _not_found(key_id) from None
-                raise
+            if not self._head(name):
+                raise _not_found(key_id)
             self._client.delete_object(Bucket=self._bucket, Key=name)
 
     def _scan(self, tenant: str) -> list[tuple[str, int]]:
