@@ -269,6 +269,37 @@ def test_replicas_share_the_backend(key_store_url: str) -> None:
         b.get("alice", key_id)
 
 
+def test_cached_exists_across_replicas(key_store_url: str) -> None:
+    """The HTTP process's check: a "yes" is remembered without the body for the TTL, a "no"
+    never (a key uploaded through another replica is usable at once), a delete forgets."""
+    now = [0.0]
+    a = CachedKeyStore(backend(key_store_url), 1 << 20, ttl_seconds=30, clock=lambda: now[0])
+    b = CachedKeyStore(backend(key_store_url), 1 << 20, ttl_seconds=30, clock=lambda: now[0])
+    key_id = key_id_for(KEY)
+    assert a.exists("alice", key_id) is False
+    assert b.put("alice", KEY) == key_id
+    assert a.exists_cached("alice", key_id) is None  # the "no" was not remembered
+    assert a.exists("alice", key_id) is True
+    assert a.exists("bob", key_id) is False
+    assert a.exists_cached("alice", key_id) is True
+    assert a.get_cached("alice", key_id) is None  # the key's bytes were not downloaded
+    assert a.stats().bytes < len(KEY)
+
+    b.delete("alice", key_id)
+    now[0] += 30
+    assert a.exists("alice", key_id) is True  # a's answer, within the TTL
+    now[0] += 1
+    assert a.exists("alice", key_id) is False
+
+    a.put("alice", SMALL)
+    assert b.exists("alice", key_id_for(SMALL)) is True
+    a.delete("alice", key_id_for(SMALL))  # a delete through this instance forgets at once
+    assert a.exists("alice", key_id_for(SMALL)) is False
+    assert b.exists("alice", key_id_for(SMALL)) is True  # b's answer, within the TTL
+    now[0] += 31
+    assert b.exists("alice", key_id_for(SMALL)) is False
+
+
 def test_open_key_store_wraps_in_cache(key_store_url: str) -> None:
     store = open_key_store(key_store_url, cache_bytes=1 << 20)
     assert isinstance(store, CachedKeyStore)

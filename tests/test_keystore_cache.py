@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from heinfer.errors import BadInputError, KeyNotFoundError
 from heinfer.server.keystore import CachedKeyStore, KeyStore, key_id_for
+from heinfer.server.keystore.cached import PRESENCE_BYTES
 
 SMALL = b"public key material \x00\x01\x02"
 
@@ -44,7 +45,9 @@ class MemoryStore(KeyStore):
 
     def exists(self, tenant: str, key_id: str) -> bool:
         self.lookups += 1
-        return (tenant, key_id) in self.data
+        found = (tenant, key_id) in self.data
+        self.before_read()
+        return found
 
     def delete(self, tenant: str, key_id: str) -> None:
         if self.data.pop((tenant, key_id), None) is None:
@@ -170,9 +173,11 @@ def test_cache_validates_before_lookup() -> None:
 @settings(max_examples=60, deadline=None)
 @given(
     ops=st.lists(
-        st.tuples(st.sampled_from(["put", "get", "delete"]), st.integers(0, 7)), max_size=60
+        st.tuples(st.sampled_from(["put", "get", "exists", "delete"]), st.integers(0, 7)),
+        max_size=60,
     ),
-    max_bytes=st.integers(0, 64),
+    # Small enough to evict bodies, or just big enough to remember a few existing keys too.
+    max_bytes=st.integers(0, 64) | st.integers(PRESENCE_BYTES, 2 * PRESENCE_BYTES + 64),
 )
 def test_cache_model(ops: list[tuple[str, int]], max_bytes: int) -> None:
     """Whatever the sequence, the cache answers like the store and respects its byte bound."""
@@ -184,6 +189,8 @@ def test_cache_model(ops: list[tuple[str, int]], max_bytes: int) -> None:
         expected = inner.data.get(("t", key_id))
         if op == "put":
             cache.put("t", blobs[i])
+        elif op == "exists":
+            assert cache.exists("t", key_id) is (expected is not None)
         elif op == "get":
             if expected is None:
                 with pytest.raises(KeyNotFoundError):
@@ -226,3 +233,149 @@ def test_cache_is_thread_safe() -> None:
     stats = cache.stats()
     assert stats.bytes <= 300 and stats.bytes == stats.entries * 50
     assert stats.hits + stats.misses == 6 * 400
+
+
+# ------------------------------------------------------------------------------------------
+# exists: what the HTTP process asks before handing a request to a worker
+# ------------------------------------------------------------------------------------------
+
+
+def test_exists_answers_from_a_cached_body_without_io() -> None:
+    inner = MemoryStore()
+    key_id = inner.put("t", SMALL)
+    cache = CachedKeyStore(inner, max_bytes=1 << 20)
+    cache.get("t", key_id)
+    assert cache.exists_cached("t", key_id) is True
+    assert cache.exists("t", key_id) is True
+    assert inner.lookups == 0
+    # Scoped like get: the same id under another tenant is asked for, and absent.
+    assert cache.exists_cached("u", key_id) is None
+    assert cache.exists("u", key_id) is False
+    assert inner.lookups == 1
+    for bad_id in ("", "../t", "0" * 63, key_id.upper(), key_id + "\n"):
+        assert cache.exists_cached("t", bad_id) is False
+        assert cache.exists("t", bad_id) is False
+    assert inner.lookups == 1
+    for bad_tenant in ("../t", "", "T"):
+        with pytest.raises(BadInputError):
+            cache.exists(bad_tenant, key_id)
+        with pytest.raises(BadInputError):
+            cache.exists_cached(bad_tenant, key_id)
+    stats = cache.stats()
+    assert (stats.hits, stats.misses) == (0, 1)  # exists is not a body lookup
+
+
+def test_exists_remembers_yes_without_the_body_for_the_ttl() -> None:
+    now = [100.0]
+    inner = MemoryStore()
+    key_id = inner.put("t", SMALL)
+    cache = CachedKeyStore(inner, max_bytes=1 << 20, ttl_seconds=10, clock=lambda: now[0])
+    assert cache.exists_cached("t", key_id) is None
+    assert cache.exists("t", key_id) is True
+    assert (inner.lookups, inner.reads) == (1, 0)
+    stats = cache.stats()
+    assert (stats.entries, stats.bytes) == (1, PRESENCE_BYTES)  # the answer, not the body
+    assert cache.get_cached("t", key_id) is None
+
+    inner.data.clear()  # deleted through another replica
+    now[0] += 10
+    assert cache.exists_cached("t", key_id) is True
+    assert cache.exists("t", key_id) is True  # stale within the TTL, like a cached body
+    assert inner.lookups == 1
+    now[0] += 1  # 11 s after the store answered (the TTL counts from then, not from last use)
+    assert cache.exists_cached("t", key_id) is None
+    assert cache.stats().entries == 0
+    assert cache.exists("t", key_id) is False
+    assert inner.lookups == 2
+
+
+def test_exists_never_remembers_no() -> None:
+    inner = MemoryStore()
+    cache = CachedKeyStore(inner, max_bytes=1 << 20)
+    key_id = key_id_for(SMALL)
+    assert cache.exists("t", key_id) is False
+    assert cache.exists_cached("t", key_id) is None
+    inner.put("t", SMALL)  # uploaded through another replica: usable here at once
+    assert cache.exists("t", key_id) is True
+    assert inner.lookups == 2
+
+
+def test_delete_and_a_failed_get_forget_existence() -> None:
+    inner = MemoryStore()
+    cache = CachedKeyStore(inner, max_bytes=1 << 20)
+    key_id = inner.put("t", SMALL)
+    assert cache.exists("t", key_id) is True
+    cache.delete("t", key_id)
+    assert cache.exists_cached("t", key_id) is None
+    assert cache.exists("t", key_id) is False
+
+    # Deleted elsewhere: a delete here still forgets, and so does a get that finds nothing.
+    for forget in (cache.delete, cache.get):
+        inner.put("t", SMALL)
+        assert cache.exists("t", key_id) is True
+        inner.data.clear()
+        with pytest.raises(KeyNotFoundError):
+            forget("t", key_id)
+        assert cache.exists_cached("t", key_id) is None
+        assert cache.stats().entries == 0
+
+
+def test_a_get_after_exists_caches_the_body() -> None:
+    inner = MemoryStore()
+    key_id = inner.put("t", SMALL)
+    cache = CachedKeyStore(inner, max_bytes=1 << 20)
+    cache.exists("t", key_id)
+    assert cache.get("t", key_id) == SMALL
+    assert cache.get("t", key_id) == SMALL
+    assert inner.reads == 1
+    assert (cache.stats().entries, cache.stats().bytes) == (1, len(SMALL))
+    cache.exists("t", key_id)  # keeps the body, does not downgrade it to a presence
+    assert cache.get_cached("t", key_id) == SMALL
+    assert inner.lookups == 1
+
+
+def test_remembered_existence_counts_against_the_byte_bound() -> None:
+    inner = MemoryStore()
+    ids = [inner.put("t", bytes([i])) for i in range(3)]
+    cache = CachedKeyStore(inner, max_bytes=2 * PRESENCE_BYTES)
+    for key_id in ids:
+        assert cache.exists("t", key_id) is True
+    stats = cache.stats()
+    assert (stats.entries, stats.bytes, stats.evictions) == (2, 2 * PRESENCE_BYTES, 1)
+    assert cache.exists_cached("t", ids[0]) is None  # the least recently used went first
+
+    # A body too big to hold is not cached, but that it exists is.
+    big = cache.put("t", b"x" * (2 * PRESENCE_BYTES + 1))
+    assert cache.get_cached("t", big) is None
+    lookups = inner.lookups
+    assert cache.exists("t", big) is True
+    assert inner.lookups == lookups
+
+    nothing = CachedKeyStore(inner, max_bytes=0)  # the workers' setting: remembers nothing
+    assert nothing.exists("t", ids[0]) is True
+    assert nothing.exists_cached("t", ids[0]) is None
+    assert nothing.stats().entries == 0
+
+
+def test_exists_does_not_remember_a_key_deleted_during_the_lookup() -> None:
+    inner = MemoryStore()
+    key_id = inner.put("t", SMALL)
+    cache = CachedKeyStore(inner, max_bytes=1 << 20)
+    asking, release = threading.Event(), threading.Event()
+
+    def slow() -> None:
+        asking.set()
+        release.wait(5)
+
+    inner.before_read = slow
+    result: list[bool] = []
+    asker = threading.Thread(target=lambda: result.append(cache.exists("t", key_id)))
+    asker.start()
+    assert asking.wait(5)
+    inner.before_read = lambda: None
+    cache.delete("t", key_id)
+    release.set()
+    asker.join()
+    assert result == [True]  # the lookup began before the delete
+    assert cache.exists_cached("t", key_id) is None
+    assert cache.exists("t", key_id) is False

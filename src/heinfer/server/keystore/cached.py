@@ -8,12 +8,31 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from heinfer.server.keystore.base import KeyStore, _as_bytes, _check_key_id, _check_tenant
+from heinfer.errors import KeyNotFoundError
+from heinfer.server.keystore.base import (
+    KeyStore,
+    _as_bytes,
+    _check_key_id,
+    _check_tenant,
+    _is_key_id,
+)
+
+# What remembering "this key exists" costs without its body (the dict node, the key tuple and
+# its two strings, the timestamp), rounded up; charged so that `max_bytes` bounds all of it.
+PRESENCE_BYTES = 512
+
+
+def _cost(data: bytes | None) -> int:
+    return PRESENCE_BYTES if data is None else len(data)
 
 
 @dataclass(frozen=True, slots=True)
 class CacheStats:
-    """The cache counters, read together under the lock so that they agree with each other."""
+    """The cache counters, read together under the lock so that they agree with each other.
+
+    `hits` and `misses` count body lookups (`get`, `get_cached`), not `exists`; `entries` and
+    `bytes` include keys remembered only as existing, each charged `PRESENCE_BYTES`.
+    """
 
     hits: int
     misses: int
@@ -32,6 +51,11 @@ class CachedKeyStore(KeyStore):
     can only be stale by *existence* (deleted through another replica), which `ttl_seconds`
     bounds; deletes through this instance evict immediately. Writes go through to the store
     and populate the cache (a freshly uploaded key is usually used next).
+
+    `exists` answers from a cached body when there is one; otherwise it asks the store and
+    remembers a "yes" (not the body) for the same TTL, so a process that only checks keys never
+    downloads them. A "no" is never remembered: a key uploaded through another replica must be
+    usable here at once, so only "yes" can go stale, and only the way cached bodies can.
     """
 
     def __init__(
@@ -51,13 +75,14 @@ class CachedKeyStore(KeyStore):
         self._ttl = ttl_seconds
         self._clock = clock
         self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple[str, str], tuple[bytes, float]] = OrderedDict()
+        # (tenant, key_id) -> (body, or None when only its existence is known; time learnt)
+        self._entries: OrderedDict[tuple[str, str], tuple[bytes | None, float]] = OrderedDict()
         self._bytes = 0
         self._hits = 0
         self._misses = 0
         self._evictions = 0
-        # Bumped by every delete: a get that started fetching before a delete must not
-        # re-insert the key it fetched after that delete evicted it.
+        # Bumped by every delete: a get or exists that asked the store before a delete must not
+        # re-insert what it learnt after that delete evicted it.
         self._generation = 0
 
     @property
@@ -78,23 +103,26 @@ class CachedKeyStore(KeyStore):
                 max_bytes=self._max_bytes,
             )
 
-    def _insert_locked(self, key: tuple[str, str], data: bytes) -> None:
-        if len(data) > self._max_bytes:
-            return  # would evict everything else and still not fit
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self._bytes -= len(old[0])
+    def _insert_locked(self, key: tuple[str, str], data: bytes | None) -> None:
+        """Cache a body, or with `data` None remember that the key exists."""
+        if data is None and key in self._entries:
+            return  # already known, maybe with its body: keep that
+        if data is not None and len(data) > self._max_bytes:
+            data = None  # it would evict everything and still not fit: only remember it exists
+        if _cost(data) > self._max_bytes:
+            return
+        self._evict_locked(key)
         self._entries[key] = (data, self._clock())
-        self._bytes += len(data)
+        self._bytes += _cost(data)
         while self._bytes > self._max_bytes:
             _, (evicted, _) = self._entries.popitem(last=False)
-            self._bytes -= len(evicted)
+            self._bytes -= _cost(evicted)
             self._evictions += 1
 
     def _evict_locked(self, key: tuple[str, str]) -> None:
         old = self._entries.pop(key, None)
         if old is not None:
-            self._bytes -= len(old[0])
+            self._bytes -= _cost(old[0])
 
     def put(self, tenant: str, data: bytes) -> str:
         payload = _as_bytes(data)
@@ -103,16 +131,24 @@ class CachedKeyStore(KeyStore):
             self._insert_locked((tenant, key_id), payload)
         return key_id
 
-    def _lookup_locked(self, key: tuple[str, str]) -> bytes | None:
+    def _known_locked(self, key: tuple[str, str]) -> bool:
+        """Whether the key is cached (body or existence) within the TTL; drops it if expired."""
         entry = self._entries.get(key)
         if entry is None:
-            return None
+            return False
         if self._ttl is not None and self._clock() - entry[1] > self._ttl:
             self._evict_locked(key)
-            return None
+            return False
         self._entries.move_to_end(key)
-        self._hits += 1
-        return entry[0]
+        return True
+
+    def _lookup_locked(self, key: tuple[str, str]) -> bytes | None:
+        if not self._known_locked(key):
+            return None
+        data = self._entries[key][0]
+        if data is not None:
+            self._hits += 1
+        return data
 
     def get_cached(self, tenant: str, key_id: str) -> bytes | None:
         key = (_check_tenant(tenant), _check_key_id(key_id))
@@ -127,14 +163,39 @@ class CachedKeyStore(KeyStore):
                 return cached
             self._misses += 1
             generation = self._generation
-        data = self._inner.get(tenant, key_id)  # outside the lock: may take a while
+        try:
+            data = self._inner.get(tenant, key_id)  # outside the lock: may take a while
+        except KeyNotFoundError:
+            with self._lock:
+                self._evict_locked(key)  # a remembered "exists" is wrong now (or the copy corrupt)
+            raise
         with self._lock:
             if generation == self._generation:
                 self._insert_locked(key, data)
         return data
 
+    def exists_cached(self, tenant: str, key_id: str) -> bool | None:
+        tenant = _check_tenant(tenant)
+        if not _is_key_id(key_id):
+            return False
+        with self._lock:
+            return True if self._known_locked((tenant, key_id)) else None
+
     def exists(self, tenant: str, key_id: str) -> bool:
-        return self._inner.exists(tenant, key_id)
+        tenant = _check_tenant(tenant)
+        if not _is_key_id(key_id):
+            return False
+        key = (tenant, key_id)
+        with self._lock:
+            if self._known_locked(key):
+                return True
+            generation = self._generation
+        found = self._inner.exists(tenant, key_id)  # outside the lock, like get
+        if found:
+            with self._lock:
+                if generation == self._generation:
+                    self._insert_locked(key, None)
+        return found
 
     def delete(self, tenant: str, key_id: str) -> None:
         key = (_check_tenant(tenant), _check_key_id(key_id))
