@@ -23,6 +23,7 @@ def test_workflow_and_replicas_share_keys(
     mnist_model_path: Path,
     mnist: dict[str, np.ndarray],
     mnist_model: heinfer.EncryptedModel,
+    tmp_path: Path,
 ) -> None:
     args = [
         str(mnist_model_path),
@@ -39,14 +40,17 @@ def test_workflow_and_replicas_share_keys(
         reference = mnist_model.predict_plain(X)
         client = heinfer.Client(first.url, model="mnist")
         key_id = client.upload_keys()
+        # Other clients resume with the same secret and key id, so they never upload.
+        secret = client.save_secret(tmp_path / "secret.json")
         scores = client.predict(X, batch_size=10)
         assert (scores.argmax(1) == reference.argmax(1)).all()
         assert np.abs(scores - reference).max() <= 1e-3
 
         # The other replica never saw the upload: it fetches the key from the shared store.
         replica = heinfer.Client(second.url, model="mnist")
-        replica._secret, replica.key_id = client._secret, key_id
+        replica.load_secret(secret)
         np.testing.assert_allclose(replica.predict(X), reference, atol=1e-3)
+        assert replica.key_id == key_id  # no upload of its own
 
         # Bad input on this backend: 4xx, and the next good request still works.
         with pytest.raises(heinfer.errors.BadInputError):
@@ -57,9 +61,10 @@ def test_workflow_and_replicas_share_keys(
         first.stop()
         first = RunningService(args)
         restarted = heinfer.Client(first.url, model="mnist")
-        restarted._secret, restarted.key_id = client._secret, key_id
+        restarted.load_secret(secret)
         np.testing.assert_allclose(restarted.predict(X[:2]), reference[:2], atol=1e-3)
 
+        assert restarted.key_id == key_id
         body = restarted.encrypt(X[:1])
         restarted.delete_keys()
         restarted.key_id = key_id
