@@ -308,6 +308,17 @@ class _Service:
                 retry_after=self.settings.retry_after_seconds,
             ) from None
 
+    async def require_key(self, tenant: str, key_id: str) -> None:
+        """404 unless the tenant holds this key; asked without downloading it (the worker that
+        evaluates fetches and parses the key itself, once, into its cache)."""
+        if _KEY_ID.fullmatch(key_id) is None:
+            raise KeyNotFoundError(_UNKNOWN_KEY)
+        found = self.store.exists_cached(tenant, key_id)
+        if found is None:
+            found = await anyio.to_thread.run_sync(self.store.exists, tenant, key_id)
+        if not found:
+            raise KeyNotFoundError(_UNKNOWN_KEY)
+
     async def existing_key(self, tenant: str, key_id: str) -> bytes:
         """The tenant's key bytes; absent, foreign and malformed ids are all the same 404."""
         if _KEY_ID.fullmatch(key_id) is None:
@@ -478,7 +489,7 @@ async def _infer(request: Request) -> Response:
     if not key_id:
         raise KeyNotFoundError(f"send the key id from POST /v2/keys in {KEY_ID_HEADER}")
     with svc.admission.admit(request, settings.max_body_bytes):
-        await svc.existing_key(tenant, key_id)
+        await svc.require_key(tenant, key_id)
         body = await _body(request, settings.max_body_bytes, settings.body_timeout_seconds)
         checked = plan.check(body)
         svc.metrics.bytes_in.inc(len(body))
