@@ -33,19 +33,20 @@ _real_infer = service_workers._infer
 _canned: bytes | None = None
 
 
-def canned_infer(model: str, tenant: str, key_id: str, records: list[bytes]) -> list[bytes]:
-    """Runs in the workers (pickled by reference, as the service's own `_infer` is)."""
+def canned_infer(model: str, tenant: str, key_id: str, body: bytes | memoryview | str) -> bytes:
+    """Runs in the workers (pickled by reference, as the service's own `_infer` is). Every
+    request of the load generator holds one image, so every response has the same size."""
     global _canned
     if _canned is None:
-        _canned = _real_infer(model, tenant, key_id, records[:1])[0]
-    return [_canned] * len(records)
+        _canned = _real_infer(model, tenant, key_id, body)
+    return _canned
 
 
 def _serve(argv: list[str]) -> None:
     """`heinfer serve ARGV` in this process, its workers answering with `canned_infer`."""
     from heinfer.cli import main as heinfer_main
 
-    service_workers._infer = canned_infer  # type: ignore[assignment]
+    service_workers._infer = canned_infer
     sys.argv = ["heinfer", "serve", *argv]
     heinfer_main()
 

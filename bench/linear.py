@@ -38,7 +38,17 @@ import heinfer
 import peers
 from heinfer.cli import wait_ready
 from heinfer.he.backend import SecretKey
-from heinfer.plans.linear import BATCH_LAYOUT_KIND, LAYOUT_KIND, LinearCodec, LinearPlan
+from heinfer.plans.base import Codec
+from heinfer.plans.linear import (
+    BATCH_LAYOUT_KIND,
+    LAYOUT_KIND,
+    BatchClient,
+    BatchServer,
+    LinearCodec,
+    LinearPlan,
+    RowpackClient,
+    RowpackServer,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -54,6 +64,32 @@ def linear_plan(model: heinfer.EncryptedModel) -> LinearPlan:
     return model.plan
 
 
+def rowpack_server(plan: LinearPlan) -> RowpackServer:
+    """The server side of the coeff-rowpack layout (one ciphertext per image)."""
+    layout = plan.layouts[b"HEQ1"]
+    assert isinstance(layout, RowpackServer)
+    return layout
+
+
+def rowpack_client(codec: Codec) -> RowpackClient:
+    layout = codec.layouts[LAYOUT_KIND]
+    assert isinstance(layout, RowpackClient)
+    return layout
+
+
+def batch_server(plan: LinearPlan) -> BatchServer:
+    """The server side of the coeff-batch layout (one ciphertext per feature)."""
+    layout = plan.layouts.get(b"HEB1")
+    assert isinstance(layout, BatchServer), "this model has no coeff-batch layout"
+    return layout
+
+
+def batch_client(codec: Codec) -> BatchClient:
+    layout = codec.layouts.get(BATCH_LAYOUT_KIND)
+    assert isinstance(layout, BatchClient), "this model has no coeff-batch layout"
+    return layout
+
+
 def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
@@ -64,16 +100,17 @@ def measure_heinfer_local(model: heinfer.EncryptedModel, X: np.ndarray, n: int) 
     secret = SecretKey.generate(codec.context)
     public = secret.public_key_bytes()
     plan = linear_plan(model)
-    key = plan.load_key(public)
+    key = plan.context.load_evaluation_key(public)
+    server, client = rowpack_server(plan), rowpack_client(codec)
     encrypt_ms, server_ms, decrypt_ms, scores = [], [], [], []
     request = response = b""
     for x in X[:n]:
         t0 = time.perf_counter()
-        request = codec.encrypt(secret, x[None])[0]
+        request = client.encrypt_records(secret, x[None])[0]
         t1 = time.perf_counter()
-        response = plan.evaluate(request, key)
+        response = server.evaluate_record(request, key)
         t2 = time.perf_counter()
-        scores.append(codec.decrypt(secret, response))
+        scores.append(client.decrypt_record(secret, response))
         t3 = time.perf_counter()
         encrypt_ms.append((t1 - t0) * 1e3)
         server_ms.append((t2 - t1) * 1e3)
@@ -103,19 +140,20 @@ def measure_batch_local(
     codec = LinearCodec(model.manifest)
     secret = SecretKey.generate(codec.context)
     plan = linear_plan(model)
-    key = plan.load_key(secret.public_key_bytes())
-    size = codec.batch_capacity
+    key = plan.context.load_evaluation_key(secret.public_key_bytes())
+    server, client = batch_server(plan), batch_client(codec)
+    size = client.capacity
     batch = np.resize(X, (size, X.shape[1]))  # the test digits, repeated up to N images
     encrypt_s, server_s, decrypt_s = [], [], []
     request = response = b""
     scores = np.zeros(0)
     for _ in range(rounds):
         t0 = time.perf_counter()
-        request = codec.encrypt_batch(secret, batch)
+        request = client.encrypt_record(secret, batch)
         t1 = time.perf_counter()
-        response = plan.evaluate_batch(request, size, key)
+        response = server.evaluate_record(request, size, key)
         t2 = time.perf_counter()
-        scores = codec.decrypt_batch(secret, response, size)
+        scores = client.decrypt_record(secret, response, size)
         t3 = time.perf_counter()
         encrypt_s.append(t1 - t0)
         server_s.append(t2 - t1)
@@ -295,7 +333,7 @@ def measure_heinfer_http(
             "round_trip_ms_p99": _percentile(round_trips, 99),
             "round_trips": len(round_trips),
             "workers": workers,
-            "batch_crossover_images": client._codec.batch_crossover,
+            "batch_crossover_images": batch_client(client.codec).crossover,
             "per_sample": per_sample,
             "batch": batch,
             # headline figures: the batch layout, as `client.predict` uses it for large X

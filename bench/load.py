@@ -50,7 +50,7 @@ import heinfer
 from heinfer.cli import wait_ready
 from heinfer.he.backend import SecretKey
 from heinfer.plans.linear import LinearCodec
-from linear import Service, linear_plan
+from linear import Service, linear_plan, rowpack_client, rowpack_server
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KEY_HEADER = "X-Heinfer-Key-Id"
@@ -411,12 +411,13 @@ def _evaluate_for(model_path: str, work: list[tuple[bytes, bytes]], seconds: flo
 
     threadpool_limits(1)  # as in the service's workers
     plan = linear_plan(heinfer.load_model(model_path))
-    pairs = [(plan.load_key(key), record) for key, record in work]
-    plan.evaluate(pairs[0][1], pairs[0][0])  # warm
+    server = rowpack_server(plan)
+    pairs = [(plan.context.load_evaluation_key(key), record) for key, record in work]
+    server.evaluate_record(pairs[0][1], pairs[0][0])  # warm
     done, deadline = 0, time.monotonic() + seconds
     while time.monotonic() < deadline:
         key, record = pairs[done % len(pairs)]
-        plan.evaluate(record, key)
+        server.evaluate_record(record, key)
         done += 1
     return done
 
@@ -424,10 +425,11 @@ def _evaluate_for(model_path: str, work: list[tuple[bytes, bytes]], seconds: flo
 def ceiling_work(model_path: Path, X: np.ndarray, tenants: int) -> list[tuple[bytes, bytes]]:
     """(public key, request) of `tenants` different clients, for `compute_ceiling`."""
     codec = LinearCodec(heinfer.load_model(model_path).manifest)
+    client = rowpack_client(codec)
     work = []
     for i in range(tenants):
         secret = SecretKey.generate(codec.context)
-        work.append((secret.public_key_bytes(), codec.encrypt(secret, X[i : i + 1])[0]))
+        work.append((secret.public_key_bytes(), client.encrypt_records(secret, X[i : i + 1])[0]))
     return work
 
 

@@ -47,9 +47,6 @@ import numpy as np
 
 import heinfer
 from heinfer.datasets import load_sample
-from heinfer.he.backend import SecretKey
-from heinfer.plans.linear import LinearCodec
-from heinfer.plans.wire import encode_keys
 from heinfer.server.auth import new_token
 
 UNAVAILABLE_CODES = {"unavailable", "key_store_unavailable"}
@@ -478,12 +475,10 @@ def main() -> int:
         alice.upload_keys()
         images, _ = load_sample("test")
         X = images[:3].astype(np.float64) / 255.0
-        codec = LinearCodec(alice.manifest)
-        other = SecretKey.generate(codec.context)
         corpus = Corpus(
             port=int(url.rsplit(":", 1)[1]), tokens=tokens, alice_key=alice.key_id or "",
             request=alice.encrypt(X[:1]), batch=alice.encrypt(X),
-            upload=encode_keys(codec.params.fingerprint, {"public": other.public_key_bytes()}),
+            upload=alice.codec.key_upload(alice.codec.keygen()),  # another key pair's upload
         )
         before = metrics(url)
         tally = Tally()

@@ -3,6 +3,7 @@ once subfolders have their own conftest.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -48,12 +49,14 @@ class RunningService:
 
 @contextmanager
 def protections(plan: Any, **flags: bool) -> Iterator[None]:
-    """Switch a plan's privacy treatment off (negative controls), restoring it afterwards."""
-    saved = {name: getattr(plan, name) for name in flags}
-    for name, value in flags.items():
-        setattr(plan, name, value)
+    """Switch a plan's privacy treatment off (negative controls), restoring it afterwards.
+
+    The treatment is a frozen `heinfer.plans.linear.Treatment` held by the plan; an unknown
+    flag name raises (TypeError), so a renamed switch cannot make a negative control vacuous.
+    """
+    saved = plan._treatment
+    plan._treatment = dataclasses.replace(saved, **flags)
     try:
         yield
     finally:
-        for name, value in saved.items():
-            setattr(plan, name, value)
+        plan._treatment = saved

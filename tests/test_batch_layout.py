@@ -37,16 +37,18 @@ from heinfer.he.backend import (
     pack_bits,
     unpack_bits,
 )
+from heinfer.plans.base import Codec
 from heinfer.plans.linear import (
     BATCH_LAYOUT_KIND,
     LAYOUT_KIND,
+    BatchClient,
+    BatchServer,
     LinearCodec,
     LinearPlan,
-    _batch_budget,
-    _budget,
-    _group_rows,
+    RowpackClient,
     compile_linear,
 )
+from heinfer.plans.linear.compile import _batch_budget, _budget, _group_rows
 from heinfer.plans.wire import (
     BatchRequest,
     BatchResponse,
@@ -62,8 +64,30 @@ from service_helpers import protections
 def setup(mnist_model: heinfer.EncryptedModel) -> dict[str, Any]:
     codec = LinearCodec(mnist_model.manifest)
     secret = SecretKey.generate(codec.context)
-    key = mnist_model.plan.load_key(secret.public_key_bytes())
+    key = mnist_model.plan.context.load_evaluation_key(secret.public_key_bytes())
     return {"plan": mnist_model.plan, "codec": codec, "secret": secret, "key": key}
+
+
+def _client_batch(codec: Codec) -> BatchClient:
+    layout = codec.layouts[BATCH_LAYOUT_KIND]
+    assert isinstance(layout, BatchClient)
+    return layout
+
+
+def _encrypt_batch(codec: LinearCodec, secret: SecretKey, X: np.ndarray) -> bytes:
+    return _client_batch(codec).encrypt_record(secret, X)
+
+
+def _decrypt_batch(
+    codec: LinearCodec, secret: SecretKey, record: bytes, samples: int
+) -> np.ndarray:
+    return _client_batch(codec).decrypt_record(secret, record, samples)
+
+
+def _evaluate_batch(plan: LinearPlan, record: bytes, samples: int, key: Any) -> bytes:
+    layout = plan.layouts[b"HEB1"]
+    assert isinstance(layout, BatchServer)
+    return layout.evaluate_record(record, samples, key)
 
 
 # -- correctness -------------------------------------------------------------------------------
@@ -111,11 +135,12 @@ def test_batch_of_1500_digits_matches_plaintext(
 ) -> None:
     X = mnist["X_test"][:1500]
     codec, secret = setup["codec"], setup["secret"]
-    record = codec.encrypt_batch(secret, X)
-    assert len(record) == codec.batch_request_bytes == 8 + 32 + 784 * (4096 * 91 // 8)
-    result = setup["plan"].evaluate_batch(record, len(X), setup["key"])
-    assert len(result) == codec.batch_record_bytes(len(X)) == 10 * (4096 + 1500) * 36 // 8
-    scores = codec.decrypt_batch(secret, result, len(X))
+    batch = _client_batch(codec)
+    record = batch.encrypt_record(secret, X)
+    assert len(record) == batch.record_request_bytes == 8 + 32 + 784 * (4096 * 91 // 8)
+    result = _evaluate_batch(setup["plan"], record, len(X), setup["key"])
+    assert len(result) == batch.record_bytes(len(X)) == 10 * (4096 + 1500) * 36 // 8
+    scores = batch.decrypt_record(secret, result, len(X))
     reference = mnist_model.predict_plain(X)
     assert scores.shape == (1500, 10)
     assert (scores.argmax(1) == reference.argmax(1)).all()
@@ -129,8 +154,9 @@ def test_partial_and_single_sample_batches(
 ) -> None:
     codec, secret = setup["codec"], setup["secret"]
     for X in (mnist["X_test"][7:8], mnist["X_test"][:13]):
-        result = setup["plan"].evaluate_batch(codec.encrypt_batch(secret, X), len(X), setup["key"])
-        scores = codec.decrypt_batch(secret, result, len(X))
+        record = _encrypt_batch(codec, secret, X)
+        result = _evaluate_batch(setup["plan"], record, len(X), setup["key"])
+        scores = _decrypt_batch(codec, secret, result, len(X))
         assert np.abs(scores - mnist_model.predict_plain(X)).max() <= 1e-3
 
 
@@ -267,7 +293,7 @@ def test_masked_coefficients_are_uniform(
 ) -> None:
     plan, codec, secret = setup["plan"], setup["codec"], setup["secret"]
     samples = 40
-    record = codec.encrypt_batch(secret, mnist["X_test"][:samples])
+    record = _encrypt_batch(codec, secret, mnist["X_test"][:samples])
     t = plan.params.plain_modulus
 
     def pvalue() -> float:
@@ -288,7 +314,7 @@ def test_result_c1_is_not_a_known_combination_of_request_c1s(
 ) -> None:
     """Without re-randomization, c1_j = sum_i w_ji c1_i exactly: a linear system in W."""
     plan, codec, secret = setup["plan"], setup["codec"], setup["secret"]
-    record = codec.encrypt_batch(secret, mnist["X_test"][:10])
+    record = _encrypt_batch(codec, secret, mnist["X_test"][:10])
     _, c1 = plan.context.load_batch_request(record, 784)
     w = plan.arrays["w_int"]
     combos = [linear_combination(w, c1[j], q) for j, q in enumerate(plan.params.data_primes)]
@@ -333,8 +359,8 @@ def test_weights_are_solvable_from_one_response_only_without_rerandomization(
     plan = model.plan
     codec = LinearCodec(model.manifest)
     secret = SecretKey.generate(codec.context)
-    key = plan.load_key(secret.public_key_bytes())
-    record = codec.encrypt_batch(secret, mnist["X_test"][:5, 300:324])
+    key = plan.context.load_evaluation_key(secret.public_key_bytes())
+    record = _encrypt_batch(codec, secret, mnist["X_test"][:5, 300:324])
     _, c1 = plan.context.load_batch_request(record, 24)
     q = plan.params.data_primes[0]
     n_features = 24
@@ -362,7 +388,7 @@ def test_weights_are_solvable_from_one_response_only_without_rerandomization(
 
 def _deviation(setup: dict[str, Any], X: np.ndarray, repeats: int = 2) -> np.ndarray:
     plan, codec, secret = setup["plan"], setup["codec"], setup["secret"]
-    record = codec.encrypt_batch(secret, X)
+    record = _encrypt_batch(codec, secret, X)
     exact = codec.quantize(X) @ plan.arrays["w_int"].T + plan.arrays["b_int"]
     out = []
     for _ in range(repeats):
@@ -386,8 +412,8 @@ def test_output_noise_is_flooded(
 def test_response_is_compact(setup: dict[str, Any], mnist: dict[str, np.ndarray]) -> None:
     codec = setup["codec"]
     for samples in (1, 9, 100):
-        record = codec.encrypt_batch(setup["secret"], mnist["X_test"][:samples])
-        result = setup["plan"].evaluate_batch(record, samples, setup["key"])
+        record = _encrypt_batch(codec, setup["secret"], mnist["X_test"][:samples])
+        result = _evaluate_batch(setup["plan"], record, samples, setup["key"])
         n, bits = codec.params.poly_modulus_degree, 36
         assert len(result) == 10 * ((n * bits + 7) // 8 + (samples * bits + 7) // 8)
 
@@ -397,11 +423,11 @@ def test_response_is_compact(setup: dict[str, Any], mnist: dict[str, np.ndarray]
 
 @pytest.fixture(scope="module")
 def valid_batch(setup: dict[str, Any], mnist: dict[str, np.ndarray]) -> bytes:
-    return bytes(setup["codec"].encrypt_batch(setup["secret"], mnist["X_test"][:3]))
+    return bytes(_encrypt_batch(setup["codec"], setup["secret"], mnist["X_test"][:3]))
 
 
 def _evaluate(setup: dict[str, Any], record: bytes, samples: int = 3) -> bytes:
-    return bytes(setup["plan"].evaluate_batch(record, samples, setup["key"]))
+    return bytes(_evaluate_batch(setup["plan"], record, samples, setup["key"]))
 
 
 def test_malformed_batch_records_are_refused(setup: dict[str, Any], valid_batch: bytes) -> None:
@@ -423,7 +449,37 @@ def test_malformed_batch_records_are_refused(setup: dict[str, Any], valid_batch:
     for samples in (0, -1, 4097):
         with pytest.raises(MalformedPayloadError, match="samples"):
             _evaluate(setup, valid_batch, samples)
-    assert len(_evaluate(setup, valid_batch)) == setup["codec"].batch_record_bytes(3)
+    assert len(_evaluate(setup, valid_batch)) == _client_batch(setup["codec"]).record_bytes(3)
+
+
+def test_malformed_batch_bodies_are_refused_by_check_and_evaluate(
+    setup: dict[str, Any], valid_batch: bytes
+) -> None:
+    """The same records in whole HEB1 bodies: refused by `Plan.check` (what the HTTP process
+    runs, no HE work) and by `Plan.evaluate` (what the workers run, trusting nothing)."""
+    plan, key = setup["plan"], setup["key"]
+    q1_bits = plan.params.data_primes[0].bit_length()
+    cases = [
+        (valid_batch[:-1], MalformedPayloadError),
+        (valid_batch + b"\x00", MalformedPayloadError),
+        (valid_batch[:40], MalformedPayloadError),
+        (b"\x00" * 8 + valid_batch[8:], ParameterMismatchError),
+    ]
+    for record, error in cases:
+        body = encode_request(BatchRequest(3, record))
+        with pytest.raises(error):
+            plan.check(body)
+        with pytest.raises(error):
+            plan.evaluate(body, key)
+    high = pack_bits(np.array([(1 << q1_bits) - 1] * 8, dtype=np.uint64), q1_bits)
+    bad = valid_batch[:40] + high + valid_batch[40 + len(high) :]
+    out_of_range = encode_request(BatchRequest(3, bad))
+    with pytest.raises(MalformedPayloadError, match="out of range"):
+        plan.evaluate(out_of_range, key)
+    good = encode_request(BatchRequest(3, valid_batch))
+    assert plan.check(good).samples == 3 and plan.check(good).layout == BATCH_LAYOUT_KIND
+    scores = setup["codec"].decrypt(setup["secret"], plan.evaluate(good, key))
+    assert scores.shape == (3, 10)
 
 
 def test_batch_frames(valid_batch: bytes) -> None:
@@ -473,13 +529,13 @@ def test_client_decrypt_refuses_malformed_batch_results(
     codec, secret = setup["codec"], setup["secret"]
     result = _evaluate(setup, valid_batch)
     with pytest.raises(MalformedPayloadError):
-        codec.decrypt_batch(secret, result[:-1], 3)
+        _decrypt_batch(codec, secret, result[:-1], 3)
     with pytest.raises(MalformedPayloadError):
-        codec.decrypt_batch(secret, result, 4)
+        _decrypt_batch(codec, secret, result, 4)
     with pytest.raises(MalformedPayloadError, match="out of range"):
-        codec.decrypt_batch(secret, b"\xff" * len(result), 3)
+        _decrypt_batch(codec, secret, b"\xff" * len(result), 3)
     with pytest.raises(ShapeError):
-        codec.encrypt_batch(secret, np.zeros((4097, 784)))
+        _encrypt_batch(codec, secret, np.zeros((4097, 784)))
 
 
 def test_models_without_the_batch_layout_refuse_batches(
@@ -489,20 +545,31 @@ def test_models_without_the_batch_layout_refuse_batches(
         update={"layout": {k: v for k, v in mnist_model.manifest.layout.items() if k != "batch"}}
     )
     old = LinearPlan(manifest, mnist_model.plan.arrays)
-    with pytest.raises(ParameterMismatchError, match="coeff-batch"):
-        old.evaluate_batch(valid_batch, 3, setup["key"])
+    body = encode_request(BatchRequest(3, valid_batch))
+    assert mnist_model.plan.check(body).samples == 3  # the same body, to a model that has it
+    with pytest.raises(ParameterMismatchError, match="does not serve the coeff-batch layout"):
+        old.check(body)
+    with pytest.raises(ParameterMismatchError, match="does not serve the coeff-batch layout"):
+        old.evaluate(body, setup["key"])
+    assert b"HEB1" not in old.layouts
     codec = LinearCodec(manifest)
-    assert codec.batch is None and codec.batch_crossover is None and codec.batch_capacity == 0
+    assert BATCH_LAYOUT_KIND not in codec.layouts and list(codec.layouts) == [LAYOUT_KIND]
+    assert codec.layout_for(4096) == LAYOUT_KIND
+    with pytest.raises(BadInputError, match="unknown layout"):
+        codec.encrypt(setup["secret"], np.zeros((3, 784)), BATCH_LAYOUT_KIND)
 
 
 def test_crossover_from_the_manifest(setup: dict[str, Any]) -> None:
     codec = setup["codec"]
-    crossover = codec.batch_crossover
+    batch = _client_batch(codec)
+    crossover = batch.crossover
     assert crossover is not None and 100 < crossover < 1000
-    per_sample = codec.context.request_bytes + 4 + codec.record_bytes
+    rowpack = codec.layouts[LAYOUT_KIND]
+    assert isinstance(rowpack, RowpackClient)
+    per_sample = codec.context.request_bytes + 4 + rowpack.record_bytes
 
     def batch_bytes(samples: int) -> int:
-        return 16 + codec.batch_request_bytes + codec.batch_record_bytes(samples)
+        return 16 + batch.record_request_bytes + batch.record_bytes(samples)
 
     assert batch_bytes(crossover) <= crossover * per_sample
     assert batch_bytes(crossover - 1) > (crossover - 1) * per_sample
@@ -516,12 +583,13 @@ def test_small_models_get_a_batch_layout_too() -> None:
     )
     codec = LinearCodec(plan.manifest)
     secret = SecretKey.generate(codec.context)
-    key = plan.load_key(secret.public_key_bytes())
+    key = plan.context.load_evaluation_key(secret.public_key_bytes())
     X = rng.uniform(-1, 1, size=(64, 30))
-    result = plan.evaluate_batch(codec.encrypt_batch(secret, X), 64, key)
-    scores = codec.decrypt_batch(secret, result, 64)
+    result = _evaluate_batch(plan, _encrypt_batch(codec, secret, X), 64, key)
+    scores = _decrypt_batch(codec, secret, result, 64)
     assert np.abs(scores - plan.predict_plain(X)).max() <= plan.manifest.precision.max_abs_error
-    assert codec.batch_capacity == 64 and codec.batch_crossover is not None
+    batch = _client_batch(codec)
+    assert batch.capacity == 64 and batch.crossover is not None
 
 
 # -- through a real service --------------------------------------------------------------------
@@ -534,7 +602,7 @@ def test_service_predicts_large_x_with_the_batch_layout(
     client = heinfer.Client(service.url, model="mnist")
     client.upload_keys()
     X = mnist["X_test"]
-    crossover = client._codec.batch_crossover
+    crossover = _client_batch(client.codec).crossover
     assert crossover is not None and len(X) >= crossover
     assert client.layout_for(len(X)) == BATCH_LAYOUT_KIND
     assert client.layout_for(10) == LAYOUT_KIND
@@ -599,23 +667,36 @@ def test_worker_pool_hands_large_batches_over_with_or_without_tmpfs(
     key_id = store.put("public", encode_keys(codec.params.fingerprint,
                                              {"public": secret.public_key_bytes()}))
     X = mnist["X_test"][:50]
-    request = BatchRequest(len(X), memoryview(codec.encrypt_batch(secret, X)))
+    request = encode_request(BatchRequest(len(X), _encrypt_batch(codec, secret, X)))
     pool = WorkerPool([str(mnist_model_path)], str(tmp_path), 1, 1 << 26)
 
     def handoff_files() -> set[str]:
         return {f for f in os.listdir(pool._handoff_dir or "/tmp") if f.startswith("heinfer-batch")}
 
-    async def run() -> list[BatchResponse]:
+    written: list[str | None] = []
+    handoff = pool._handoff
+
+    def spy(data: bytes | memoryview) -> str | None:
+        path = handoff(data)
+        written.append(path)
+        return path
+
+    pool._handoff = spy  # type: ignore[method-assign]
+
+    async def run() -> list[bytes]:
         before = handoff_files()
-        first = await pool.infer("mnist", "public", key_id, request)
+        [first] = await pool.infer("mnist", "public", key_id, [request])
         assert handoff_files() <= before  # the handoff file is gone again
         pool._handoff_dir = str(tmp_path / "missing")  # no tmpfs: the record goes by pipe
-        second = await pool.infer("mnist", "public", key_id, request)
+        [second] = await pool.infer("mnist", "public", key_id, [request])
         return [first, second]
 
     try:
-        for response in asyncio.run(run()):
-            scores = codec.decrypt_batch(secret, response.record, response.samples)
+        responses = asyncio.run(run())
+        assert len(written) == 2 and written[0] is not None and written[1] is None
+        for response in responses:
+            assert response[:4] == b"HRB1"
+            scores = codec.decrypt(secret, response)
             assert np.abs(scores - model.predict_plain(X)).max() <= 1e-3
     finally:
         pool.shutdown()

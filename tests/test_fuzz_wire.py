@@ -67,10 +67,10 @@ def valid() -> Valid:
     )
     codec = LinearCodec(plan.manifest)
     secret = SecretKey.generate(codec.context)
-    records = codec.encrypt(secret, rng.uniform(size=(2, 64)))
+    records = codec.layouts["coeff-rowpack"].encrypt_records(secret, rng.uniform(size=(2, 64)))
     public = secret.public_key_bytes()
-    key = plan.load_key(public)
-    results = [plan.evaluate(r, key) for r in records]
+    key = plan.context.load_evaluation_key(public)
+    results = [plan.layouts[b"HEQ1"].evaluate_record(r, key) for r in records]
     return Valid(
         plan, plan.context, codec, secret, records[0], encode_request(records), public,
         encode_keys(codec.params.fingerprint, {"public": public}), results[0],
@@ -167,7 +167,9 @@ def test_decode_response_random(body: bytes, record_bytes: int) -> None:
 @given(data=st.data())
 def test_decode_response_mutated(valid: Valid, data: st.DataObject) -> None:
     body = data.draw(mutated(valid.response))
-    only_bad_input(lambda: decode_response(body, valid.codec.record_bytes))
+    only_bad_input(
+        lambda: decode_response(body, valid.codec.layouts["coeff-rowpack"].record_bytes)
+    )
 
 
 @FUZZ
@@ -199,8 +201,9 @@ def test_load_request_mutated(valid: Valid, data: st.DataObject) -> None:
     record = data.draw(mutated(valid.record))
     loaded = only_bad_input(lambda: valid.context.load_request(record))
     if loaded is not None:  # SEAL accepted it: it must then evaluate without error
-        key = valid.plan.load_key(valid.public_key)
-        assert len(valid.plan.evaluate(record, key)) == valid.codec.record_bytes
+        key = valid.context.load_evaluation_key(valid.public_key)
+        result = valid.plan.layouts[b"HEQ1"].evaluate_record(record, key)
+        assert len(result) == valid.codec.layouts["coeff-rowpack"].record_bytes
 
 
 def _in_range_limbs(context: Context, rng: np.random.Generator, primes: tuple[int, ...]) -> bytes:
@@ -264,7 +267,31 @@ def test_load_evaluation_key_random_of_the_right_size(
 @given(data=st.data())
 def test_client_decrypt_mutated_result(valid: Valid, data: st.DataObject) -> None:
     record = data.draw(mutated(valid.result))
-    only_bad_input(lambda: valid.codec.decrypt(valid.secret, record))
+    only_bad_input(
+        lambda: valid.codec.layouts["coeff-rowpack"].decrypt_record(valid.secret, record)
+    )
+
+
+@FUZZ
+@given(data=st.data())
+def test_client_decrypt_mutated_response(valid: Valid, data: st.DataObject) -> None:
+    """The whole response body, as `Client.decrypt` hands it to the codec."""
+    body = data.draw(mutated(valid.response))
+    only_bad_input(lambda: valid.codec.decrypt(valid.secret, body))
+
+
+# -- the plan's request checks (what the HTTP process runs before a worker sees a body) -------
+
+
+@FUZZ
+@given(data=st.data())
+def test_plan_check_mutated(valid: Valid, data: st.DataObject) -> None:
+    body = data.draw(mutated(valid.request))
+    request = only_bad_input(lambda: valid.plan.check(body))
+    if request is not None:  # accepted: every record has the exact size and parameter tag
+        records = decode_request(body, max_records=8, max_record_bytes=1 << 20)
+        assert isinstance(records, list) and request.samples == len(records)
+        assert all(len(r) == valid.context.request_bytes for r in records)
 
 
 def test_specimens_are_valid(valid: Valid) -> None:
@@ -273,5 +300,9 @@ def test_specimens_are_valid(valid: Valid) -> None:
     assert decode_keys(valid.keys)[1]["public"] == valid.public_key
     key = valid.context.load_evaluation_key(valid.public_key)
     assert valid.context.load_request(valid.record) is not None
-    scores = valid.codec.decrypt(valid.secret, valid.plan.evaluate(valid.record, key))
+    result = valid.plan.layouts[b"HEQ1"].evaluate_record(valid.record, key)
+    scores = valid.codec.layouts["coeff-rowpack"].decrypt_record(valid.secret, result)
     assert scores.shape == (3,)
+    assert valid.plan.check(valid.request).samples == 2
+    body = valid.plan.evaluate(valid.request, valid.plan.load_keys(valid.keys))
+    assert valid.codec.decrypt(valid.secret, body).shape == (2, 3)

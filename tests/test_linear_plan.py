@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import io
+import json
+import struct
+import zipfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 from sklearn.linear_model import (
@@ -16,24 +22,28 @@ from sklearn.tree import DecisionTreeClassifier
 
 import heinfer
 from heinfer.errors import (
+    BadInputError,
     ModelFormatError,
     NotFittedError,
+    ParameterMismatchError,
+    PayloadTooLargeError,
     ShapeError,
     UnsupportedModelError,
 )
 from heinfer.he.backend import SecretKey
-from heinfer.plans.linear import LinearCodec
+from heinfer.plans.linear import LAYOUT_KIND, LinearCodec, RowpackClient, RowpackServer
 
 
 def _roundtrip(model: heinfer.EncryptedModel, X: np.ndarray) -> np.ndarray:
+    """Through the Plan/Codec interface: key upload, one coeff-rowpack body, its response."""
     codec = LinearCodec(model.manifest)
-    secret = SecretKey.generate(codec.context)
-    key = model.plan.load_key(secret.public_key_bytes())
-    out = [
-        codec.decrypt(secret, model.plan.evaluate(record, key))
-        for record in codec.encrypt(secret, X)
-    ]
-    return np.stack(out)
+    secret = codec.keygen()
+    keys = model.plan.load_keys(codec.key_upload(secret))
+    body = codec.encrypt(secret, X, LAYOUT_KIND)
+    assert model.plan.check(body).samples == len(X)
+    scores = codec.decrypt(secret, model.plan.evaluate(body, keys))
+    assert scores.shape == (len(X), model.manifest.n_outputs)
+    return scores
 
 
 def test_mnist_logreg_matches_plaintext(
@@ -97,15 +107,73 @@ def test_predict_plain_checks_shape(mnist_model: heinfer.EncryptedModel) -> None
 
 def test_save_load_roundtrip(mnist_model: heinfer.EncryptedModel, tmp_path) -> None:  # type: ignore[no-untyped-def]
     path = mnist_model.save(tmp_path / "m.heinfer")
+    with zipfile.ZipFile(path) as archive:
+        header = json.loads(archive.read("heinfer.json"))
+    assert header == {"format": "heinfer.model", "format_version": 2, "family": "coeff-rowpack"}
     loaded = heinfer.load_model(path)
     assert loaded.manifest == mnist_model.manifest
     X = np.random.default_rng(0).random((3, 784))
     np.testing.assert_array_equal(loaded.predict_plain(X), mnist_model.predict_plain(X))
 
 
+def _rewrite_header(source: Path, target: Path, header: dict[str, object]) -> Path:
+    """A copy of a saved model whose heinfer.json is `header` (same manifest and arrays)."""
+    with zipfile.ZipFile(source) as archive:
+        manifest_json = archive.read("manifest.json")
+        arrays_npz = archive.read("arrays.npz")
+    with zipfile.ZipFile(target, "w") as archive:
+        archive.writestr("heinfer.json", json.dumps(header))
+        archive.writestr("manifest.json", manifest_json)
+        archive.writestr("arrays.npz", arrays_npz)
+    return target
+
+
+def test_format_version_1_linear_models_still_load(
+    mnist_model: heinfer.EncryptedModel, mnist: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    """A model saved before format 2: header named the plan ("linear"), no family; the
+    manifest and the plan arrays (coef, intercept, w_int, b_int) were already what they are."""
+    saved = mnist_model.save(tmp_path / "v2.heinfer")
+    v1 = _rewrite_header(
+        saved, tmp_path / "v1.heinfer",
+        {"format": "heinfer.model", "format_version": 1, "plan": "linear"},
+    )
+    with np.load(io.BytesIO(zipfile.ZipFile(v1).read("arrays.npz"))) as data:
+        assert sorted(data.files) == ["b_int", "coef", "intercept", "w_int"]
+    loaded = heinfer.load_model(v1)
+    assert loaded.manifest == mnist_model.manifest and loaded.kind == "coeff-rowpack"
+    for name in ("coef", "intercept", "w_int", "b_int"):
+        np.testing.assert_array_equal(loaded.plan.to_arrays()[name], mnist_model.plan.arrays[name])
+    X = mnist["X_test"][:6]
+    np.testing.assert_array_equal(loaded.predict_plain(X), mnist_model.predict_plain(X))
+    decrypted = _roundtrip(loaded, X)
+    assert (decrypted.argmax(1) == mnist_model.predict_plain(X).argmax(1)).all()
+    assert np.abs(decrypted - mnist_model.predict_plain(X)).max() <= 1e-3
+    # and the loaded plan serves a client of the original model (same parameters, same keys)
+    assert loaded.plan.key_fingerprint == mnist_model.plan.key_fingerprint
+
+
+def test_unknown_format_versions_are_refused(
+    mnist_model: heinfer.EncryptedModel, tmp_path: Path
+) -> None:
+    saved = mnist_model.save(tmp_path / "v2.heinfer")
+    for version in (99, 0, "2", None):
+        future = _rewrite_header(
+            saved, tmp_path / "future.heinfer",
+            {"format": "heinfer.model", "format_version": version, "family": "coeff-rowpack"},
+        )
+        with pytest.raises(ModelFormatError, match=f"format version {version}.*upgrade heinfer"):
+            heinfer.load_model(future)
+    # the same archive with a readable version loads: the version alone was refused
+    current = _rewrite_header(
+        saved, tmp_path / "current.heinfer",
+        {"format": "heinfer.model", "format_version": 2, "family": "coeff-rowpack"},
+    )
+    assert heinfer.load_model(current).manifest == mnist_model.manifest
+
+
 def test_load_rejects_foreign_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import pickle
-    import zipfile
 
     bad = tmp_path / "pickle.heinfer"
     bad.write_bytes(pickle.dumps({"a": 1}))
@@ -118,6 +186,44 @@ def test_load_rejects_foreign_files(tmp_path) -> None:  # type: ignore[no-untype
         heinfer.load_model(future)
 
 
+def test_plan_check_answers_what_the_service_answers(
+    mnist_model: heinfer.EncryptedModel,
+    mnist: dict[str, np.ndarray],
+    mnist_estimator: LogisticRegression,
+) -> None:
+    """`Plan.check` decides the service's 400/413/422 for per-sample bodies (as
+    tests/e2e/test_service.py sees them over HTTP): a short body is malformed, not too large."""
+    plan, codec = mnist_model.plan, LinearCodec(mnist_model.manifest)
+    secret = codec.keygen()
+    assert plan.check(codec.encrypt(secret, mnist["X_test"][:2], LAYOUT_KIND)).samples == 2
+    body = codec.encrypt(secret, mnist["X_test"][:1], LAYOUT_KIND)  # as the e2e test sends
+    assert plan.check(body).samples == 1 and plan.check(body).layout == LAYOUT_KIND
+    malformed = {
+        "garbage": b"garbage",
+        "truncated": body[:-1000],
+        "header-only": body[:20],
+        "trailing": body + b"x",
+        "no records": body[:4] + bytes(4),
+    }
+    answers = {}
+    for name, bad in malformed.items():
+        try:
+            plan.check(bad)
+            answers[name] = "accepted"
+        except BadInputError as exc:
+            answers[name] = f"{type(exc).__name__} {exc.status}"
+    assert answers == dict.fromkeys(malformed, "MalformedPayloadError 400")
+    too_many = body[:4] + struct.pack("<I", mnist_model.manifest.max_batch + 1) + body[8:]
+    with pytest.raises(PayloadTooLargeError):
+        plan.check(too_many)
+    other = LinearCodec(heinfer.compile(
+        mnist_estimator, name="other", input_range=(0.0, 1.0), weight_bits=14
+    ).manifest)
+    assert other.key_fingerprint != codec.key_fingerprint
+    with pytest.raises(ParameterMismatchError):
+        plan.check(other.encrypt(other.keygen(), mnist["X_test"][:1], LAYOUT_KIND))
+
+
 def test_work_made_ahead_is_used_once_and_changes_no_result(
     mnist_model: heinfer.EncryptedModel, mnist: dict[str, np.ndarray]
 ) -> None:
@@ -126,7 +232,7 @@ def test_work_made_ahead_is_used_once_and_changes_no_result(
     plan = mnist_model.plan
     codec = LinearCodec(mnist_model.manifest)
     secret = SecretKey.generate(codec.context)
-    key = plan.load_key(secret.public_key_bytes())
+    key = plan.context.load_evaluation_key(secret.public_key_bytes())
     assert key.prepare_spare(2) and key.prepare_spare(2) and not key.prepare_spare(2)
     while plan.context.prepare_spare_mask(3):
         pass
@@ -142,7 +248,11 @@ def test_work_made_ahead_is_used_once_and_changes_no_result(
     key.prepare_spare(2)
     plan.context.prepare_spare_mask(2)
     X = mnist["X_test"][:4]
-    scores = np.stack(
-        [codec.decrypt(secret, plan.evaluate(r, key)) for r in codec.encrypt(secret, X)]
-    )
+    rowpack = plan.layouts[b"HEQ1"]
+    client = codec.layouts[LAYOUT_KIND]
+    assert isinstance(rowpack, RowpackServer) and isinstance(client, RowpackClient)
+    scores = np.stack([
+        client.decrypt_record(secret, rowpack.evaluate_record(r, key))
+        for r in client.encrypt_records(secret, X)
+    ])
     assert np.abs(scores - mnist_model.predict_plain(X)).max() <= 1e-3

@@ -14,7 +14,8 @@ from scipy.stats import chisquare
 
 import heinfer
 from heinfer.he.backend import NegacyclicProduct, SecretKey
-from heinfer.plans.linear import SEAL_NOISE_SIGMA, LinearCodec
+from heinfer.plans.linear import LinearCodec
+from heinfer.plans.linear.compile import SEAL_NOISE_SIGMA
 from service_helpers import protections
 
 
@@ -22,8 +23,8 @@ from service_helpers import protections
 def setup(mnist_model: heinfer.EncryptedModel, mnist: dict[str, np.ndarray]) -> dict[str, Any]:
     codec = LinearCodec(mnist_model.manifest)
     secret = SecretKey.generate(codec.context)
-    key = mnist_model.plan.load_key(secret.public_key_bytes())
-    record = codec.encrypt(secret, mnist["X_test"][:1])[0]
+    key = mnist_model.plan.context.load_evaluation_key(secret.public_key_bytes())
+    record = codec.layouts["coeff-rowpack"].encrypt_records(secret, mnist["X_test"][:1])[0]
     return {"plan": mnist_model.plan, "secret": secret, "key": key, "record": record}
 
 
@@ -31,7 +32,7 @@ def _non_output_pvalue(setup: dict[str, Any]) -> float:
     plan, secret = setup["plan"], setup["secret"]
     t = plan.params.plain_modulus
     values = []
-    for index, ciphertext in enumerate(plan.evaluate_full(setup["record"], setup["key"])):
+    for index, ciphertext in enumerate(plan.evaluate_record_full(setup["record"], setup["key"])):
         plain = secret.decrypt_full(ciphertext) % t
         outputs = set(plan.manifest.layout["results"][index]["coefficients"])
         values.extend(v for i, v in enumerate(plain) if i not in outputs)
@@ -50,7 +51,7 @@ def _weights_recovered_fraction(setup: dict[str, Any]) -> float:
     plan, context = setup["plan"], setup["plan"].context
     request = context.load_request(setup["record"]).ciphertext
     c1_x = context.ciphertext_arrays(context.to_ntt(request))[1]
-    result = plan.evaluate_full(setup["record"], setup["key"])[0]
+    result = plan.evaluate_record_full(setup["record"], setup["key"])[0]
     c1_r = context.ciphertext_arrays(context.to_ntt(result))[1]
     weights = context.plaintext_arrays(plan._weights[0])
     matches, total = 0, 0
@@ -84,7 +85,8 @@ def test_request_error_has_the_variance_the_noise_budget_assumes(
     product = NegacyclicProduct(secret.ternary())
     X = mnist["X_test"][:40]
     errors = []
-    for x_int, record in zip(codec.quantize(X), codec.encrypt(secret, X), strict=True):
+    records = codec.layouts["coeff-rowpack"].encrypt_records(secret, X)
+    for x_int, record in zip(codec.quantize(X), records, strict=True):
         c0, c1 = context.ciphertext_arrays(context.load_request(record).ciphertext)[:, 0]
         message = np.zeros(context.n, dtype=np.int64)
         message[: x_int.size] = x_int
@@ -108,7 +110,8 @@ def _output_deviation(
     exact = plan.arrays["w_int"] @ x_int + plan.arrays["b_int"]
     deviations = []
     for _ in range(4):
-        for index, ciphertext in enumerate(plan.evaluate_full(setup["record"], setup["key"])):
+        results = plan.evaluate_record_full(setup["record"], setup["key"])
+        for index, ciphertext in enumerate(results):
             result = mnist_model.manifest.layout["results"][index]
             plain = secret.decrypt_full(ciphertext)
             deviations.extend(plain[result["coefficients"]] - exact[result["outputs"]])
@@ -131,7 +134,7 @@ def test_response_decrypts_to_scores_only(
     setup: dict[str, Any], mnist_model: heinfer.EncryptedModel, mnist: dict[str, np.ndarray]
 ) -> None:
     codec = LinearCodec(mnist_model.manifest)
-    record = setup["plan"].evaluate(setup["record"], setup["key"])
+    record = setup["plan"].layouts[b"HEQ1"].evaluate_record(setup["record"], setup["key"])
     n = mnist_model.manifest.scheme["poly_modulus_degree"]
     bits = mnist_model.manifest.layout["result_prime_bits"]
     outputs = sum(len(r["coefficients"]) for r in mnist_model.manifest.layout["results"])
@@ -140,6 +143,6 @@ def test_response_decrypts_to_scores_only(
         (len(r["coefficients"]) * bits + 7) // 8 for r in mnist_model.manifest.layout["results"]
     )
     assert outputs == 10
-    scores = codec.decrypt(setup["secret"], record)
+    scores = codec.layouts["coeff-rowpack"].decrypt_record(setup["secret"], record)
     reference = mnist_model.predict_plain(mnist["X_test"][:1])[0]
     assert np.abs(scores - reference).max() < 1e-3

@@ -29,10 +29,10 @@ import pytest
 
 import heinfer
 from heinfer.errors import HeinferError
-from heinfer.he.backend import SecretKey
-from heinfer.plans.linear import LinearCodec
+from heinfer.plans.base import codec_for
+from heinfer.plans.linear import LAYOUT_KIND
 from heinfer.plans.manifest import Manifest
-from heinfer.plans.wire import decode_keys, encode_keys, encode_request
+from heinfer.plans.wire import decode_keys
 
 pytestmark = pytest.mark.e2e
 
@@ -290,10 +290,9 @@ def _store_env(kind: str, port: int) -> tuple[str, dict[str, str]]:
 def _valid_payloads(url: str, X: np.ndarray) -> tuple[bytes, bytes]:
     """A key upload and a request body for the served model, made from its manifest alone."""
     manifest = Manifest.from_dict(httpx.get(f"{url}/v2/models/mnist").json())
-    codec = LinearCodec(manifest)
-    secret = SecretKey.generate(codec.context)
-    keys = encode_keys(codec.params.fingerprint, {"public": secret.public_key_bytes()})
-    return keys, encode_request(codec.encrypt(secret, X))
+    codec = codec_for(manifest)
+    secret = codec.keygen()
+    return codec.key_upload(secret), codec.encrypt(secret, X, LAYOUT_KIND)
 
 
 def _assert_unavailable(response: httpx.Response, started: float) -> None:

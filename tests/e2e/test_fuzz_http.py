@@ -30,9 +30,6 @@ from hypothesis import strategies as st
 from test_faults import Service
 
 import heinfer
-from heinfer.he.backend import SecretKey
-from heinfer.plans.linear import LinearCodec
-from heinfer.plans.wire import encode_keys
 from test_fuzz_wire import mutated
 
 pytestmark = pytest.mark.e2e
@@ -78,9 +75,7 @@ def target(
         alice = heinfer.Client(service.url, model="mnist", token=tokens["alice"])
         alice.upload_keys()
         X = mnist["X_test"][:2]
-        codec = LinearCodec(alice.manifest)
-        other = SecretKey.generate(codec.context)
-        upload = encode_keys(codec.params.fingerprint, {"public": other.public_key_bytes()})
+        upload = alice.codec.key_upload(alice.codec.keygen())  # another key pair's upload
         yield Target(
             service.url, service, alice, tokens, alice.key_id or "", alice.encrypt(X), upload,
             X, mnist_model.predict_plain(X),

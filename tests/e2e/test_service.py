@@ -132,16 +132,14 @@ def test_ciphertext_for_other_parameters_is_refused(
 ) -> None:
     other = heinfer.compile(mnist_estimator, name="other", input_range=(0.0, 1.0), weight_bits=14)
     assert other.manifest.scheme != client.manifest.scheme
-    from heinfer.he.backend import SecretKey
-    from heinfer.plans.linear import LinearCodec
-    from heinfer.plans.wire import encode_keys, encode_request
+    from heinfer.plans.linear import LAYOUT_KIND, LinearCodec
 
     codec = LinearCodec(other.manifest)
-    secret = SecretKey.generate(codec.context)
-    body = encode_request(codec.encrypt(secret, mnist["X_test"][:1]))
+    secret = codec.keygen()
+    body = codec.encrypt(secret, mnist["X_test"][:1], LAYOUT_KIND)
     response = _post_infer(service, client, body)
     assert response.status_code == 422 and response.json()["error"] == "parameter_mismatch"
-    keys = encode_keys(codec.params.fingerprint, {"public": secret.public_key_bytes()})
+    keys = codec.key_upload(secret)
     response = httpx.post(f"{service.url}/v2/keys", params={"model": "mnist"}, content=keys)
     assert response.status_code == 422
     response = httpx.post(f"{service.url}/v2/keys", params={"model": "mnist"}, content=b"HEK1junk")
