@@ -64,7 +64,7 @@ class RowpackServer(ServerLayout):
         records = decode_request(
             bytes(body),
             max_records=plan.manifest.max_batch,
-            max_record_bytes=len(body),  # each record's exact size is checked below
+            max_record_bytes=plan.context.request_bytes,
         )
         assert isinstance(records, list)  # the magic is HEQ1: the plan dispatched on it
         expected = plan.context.request_bytes
