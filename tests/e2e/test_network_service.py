@@ -101,10 +101,11 @@ def _small_cnn(X: np.ndarray, y: np.ndarray) -> NetworkSpec:
         {"type": "avgpool", "kernel": 2, "stride": 2},
         {"type": "flatten"},
     ]
-    feats = NetworkSpec(front).predict_plain(X)
+    feats = NetworkSpec(front, (1, 28, 28)).predict_plain(X)
     F = np.hstack([feats, np.ones((len(feats), 1))])
     coef = np.linalg.solve(F.T @ F + np.eye(F.shape[1]), F.T @ (np.eye(10)[y] * 4.0 - 2.0))
-    return NetworkSpec([*front, {"type": "linear", "weight": coef[:-1].T, "bias": coef[-1]}])
+    readout = {"type": "linear", "weight": coef[:-1].T, "bias": coef[-1]}
+    return NetworkSpec([*front, readout], (1, 28, 28))
 
 
 @pytest.fixture(scope="module")

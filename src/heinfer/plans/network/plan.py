@@ -302,7 +302,9 @@ class NetworkPlan(Plan):
 
 
 def convert_v1_network(
-    header: Mapping[str, Any], manifest_json: str | bytes, arrays: Mapping[str, np.ndarray]
+    header: Mapping[str, Any],
+    manifest_json: str | bytes | dict[str, Any],
+    arrays: Mapping[str, np.ndarray],
 ) -> tuple[Manifest, dict[str, np.ndarray]]:
     """A network model file of the previous release (`heinfer.json` {"plan": "network",
     "layers": ..., "estimator": ...}, `manifest.json` the network dict, arrays prefixed `plan_`
@@ -311,7 +313,7 @@ def convert_v1_network(
     That release fixed the input of convolutional networks at 1x28x28 (MNIST); the shape is
     written into the converted spec here, once."""
     try:
-        network = json.loads(manifest_json)
+        network = manifest_json if isinstance(manifest_json, dict) else json.loads(manifest_json)
         layers = list(header["layers"])
         plan_arrays = {k[5:]: np.asarray(v) for k, v in arrays.items() if k.startswith("plan_")}
         first = layers[0]["type"] if layers else None
