@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import heinfer
-from heinfer.plans.network import NetworkCodec
+from heinfer.plans.network import NetworkCodec, NetworkPlan
 
 torch = pytest.importorskip("torch")
 
@@ -49,7 +49,8 @@ def test_save_load_and_encrypted_agreement(
 def test_torch_and_numpy_agree(
     cnn_model: heinfer.EncryptedModel, mnist: dict[str, np.ndarray]
 ) -> None:
-    assert cnn_model.spec is not None
+    assert isinstance(cnn_model.plan, NetworkPlan)
+    assert cnn_model.plan.spec.input_shape == (1, 28, 28)
     X = mnist["X_test"][:8]
     assert cnn_model.predict_plain(X).shape == (8, 10)
 

@@ -115,7 +115,7 @@ def batch_service(
     root = tmp_path_factory.mktemp("cnn-batch")
     spec = _small_cnn(mnist["X_train"][:2000], mnist["y_train"][:2000])
     plan = compile_network(spec, "cnn-batch", calibration=mnist["X_train"][:500])
-    model = heinfer.EncryptedModel(plan, spec=spec)
+    model = heinfer.EncryptedModel(plan)
     path = model.save(root / "cnn-batch.heinfer")
     service = RunningService(
         [str(path), "--workers", "1", "--key-store", str(root / "keys"), "--log-level", "warning"]

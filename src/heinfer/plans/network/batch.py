@@ -20,6 +20,7 @@ from heinfer.plans.network.frames import (
     BATCH_REQUEST_MAGIC,
     BATCH_RESPONSE_MAGIC,
     check_ciphertext_tags,
+    ciphertext_bytes_estimate,
     decode_batch_frames,
     encode_batch_frames,
     max_ciphertext_bytes,
@@ -55,10 +56,7 @@ class BatchServer(ServerLayout):
         self._max_bytes = max_ciphertext_bytes(plan.network["params"])
         self._slots = int(plan.network["params"]["poly_modulus_degree"]) // 2
         self._tag = plan.ctx_fingerprint
-
-    @property
-    def key_parts(self) -> frozenset[str]:
-        return _key_parts(self.batch)
+        self.key_parts = _key_parts(self.batch)
 
     def _records(self, body: bytes | memoryview) -> tuple[int, list[memoryview]]:
         images, blobs = decode_batch_frames(
@@ -120,12 +118,21 @@ class BatchClient(ClientLayout):
 
     @property
     def request_bytes_hint(self) -> int:
-        """One seeded ciphertext per feature: one polynomial of N residues per data prime,
-        which SEAL's zstd stores in about their bit length; 10% margin."""
+        """One seeded ciphertext (one polynomial at the top level) per feature."""
         params = self.codec.network["params"]
-        bits = sum(int(b) for b in params["coeff_modulus_bits"][:-1])
-        per_ciphertext = int(params["poly_modulus_degree"]) * bits // 8 * 11 // 10 + 256
+        top = len(params["coeff_modulus"]) - 1
+        per_ciphertext = ciphertext_bytes_estimate(params, top, 1)
         return 12 + int(self.batch["ciphertexts"]) * (4 + per_ciphertext)
+
+    def wire_bytes(self, samples: int) -> int:
+        """About the same for 1 or `capacity` samples: one ciphertext per feature and per
+        output."""
+        params = self.codec.network["params"]
+        primes = int(self.batch["output"]["level_primes"])
+        response = ciphertext_bytes_estimate(params, primes, 2)
+        return (
+            self.request_bytes_hint + 12 + int(self.batch["output"]["ciphertexts"]) * (4 + response)
+        )
 
     @property
     def key_parts(self) -> frozenset[str]:

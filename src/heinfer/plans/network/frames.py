@@ -24,6 +24,7 @@ __all__ = [
     "REQUEST_MAGIC",
     "RESPONSE_MAGIC",
     "check_ciphertext_tags",
+    "ciphertext_bytes_estimate",
     "decode_batch_frames",
     "decode_frames",
     "encode_batch_frames",
@@ -116,6 +117,13 @@ def check_ciphertext_tags(blobs: list[memoryview], fingerprint: bytes) -> None:
 def max_ciphertext_bytes(params: dict[str, Any]) -> int:
     """Largest envelope a two-polynomial ciphertext of these parameters serializes to."""
     return 64 + 16 * int(params["poly_modulus_degree"]) * len(params["coeff_modulus"])
+
+
+def ciphertext_bytes_estimate(params: dict[str, Any], primes: int, polys: int) -> int:
+    """About what one ciphertext envelope of `polys` polynomials at `primes` primes weighs on
+    the wire: SEAL's zstd stores uniform residues in about their bit length; 10% margin."""
+    bits = sum(int(b) for b in params["coeff_modulus_bits"][:primes])
+    return polys * int(params["poly_modulus_degree"]) * bits // 8 * 11 // 10 + 256
 
 
 def _view(body: Body) -> memoryview:

@@ -20,6 +20,7 @@ from heinfer.plans.network.frames import (
     REQUEST_MAGIC,
     RESPONSE_MAGIC,
     check_ciphertext_tags,
+    ciphertext_bytes_estimate,
     decode_frames,
     encode_frames,
     max_ciphertext_bytes,
@@ -49,10 +50,7 @@ class SingleServer(ServerLayout):
         self.plan = plan
         self._max_bytes = max_ciphertext_bytes(plan.network["params"])
         self._tag = plan.ctx_fingerprint
-
-    @property
-    def key_parts(self) -> frozenset[str]:
-        return _key_parts(self.plan.network)
+        self.key_parts = _key_parts(plan.network)
 
     def _records(self, body: bytes | memoryview) -> list[memoryview]:
         blobs = decode_frames(REQUEST_MAGIC, body, MAX_IMAGES_PER_REQUEST, self._max_bytes)
@@ -128,6 +126,16 @@ class SingleClient(ClientLayout):
     @property
     def key_parts(self) -> frozenset[str]:
         return _key_parts(self.codec.network)
+
+    def wire_bytes(self, samples: int) -> int:
+        """Seeded request ciphertexts (one polynomial at the top level), full response
+        ciphertexts (two polynomials at the output level)."""
+        params = self.codec.network["params"]
+        top = len(params["coeff_modulus"]) - 1
+        primes = int(self.codec.network["output"]["level_primes"])
+        request = ciphertext_bytes_estimate(params, top, 1)
+        response = ciphertext_bytes_estimate(params, primes, 2)
+        return 16 + samples * (8 + request + response)
 
     def slots(self, x: np.ndarray) -> np.ndarray:
         """The slot vector of one input: its features repeated `copies` times."""
