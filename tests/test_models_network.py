@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import heinfer
-from heinfer.plans.network import NetworkCodec
+from heinfer.plans.network import NetworkCodec, NetworkPlan
 
 torch = pytest.importorskip("torch")
 
@@ -37,9 +37,10 @@ def test_save_load_and_encrypted_agreement(
     loaded = heinfer.load_model(cnn_model.save(tmp_path / "cnn.heinfer"))
     X = mnist["X_test"][:4]
     np.testing.assert_array_equal(loaded.predict_plain(X), cnn_model.predict_plain(X))
-    codec = NetworkCodec(loaded.manifest.layout["plan_manifest"])
-    codec.keygen()
-    scores = codec.decrypt(loaded.plan.evaluate(codec.encrypt(X), codec.public_keys()))
+    codec = NetworkCodec(loaded.manifest)
+    secret = codec.keygen()
+    keys = loaded.plan.load_keys(codec.key_upload(secret))
+    scores = codec.decrypt(secret, loaded.plan.evaluate(codec.encrypt(secret, X), keys))
     reference = loaded.predict_plain(X)
     assert (scores.argmax(1) == reference.argmax(1)).all()
     assert np.abs(scores - reference).max() <= loaded.manifest.precision.max_abs_error
@@ -48,7 +49,8 @@ def test_save_load_and_encrypted_agreement(
 def test_torch_and_numpy_agree(
     cnn_model: heinfer.EncryptedModel, mnist: dict[str, np.ndarray]
 ) -> None:
-    assert cnn_model.spec is not None
+    assert isinstance(cnn_model.plan, NetworkPlan)
+    assert cnn_model.plan.spec.input_shape == (1, 28, 28)
     X = mnist["X_test"][:8]
     assert cnn_model.predict_plain(X).shape == (8, 10)
 

@@ -101,10 +101,11 @@ def _small_cnn(X: np.ndarray, y: np.ndarray) -> NetworkSpec:
         {"type": "avgpool", "kernel": 2, "stride": 2},
         {"type": "flatten"},
     ]
-    feats = NetworkSpec(front).predict_plain(X)
+    feats = NetworkSpec(front, (1, 28, 28)).predict_plain(X)
     F = np.hstack([feats, np.ones((len(feats), 1))])
     coef = np.linalg.solve(F.T @ F + np.eye(F.shape[1]), F.T @ (np.eye(10)[y] * 4.0 - 2.0))
-    return NetworkSpec([*front, {"type": "linear", "weight": coef[:-1].T, "bias": coef[-1]}])
+    readout = {"type": "linear", "weight": coef[:-1].T, "bias": coef[-1]}
+    return NetworkSpec([*front, readout], (1, 28, 28))
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +115,7 @@ def batch_service(
     root = tmp_path_factory.mktemp("cnn-batch")
     spec = _small_cnn(mnist["X_train"][:2000], mnist["y_train"][:2000])
     plan = compile_network(spec, "cnn-batch", calibration=mnist["X_train"][:500])
-    model = heinfer.EncryptedModel(plan, spec=spec)
+    model = heinfer.EncryptedModel(plan)
     path = model.save(root / "cnn-batch.heinfer")
     service = RunningService(
         [str(path), "--workers", "1", "--key-store", str(root / "keys"), "--log-level", "warning"]

@@ -538,6 +538,21 @@ class ServerKeys:
                 raise MalformedPayloadError("keys lack the Galois keys")
             self.galois = ctx.load_galois_keys(keys["galois"], steps)
 
+    @property
+    def nbytes(self) -> int:
+        """Memory the parsed keys hold (what a byte-bounded key cache counts): every key is
+        RLWE polynomials of N 64-bit coefficients per key-level prime; the uploads are smaller
+        because they travel seeded and compressed."""
+        keys = [self.public]
+        for switching in (self.relin, self.galois):
+            if switching is not None:
+                keys += [key for row in switching.data() for key in row]
+        return sum(_ciphertext_bytes(key.data()) for key in keys)
+
+
+def _ciphertext_bytes(ct: Any) -> int:
+    return int(ct.size()) * int(ct.poly_modulus_degree()) * int(ct.coeff_modulus_size()) * 8
+
 
 def os_random_uniform(count: int) -> np.ndarray:
     """Uniform floats in [0, 1) from the OS CSPRNG (53 random bits each)."""

@@ -330,6 +330,9 @@ class Codec(abc.ABC):
             ) from None
 
     def encrypt(self, secret: Any, X: np.ndarray, layout: str | None = None) -> bytes:
+        X = np.asarray(X)
+        if X.ndim == 1:  # one sample: len(X) would count its features as samples
+            X = X[None, :]
         chosen = self.layout(layout or self.layout_for(len(X)))
         if not 1 <= len(X) <= chosen.capacity:
             raise BadInputError(

@@ -20,3 +20,18 @@ __all__: list[str] = []
 register_family(LINEAR, LinearPlan, LinearCodec)
 register_layout(LINEAR, RowpackServer, RowpackClient)
 register_layout(LINEAR, BatchServer, BatchClient, offered=offers_batch)
+
+# -- networks (CKKS): heinfer.plans.network --------------------------------------------------------
+def _networks() -> None:
+    from heinfer.plans.network.batch import BatchClient, BatchServer
+    from heinfer.plans.network.codec import NetworkCodec
+    from heinfer.plans.network.manifest import FAMILY, has_batch
+    from heinfer.plans.network.plan import NetworkPlan
+    from heinfer.plans.network.single import SingleClient, SingleServer
+
+    register_family(FAMILY, NetworkPlan, NetworkCodec)
+    register_layout(FAMILY, SingleServer, SingleClient)
+    register_layout(FAMILY, BatchServer, BatchClient, offered=has_batch)
+
+
+_networks()

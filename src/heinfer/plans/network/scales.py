@@ -1,0 +1,129 @@
+"""The numbers every part of a compiled network agrees on: the modulus chain, the scale of
+each stage, the noise of each CKKS operation, the flooding width, and the rotations.
+
+Scales / levels (one activation; the chain is [q0 39, q1 39, qc 20, qa 56 | P 60] bits, 214 of
+the 218 bits that the HE standard allows at N=8192 for 128-bit security, see he/ckks.py):
+input at 2^28, first-layer weights at 2^19, product 2^47, square 2^94, rescale by qa -> 2^38;
+last-layer weights at 2^50 so that product/qc = 2^68 after the last rescale. The response sits at
+the lowest level that can hold 2^68 * scores plus flooding noise: the two 39-bit primes. Both
+layouts use these scales, so their scores end at the same level and scale.
+
+Flooding (see docs/architecture.md for the argument): the ring noise left by the last rescale
+has, by Hoeffding, every coefficient below sqrt(N*61*ln2/2) except with probability N*2^-60, so
+its l2 norm is at most B = sqrt(N)*(sqrt(N*61*ln2/2) + 1/2); Gaussian flooding with
+sigma = 2^40 * B / sqrt(2*pi) puts the flooded noise within statistical distance 2^-40 of a
+noise-free one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "ACT_PRIME_BITS",
+    "CLEAN_PRIME_BITS",
+    "FINAL_PRIME_BITS",
+    "LOG_FINAL_SCALE",
+    "LOG_INPUT_SCALE",
+    "MASK_RANGE",
+    "OUTPUT_PRIMES",
+    "SPECIAL_PRIME_BITS",
+    "STAT_SECURITY_BITS",
+    "flood_sigma",
+    "fold_steps",
+    "galois_steps",
+    "noise_model",
+    "scale_plan",
+]
+
+LOG_INPUT_SCALE = 28
+LOG_FIRST_PRODUCT = 47
+LOG_MID_WEIGHT = 19
+LOG_FINAL_SCALE = 68
+FINAL_PRIME_BITS = [39, 39]
+OUTPUT_PRIMES = len(FINAL_PRIME_BITS)
+CLEAN_PRIME_BITS = 20
+ACT_PRIME_BITS = [56, 60]
+SPECIAL_PRIME_BITS = 60
+MASK_RANGE = 256.0
+FOLD_RADIX = 4
+STAT_SECURITY_BITS = 40
+
+
+def scale_plan(primes: list[int], n_act: int, log_df: float) -> dict[str, Any]:
+    """Exact scales per stage for both layouts (SEAL divides by the exact primes)."""
+    data = primes[:-1]
+    top = len(data)
+    d0 = 2.0**LOG_INPUT_SCALE
+    w0 = 2.0**LOG_FIRST_PRODUCT / d0
+    prod = d0 * w0
+    stage_in = []  # scale of each later block's input ciphertext
+    for k in range(n_act):
+        q = float(data[top - 1 - k])
+        scale_in = prod * prod / q
+        stage_in.append(scale_in)
+        if k + 1 < n_act:
+            prod = scale_in * 2.0**LOG_MID_WEIGHT
+    df = 2.0**log_df
+    q_clean = float(data[2])
+    wf = df * q_clean / stage_in[-1]
+    wscales = [2.0**LOG_MID_WEIGHT] * (n_act - 1) + [wf]
+    return {"d0": d0, "w0": w0, "stage_in": stage_in, "w": wscales, "df": df, "top": top}
+
+
+def noise_model(params: Any) -> dict[str, float]:
+    """Slot-domain noise standard deviations (before dividing by the scale) of each operation:
+    plaintext rounding, fresh encryption, key switching, rescaling (rs3: rescaling a product
+    that is not relinearized yet, whose rounding error also meets s^2)."""
+    n = params.poly_modulus_degree
+    q_max = max(params.data_primes)
+    P = params.primes[-1]
+    return {
+        "enc": math.sqrt(n / 24),
+        "fresh": 3.2 * math.sqrt(n / 2),
+        "ks": 2.0**11 * (1 + 16 * q_max / P),
+        "rs": math.sqrt(n / 2) * math.sqrt(n / 18),
+        "rs3": math.sqrt(n / 2) * math.sqrt(n / 18 + n * n / 27),
+    }
+
+
+def flood_sigma(n: int) -> tuple[float, float]:
+    """(noise l2 bound B, coefficient sigma) for 2^-40 statistical distance (module docstring)."""
+    bound = math.sqrt(n) * (math.sqrt(n * 61 * math.log(2) / 2) + 0.5)
+    sigma = 2.0**STAT_SECURITY_BITS * bound / math.sqrt(2 * math.pi)
+    return bound, sigma
+
+
+def fold_steps(rows: int, slots: int) -> list[tuple[int, int]]:
+    """(key step, rotations) chunks of a rotate-and-sum over slots/rows blocks, radix 4."""
+    steps, span = [], rows
+    while span < slots:
+        radix = min(FOLD_RADIX, slots // span)
+        steps.append((span, radix - 1))
+        span *= radix
+    return steps
+
+
+def galois_steps(arrays: dict[str, np.ndarray], n_act: int, S: int) -> list[int]:
+    """The rotation steps the single-image schedule takes (what the Galois keys must hold)."""
+    steps: set[int] = set()
+    T = arrays["first_shifts"]
+    B = int(arrays["first_meta"][0])
+    if T.size and int((T % B).max()) > 0:
+        steps.add(1)
+    if T.size and int((T // B).max()) > 0:
+        steps.add(B)
+    for k in range(n_act):
+        R, _m, Bh = (int(v) for v in arrays[f"h{k}_meta"])
+        used = arrays[f"h{k}_used"]
+        if used.size and int((used % Bh).max()) > 0:
+            steps.add(1)
+        if used.size and int((used // Bh).max()) > 0:
+            steps.add(Bh)
+        for step, count in fold_steps(R, S):
+            if count:
+                steps.add(step)
+    return sorted(s % S for s in steps if s % S)
