@@ -3,35 +3,23 @@ family (one key format, one `Plan`/`Codec` pair) or one of its request formats, 
 
 from __future__ import annotations
 
+from heinfer.plans import linear, network
 from heinfer.plans.base import register_family, register_layout
-from heinfer.plans.linear import (
-    BatchClient,
-    BatchServer,
-    LinearCodec,
-    LinearPlan,
-    RowpackClient,
-    RowpackServer,
-)
 from heinfer.plans.linear.batch import offers_batch
 from heinfer.plans.linear.plan import FAMILY as LINEAR
+from heinfer.plans.network import batch as network_batch
+from heinfer.plans.network import single as network_single
+from heinfer.plans.network.manifest import FAMILY as NETWORK
+from heinfer.plans.network.manifest import has_batch
 
 __all__: list[str] = []
 
-register_family(LINEAR, LinearPlan, LinearCodec)
-register_layout(LINEAR, RowpackServer, RowpackClient)
-register_layout(LINEAR, BatchServer, BatchClient, offered=offers_batch)
+# BFV linear models: heinfer.plans.linear
+register_family(LINEAR, linear.LinearPlan, linear.LinearCodec)
+register_layout(LINEAR, linear.RowpackServer, linear.RowpackClient)
+register_layout(LINEAR, linear.BatchServer, linear.BatchClient, offered=offers_batch)
 
-# -- networks (CKKS): heinfer.plans.network --------------------------------------------------------
-def _networks() -> None:
-    from heinfer.plans.network.batch import BatchClient, BatchServer
-    from heinfer.plans.network.codec import NetworkCodec
-    from heinfer.plans.network.manifest import FAMILY, has_batch
-    from heinfer.plans.network.plan import NetworkPlan
-    from heinfer.plans.network.single import SingleClient, SingleServer
-
-    register_family(FAMILY, NetworkPlan, NetworkCodec)
-    register_layout(FAMILY, SingleServer, SingleClient)
-    register_layout(FAMILY, BatchServer, BatchClient, offered=has_batch)
-
-
-_networks()
+# CKKS networks: heinfer.plans.network
+register_family(NETWORK, network.NetworkPlan, network.NetworkCodec)
+register_layout(NETWORK, network_single.SingleServer, network_single.SingleClient)
+register_layout(NETWORK, network_batch.BatchServer, network_batch.BatchClient, offered=has_batch)
