@@ -67,8 +67,40 @@ def _network_case(mnist: dict[str, np.ndarray]) -> Case:
     return Case(plan, codec_for(manifest), codec_for(foreign), mnist["X_test"][:3], tolerance)
 
 
-BUILDERS: dict[str, Callable[[dict[str, np.ndarray]], Case]] = {"network": _network_case}
-LAYOUTS = [("ckks-network", "network"), ("ckks-network-batch", "network")]
+# -- linear models (BFV) --------------------------------------------------------------------------
+def _linear_case(mnist: dict[str, np.ndarray]) -> Case:
+    """A logistic regression on the digits; its foreign twin has other (still 128-bit) moduli."""
+    from sklearn.linear_model import LogisticRegression
+
+    import heinfer
+
+    X_train, y_train = mnist["X_train"][:1000], mnist["y_train"][:1000]
+    clf = LogisticRegression(max_iter=200).fit(X_train, y_train)
+    plan = heinfer.compile(clf, name="contract-linear", input_range=(0.0, 1.0)).plan
+    foreign_plan = heinfer.compile(
+        clf, name="contract-linear", input_range=(0.0, 1.0), weight_bits=14
+    ).plan
+    assert foreign_plan.key_fingerprint != plan.key_fingerprint
+    manifest = plan.manifest
+    return Case(
+        plan,
+        codec_for(manifest),
+        codec_for(foreign_plan.manifest),
+        mnist["X_test"][:3],
+        lambda _: manifest.precision.max_abs_error,
+    )
+
+
+BUILDERS: dict[str, Callable[[dict[str, np.ndarray]], Case]] = {
+    "linear": _linear_case,
+    "network": _network_case,
+}
+LAYOUTS = [
+    ("coeff-rowpack", "linear"),
+    ("coeff-batch", "linear"),
+    ("ckks-network", "network"),
+    ("ckks-network-batch", "network"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +181,10 @@ def test_key_upload_missing_a_part(layout: tuple[str, Case]) -> None:
             plan.check_keys(upload)
         with pytest.raises(HeinferError):
             plan.load_keys(upload)
+
+
+def test_every_registered_layout_is_under_contract() -> None:
+    """A layout added to the registry must join LAYOUTS (and BUILDERS) above."""
+    from heinfer.plans.base import layout_kinds
+
+    assert sorted(layout_kinds()) == sorted(kind for kind, _ in LAYOUTS)
