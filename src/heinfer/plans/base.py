@@ -446,6 +446,7 @@ def register_layout(
 
 def layout_kinds() -> list[str]:
     """Every registered layout kind (what a manifest may name)."""
+    _ensure_registered()
     return [entry.kind for entries in _LAYOUTS_BY_FAMILY.values() for entry in entries]
 
 
