@@ -2,7 +2,8 @@
 
     python bench/load.py [--duration 20] [--clients 1 8 32] [--workers 1 2]
                          [--images-per-request 1] [--loadgen raw|httpx] [--batch] [--ray]
-                         [--pin] [--rounds 1] [--pairs K [--pair-seconds 6]]
+                         [--pin] [--rounds 1] [--pairs K [--pair-seconds 6]
+                         [--against CHECKOUT]]
 
 For each worker count it starts a real `heinfer serve` on loopback, gives every simulated
 client its own key (uploaded once), pre-encrypts a few request bodies per client (so the load
@@ -15,9 +16,11 @@ decrypts the last answer of every client and checks its argmax against the plain
 With `--rounds R` the worker configurations run R times in alternating order (1, 2, 2, 1, ...)
 and the scaling ratio is the median over rounds. `--pairs K` measures only that ratio, at the
 top client level, from K pairs of adjacent windows with both services up at once (less exposed
-to the VM's drift than restarting a service per configuration). Each round also measures the
-compute-only ceiling: evaluations/s of 1 and N independent processes with no service at all. Writes
-bench/results/load*.json and a plot. Everything is bounded in time and loopback-only.
+to the VM's drift than restarting a service per configuration); with `--against CHECKOUT` the
+pairs compare two versions of the code instead, at the same worker count. Each round also
+measures the compute-only ceiling: evaluations/s of 1 and N independent processes with no
+service at all. Writes bench/results/load*.json and a plot. Everything is bounded in time and
+loopback-only.
 
 The default load generator (`raw`) writes pre-encoded HTTP/1.1 requests on keep-alive
 connections, one asyncio protocol each on uvloop, and reads exactly Content-Length bytes
@@ -514,43 +517,69 @@ def run(
         service.stop()
 
 
+def _launcher(src: Path) -> tuple[str, ...]:
+    """What the interpreter runs in place of `-m heinfer` to serve the package in `src`
+    (its spawned workers inherit the path, so they run that code too)."""
+    code = f"import sys; sys.path.insert(0, {str(src)!r}); from heinfer.cli import main; main()"
+    return ("-c", code)
+
+
 def interleaved_scaling(
     model_path: Path,
     data: tuple[np.ndarray, np.ndarray],
     options: argparse.Namespace,
 ) -> dict[str, Any]:
-    """The scaling ratio from adjacent windows: both services run at once (the idle one costs
+    """A throughput ratio from adjacent windows: both services run at once (the idle one costs
     nothing), and the load alternates between them in short windows, in A B B A order.
+
+    A and B are two worker counts, or with `--against CHECKOUT` the same worker count served
+    by two versions of the code: the one in CHECKOUT (A) and this checkout's (B).
 
     Restarting a service per configuration puts half a minute between the two measurements of
     a ratio, over which this VM's speed drifts by 10-20%; adjacent windows a few seconds apart
     share most of that drift, and the ABBA order cancels a linear trend within a pair."""
-    base, best = options.workers[0], options.workers[-1]
     count = max(options.clients)
-    services: dict[int, Service] = {}
+    if options.against is not None:
+        workers = options.workers[-1]
+        here = Path(__file__).resolve().parents[1] / "src"
+        arms = {
+            "A": (workers, _launcher(Path(options.against).resolve() / "src")),
+            "B": (workers, _launcher(here)),
+        }
+        names = {
+            "A": f"{options.against} ({workers} workers)",
+            "B": f"this checkout ({workers} workers)",
+        }
+    else:
+        base, best = options.workers[0], options.workers[-1]
+        arms = {"A": (base, ("-m", "heinfer")), "B": (best, ("-m", "heinfer"))}
+        names = {"A": f"{base} workers", "B": f"{best} workers"}
+    services: dict[str, Service] = {}
     try:
-        for workers in (base, best):
-            services[workers] = Service(model_path, workers, _service_cpus(workers, options))
+        for arm, (workers, launcher) in arms.items():
+            services[arm] = Service(
+                model_path, workers, _service_cpus(workers, options), launcher=launcher
+            )
         X, reference = data
         clients = {
-            w: _prepare_clients(s.url, count, X, reference, False, options.images_per_request)
-            for w, s in services.items()
+            arm: _prepare_clients(s.url, count, X, reference, False, options.images_per_request)
+            for arm, s in services.items()
         }
-        windows: dict[int, list[dict[str, Any]]] = {base: [], best: []}
+        windows: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
         ratios: list[float] = []
         for index in range(options.pairs):
-            for workers in (base, best) if index % 2 == 0 else (best, base):
+            for arm in ("A", "B") if index % 2 == 0 else ("B", "A"):
                 # the other service's queue has just drained: one second to settle first
-                windows[workers].append(
+                windows[arm].append(
                     measure_level(
-                        services[workers], clients[workers], options.pair_seconds, 1.0,
+                        services[arm], clients[arm], options.pair_seconds, 1.0,
                         options.loadgen, options.images_per_request,
                     )
                 )
-            low, high = windows[base][-1]["requests_per_s"], windows[best][-1]["requests_per_s"]
+            low, high = windows["A"][-1]["requests_per_s"], windows["B"][-1]["requests_per_s"]
             ratios.append(high / low)
             print(
-                f"pair {index + 1}/{options.pairs}: {low:.1f} and {high:.1f} req/s, "
+                f"pair {index + 1}/{options.pairs}: A {low:.1f} and B {high:.1f} req/s, "
                 f"ratio {ratios[-1]:.3f}",
                 flush=True,
             )
@@ -565,14 +594,15 @@ def interleaved_scaling(
     agreeing = sum(w["images_agreeing"] for runs in windows.values() for w in runs)
     q1, median, q3 = (float(v) for v in np.percentile(ratios, [25, 50, 75]))
     print(
-        f"interleaved, clients={count}: {best} workers / {base} = {median:.3f}x throughput "
-        f"(median of {len(ratios)} pairs of {options.pair_seconds:g} s windows; mean "
+        f"interleaved, clients={count}: B = {names['B']} / A = {names['A']} = {median:.3f}x "
+        f"throughput (median of {len(ratios)} pairs of {options.pair_seconds:g} s windows; mean "
         f"{float(np.mean(ratios)):.3f}, quartiles {q1:.3f}-{q3:.3f}, range "
         f"{min(ratios):.3f}-{max(ratios):.3f}); errors {errors}; argmax {agreeing}/{checked}"
     )
     return {
         "clients": count,
-        "workers": [base, best],
+        "arms": names,
+        "workers": [arms["A"][0], arms["B"][0]],
         "pinned": options.pin,
         "pair_seconds": options.pair_seconds,
         "ratios": [round(r, 4) for r in ratios],
@@ -583,10 +613,10 @@ def interleaved_scaling(
         "images_checked": checked,
         "images_agreeing": agreeing,
         "requests_per_s": {
-            str(w): [round(r["requests_per_s"], 2) for r in runs] for w, runs in windows.items()
+            arm: [round(r["requests_per_s"], 2) for r in runs] for arm, runs in windows.items()
         },
         "cpu_ms_per_request": {
-            str(w): [r["cpu_ms_per_request"] for r in runs] for w, runs in windows.items()
+            arm: [r["cpu_ms_per_request"] for r in runs] for arm, runs in windows.items()
         },
     }
 
@@ -694,14 +724,23 @@ def main() -> None:
         "pairs of adjacent windows, both services running at once (see interleaved_scaling)",
     )
     parser.add_argument("--pair-seconds", type=float, default=6.0)
+    parser.add_argument(
+        "--against",
+        metavar="CHECKOUT",
+        help="with --pairs: instead of two worker counts, the same (last) worker count served "
+        "by the code in CHECKOUT (A, e.g. `git worktree add /tmp/before main`) and by this "
+        "checkout's (B): a paired A/B of two versions",
+    )
     args = parser.parse_args()
     model_path, X, reference = mnist_model()
     if args.pairs:
-        if args.batch or args.ray or len(args.workers) < 2:
-            parser.error("--pairs compares two worker counts; it takes no --batch or --ray")
+        if args.batch or args.ray or (len(args.workers) < 2 and args.against is None):
+            parser.error("--pairs compares two worker counts or two checkouts; it takes no "
+                         "--batch or --ray")
         result = interleaved_scaling(model_path, (X, reference), args)
         result["loadavg"] = os.getloadavg()
-        name = "load-interleaved" + ("-pinned" if args.pin else "")
+        name = "load-ab" if args.against else "load-interleaved"
+        name += "-pinned" if args.pin else ""
         (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
         return
     work = None
