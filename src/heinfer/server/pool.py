@@ -1,26 +1,19 @@
 """An asyncio-native pool of worker processes: one socket per worker, no helper threads.
 
 Why not `concurrent.futures.ProcessPoolExecutor`: each call there crosses a feeder thread, a
-management thread and a result thread, and a crash breaks the whole pool. On a 2-core machine
-that bookkeeping cost the HTTP process ~0.5 ms of CPU per request, a tenth of an MNIST
-evaluation, which was taken straight from the second worker. Here each worker's socket is an
-asyncio protocol on the event loop: a call is pickled and written to an idle worker at once,
-and the answer, parsed in the protocol's callback, hands that worker its next queued call
-before it wakes the caller: no task, queue or stream per call. A worker that dies (busy or
-idle) is noticed as its socket closing, replaced, and its call retried on the fresh worker
-(`WorkerCrashed` once the attempts are used up).
+management thread and a result thread, and a crash breaks the whole pool. Every inference
+passes through this one process, and where it shares cores with the workers, its CPU per call
+is taken from them. Here each worker's socket is an asyncio protocol on the event loop: a call
+is pickled and written to an idle worker at once, and the answer, parsed in the protocol's
+callback, hands that worker its next queued call before it wakes the caller: no task, queue or
+stream per call. A worker that dies (busy or idle) is noticed as its socket closing, replaced,
+and its call retried on the fresh worker (`WorkerCrashed` once the attempts are used up).
 
 When every worker is busy, each also gets the next small call to hold behind the one it runs,
-and the event loop naps between iterations while all of them hold one. Each worker then goes
-from call to call without waiting for this process, and this process wakes once per nap for
-everything that arrived meanwhile, instead of once or twice per request. Where this process
-shares cores with the workers, each wake-up preempts a worker and runs on cold caches. On 2
-cores, 2 workers, 32 clients, against the pool without holding and naps in alternating 6 s
-windows: 1.7 -> 0.75 voluntary context switches per request here; CPU per request -10% and
--16% here, -1% and -4% in the workers; requests/s +0% and +4.6% (medians of 14 and 20 pairs).
+so that it goes from call to call without waiting for this process to wake up and answer.
 Only small calls wait behind small calls, so a long batch shard never holds a short call back;
 a held call cannot move to another worker that frees up first, which costs nothing when calls
-of that size take about the same time (here: single samples of a linear model).
+of that size take about the same time (single samples of a linear model).
 
 Only our own processes are ever on the other end of these sockets (spawned children), so the
 pickles they carry are as trusted as the code itself; nothing from the network is unpickled.
@@ -52,8 +45,6 @@ _HEADER = struct.Struct("<Q")  # message length; 0 asks the worker to exit
 _RESTART_BACKOFF_MAX_S = 5.0
 _ONE_WRITE_BYTES = 1 << 20
 _QUEUE_BEHIND_MAX_BYTES = 1 << 18  # calls this small may wait in a busy worker's socket
-_NAP_MAX_S = 0.004
-_NAP_MIN_S = 0.0005  # calls shorter than twice this: naps would cost more than they save
 
 
 class WorkerCrashed(Exception):
@@ -257,7 +248,6 @@ class _LoopState:
     idle: list[_Worker] = field(default_factory=list)  # attached and not running a call
     tasks: set[asyncio.Task[None]] = field(default_factory=set)  # attaching, replacing
     closed: bool = False
-    napping: bool = False
 
     def start(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = self.loop.create_task(coroutine)
@@ -291,7 +281,6 @@ class ProcessPool:
         self._idle = idle
         self._workers = [self._spawn() for _ in range(workers)]
         self._quick_deaths = [0] * workers
-        self._small_call_s = 0.0  # moving average of small calls' running time
         self._state: _LoopState | None = None
         self._closed = False
         self.restarts = 0
@@ -343,7 +332,7 @@ class ProcessPool:
 
     def _dispatch(self, state: _LoopState) -> None:
         """Hand queued calls to idle workers, then small ones to busy workers to hold (a call
-        whose caller gave up is dropped); nap if every worker now holds one."""
+        whose caller gave up is dropped)."""
         while state.pending:
             job = state.pending[0]
             if job.future.done():
@@ -354,31 +343,12 @@ class ProcessPool:
                 break
             state.pending.popleft()
             worker.send(job)
-        if not state.napping and self._saturated(state):
-            state.napping = True
-            state.loop.call_soon(self._nap, state)
 
     def _taker(self, state: _LoopState, job: _Job) -> _Worker | None:
         if state.idle:
             return state.idle.pop(0)  # the one idle longest: done with its idle-time work
         holders = [w for w in self._workers if w.can_hold(job)]
         return min(holders, key=lambda w: w.jobs[0].started, default=None)  # soonest done
-
-    def _saturated(self, state: _LoopState) -> bool:
-        """Calls are waiting and every live worker already holds its next one."""
-        live = [w for w in self._workers if not w.gone and w.link is not None]
-        return bool(state.pending and live) and all(len(w.jobs) >= 2 for w in live)
-
-    def _nap(self, state: _LoopState) -> None:
-        """Block the event loop for half a small call while every worker holds its next call:
-        nothing this process does meanwhile would make them go faster, and what arrives is
-        handled together after the nap (health checks included, at most 4 ms late)."""
-        nap = min(_NAP_MAX_S, self._small_call_s / 2)
-        if state.closed or nap < _NAP_MIN_S or not self._saturated(state):
-            state.napping = False
-            return
-        time.sleep(nap)
-        state.loop.call_soon(self._nap, state)
 
     async def _attach(self, state: _LoopState, worker: _Worker) -> None:
         try:
@@ -397,11 +367,8 @@ class ProcessPool:
         job = worker.jobs.popleft() if worker.jobs else None
         if job is None or state.closed:
             return
-        now = time.monotonic()
-        if job.small:
-            self._small_call_s = 0.9 * self._small_call_s + 0.1 * (now - job.started)
         if worker.jobs:
-            worker.jobs[0].started = now  # it was waiting in the socket: it runs now
+            worker.jobs[0].started = time.monotonic()  # it was waiting in the socket: it runs now
         else:
             state.idle.append(worker)
         self._dispatch(state)  # the worker's next call first: it is idle until then
