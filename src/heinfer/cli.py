@@ -256,7 +256,6 @@ def serve(
 
     from heinfer.server.app import create_app, logging_config
     from heinfer.server.auth import TokenRegistry
-    from heinfer.server.http import OneWriteHttpToolsProtocol
     from heinfer.server.settings import ServiceSettings
 
     if auth_file is None and not _is_loopback(host):
@@ -308,7 +307,7 @@ def serve(
         log_config=logging_config(log_level),
         access_log=False,
         proxy_headers=False,  # nothing uses client addresses: no per-request header rewrite
-        http=OneWriteHttpToolsProtocol,
+        http="httptools",
     )
 
 
