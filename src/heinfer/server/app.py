@@ -46,9 +46,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from heinfer.errors import (
@@ -475,7 +473,6 @@ class _Observe:
 # ------------------------------------------------------------------------------------------
 
 INFER_ROUTE = "/v2/models/{name}/infer"
-_INFER_PATH = re.compile(r"/v2/models/([^/]+)/infer")
 
 
 async def _infer(request: Request) -> Response:
@@ -505,80 +502,6 @@ async def _infer(request: Request) -> Response:
     svc.metrics.bytes_out.inc(len(payload))
     svc.metrics.samples.inc(checked.samples)
     return Response(payload, media_type="application/octet-stream")
-
-
-class _InferEndpoint:
-    """`_infer` as a bare ASGI app, mapping its errors with the same handlers as the app's."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive)
-        try:
-            response = await _infer(request)
-        except HeinferError as exc:
-            response = _heinfer_error(request, exc)
-        except Exception as exc:  # what ServerErrorMiddleware would do, minus the re-raise
-            response = _unexpected_error(request, exc)
-        await response(scope, receive, send)
-
-
-class _InferFork:
-    """Inference POSTs straight to `_InferEndpoint`; every other request to FastAPI's stack."""
-
-    def __init__(self, framework: ASGIApp, route: BaseRoute) -> None:
-        self.framework = framework
-        self.route = route
-        self.endpoint = _InferEndpoint()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            path: str = scope["path"]
-            root = scope.get("root_path", "")
-            if root and path.startswith(root):
-                path = path[len(root) :]
-            match = _INFER_PATH.fullmatch(path)
-            if match is not None:
-                scope["route"] = self.route
-                scope["path_params"] = {"name": match[1]}  # the path is percent-decoded
-                await self.endpoint(scope, receive, send)
-                return
-        await self.framework(scope, receive, send)
-
-
-class _HeinferApp(FastAPI):
-    """FastAPI, except that inference POSTs skip FastAPI's own layers.
-
-    Every inference passes through this one process, so its cost per request bounds the whole
-    service. Around each request FastAPI puts a telemetry hook, error, telemetry, body-limit,
-    exception and exit-stack middleware, a linear route match, an endpoint wrapper and
-    dependency solving: about a quarter of this process's CPU per inference (py-spy under
-    load). Here the middleware added with `add_middleware` (`_Observe`; on Ray Serve the
-    replica header) wraps a fork: inference POSTs go straight to `_infer`, with errors mapped
-    by the same handlers, and everything else goes through FastAPI's stack unchanged. The
-    inference route stays registered, so 405s, unknown paths and metric labels are as for any
-    route. FastAPI's native OpenTelemetry hook is not used: the service exports Prometheus.
-    """
-
-    infer_route: BaseRoute | None = None  # set by create_app; None: plain FastAPI
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":  # lifespan and websockets as FastAPI does them
-            await super().__call__(scope, receive, send)
-            return
-        if self.root_path:
-            scope["root_path"] = self.root_path
-        await Starlette.__call__(self, scope, receive, send)
-
-    def build_middleware_stack(self) -> ASGIApp:
-        user, self.user_middleware = self.user_middleware, []
-        try:
-            app = super().build_middleware_stack()
-        finally:
-            self.user_middleware = user
-        if self.infer_route is not None:
-            app = _InferFork(app, self.infer_route)
-        for cls, args, kwargs in reversed(user):
-            app = cls(app, *args, **kwargs)
-        return app
 
 
 # ------------------------------------------------------------------------------------------
@@ -618,7 +541,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             await pool.aclose()
             store.close()
 
-    app = _HeinferApp(
+    app = FastAPI(
         title="heinfer", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None
     )
     app.add_exception_handler(HeinferError, _heinfer_error)
@@ -630,10 +553,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         svc: _Service = request.app.state.service
         return svc
 
-    # The one route every inference takes: registered so that its path, methods and 405s
-    # behave like any other route, but POSTs reach it through `_InferFork`.
     app.add_api_route(INFER_ROUTE, _infer, methods=["POST"])
-    app.infer_route = next(r for r in app.router.routes if getattr(r, "path", None) == INFER_ROUTE)
     app.add_middleware(_Observe)
 
     @app.get("/v2/health/live")
