@@ -9,9 +9,9 @@ replica here *is* `heinfer.server.app.create_app(settings)`: clients see the ide
 Why keys never travel through Ray: a client uploads its public key once (POST /v2/keys); the
 replica that happens to take that request writes it to the key store named by the key store URL
 (a shared directory, Azure Blob or S3), and every replica reads keys from that store by key id,
-exactly as the worker processes of a single `heinfer serve` do. Ray only carries the ~50 KB
-encrypted requests through its proxy (which costs ~20 ms of CPU per MiB), never key material
-between replicas, and no replica needs to have seen the upload.
+exactly as the worker processes of a single `heinfer serve` do. Ray only carries the encrypted
+requests and answers through its proxy, never key material between replicas, and no replica
+needs to have seen the upload.
 
 Each replica runs its own `WorkerPool` of SEAL processes (SEAL holds the GIL), so a replica
 reserves `replica_cpus` Ray CPUs and starts that many evaluation processes by default.
@@ -121,9 +121,7 @@ class RayServeOptions(BaseSettings):
     # their cached copy expires. Used when the service settings set no key_ttl_seconds.
     key_ttl_seconds: float = Field(default=30.0, gt=0)
     # For a Ray cluster that `heinfer serve --ray local|auto` starts itself (ignored when it
-    # joins an existing one). None lets Ray choose; Ray replaces 127.0.0.1 by the host's
-    # interface address, so use another loopback address (127.0.0.2) to keep Ray on loopback.
-    node_ip: str | None = None
+    # joins an existing one).
     object_store_bytes: int = Field(default=256 << 20, ge=75 << 20)
 
     @model_validator(mode="after")
@@ -327,32 +325,26 @@ def _forwarded_env(names: tuple[str, ...] = DEFAULT_FORWARDED_ENV) -> dict[str, 
 def _connected(address: str, options: RayServeOptions) -> Iterator[bool]:
     """ray.init for ADDRESS; yields True when this process started (and so owns) the cluster.
 
-    `local`: always a fresh private cluster that lives as long as this process. `auto`: the
-    cluster in RAY_ADDRESS, else the latest `ray start` on this machine, else any running one
-    here, else a fresh one. Anything else (`HOST:PORT` of a cluster this machine is a node
-    of, `ray://HOST:PORT` from anywhere) must be a running cluster.
+    `local`: always a fresh private cluster that lives as long as this process. `auto`: Ray's
+    own lookup for `ray.init(address="auto")` (RAY_ADDRESS, then the latest `ray start` on this
+    machine), else a fresh private cluster. Anything else (`HOST:PORT` of a cluster this machine
+    is a node of, `ray://HOST:PORT` from anywhere) must be a running cluster.
     """
-    from ray._private.services import canonicalize_bootstrap_address
-
-    if address == "local":
-        target: str | None = "local"
-    elif address == "auto":
-        # Ray's own lookup: RAY_ADDRESS, then the latest `ray start` on this machine, then any
-        # running cluster here; none at all: start one.
+    connect: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
+    # a cluster of our own: a bounded object store, and no dashboard (nothing here uses it)
+    start = {
+        **connect, "object_store_memory": options.object_store_bytes, "include_dashboard": False
+    }
+    started = address == "local"
+    if address == "auto":
         try:
-            target = canonicalize_bootstrap_address("auto")
-        except ConnectionError:
-            target = None
-    else:
-        target = address
-    started = target in (None, "local")
-    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
+            ray.init(address="auto", **connect)
+        except ConnectionError:  # no running cluster found
+            started = True
     if started:
-        kwargs["object_store_memory"] = options.object_store_bytes
-        kwargs["include_dashboard"] = False
-        if options.node_ip:
-            kwargs["_node_ip_address"] = options.node_ip
-    ray.init(address=target, **kwargs)
+        ray.init(address="local", **start)
+    elif address != "auto":
+        ray.init(address=address, **connect)
     try:
         yield started
     finally:
