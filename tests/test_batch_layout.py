@@ -133,16 +133,20 @@ def test_one_parameter_set_satisfies_both_budgets(mnist_model: heinfer.Encrypted
 def test_batch_of_1500_digits_matches_plaintext(
     setup: dict[str, Any], mnist: dict[str, np.ndarray], mnist_model: heinfer.EncryptedModel
 ) -> None:
+    """1,500 test digits where ../shared has them; a bare clone's bundled sample holds fewer,
+    and then the batch is all of them (the line printed says how many)."""
     X = mnist["X_test"][:1500]
+    n = len(X)
+    print(f"\n[batch] {n} test digits in one coeff-batch request")
     codec, secret = setup["codec"], setup["secret"]
     batch = _client_batch(codec)
     record = batch.encrypt_record(secret, X)
     assert len(record) == batch.record_request_bytes == 8 + 32 + 784 * (4096 * 91 // 8)
-    result = _evaluate_batch(setup["plan"], record, len(X), setup["key"])
-    assert len(result) == batch.record_bytes(len(X)) == 10 * (4096 + 1500) * 36 // 8
-    scores = batch.decrypt_record(secret, result, len(X))
+    result = _evaluate_batch(setup["plan"], record, n, setup["key"])
+    assert len(result) == batch.record_bytes(n) == 10 * (4096 + n) * 36 // 8
+    scores = batch.decrypt_record(secret, result, n)
     reference = mnist_model.predict_plain(X)
-    assert scores.shape == (1500, 10)
+    assert scores.shape == (n, 10)
     assert (scores.argmax(1) == reference.argmax(1)).all()
     error = np.abs(scores - reference).max()
     assert error <= mnist_model.manifest.precision.expected_abs_error
