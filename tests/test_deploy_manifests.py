@@ -3,19 +3,24 @@
 * Kubernetes objects (deploy/k8s) are validated against the Kubernetes OpenAPI schemas that
   `kubernetes-validate` bundles (offline, strict: unknown fields are errors), for the oldest
   and newest Kubernetes versions we claim.
-* The KubeRay `RayService` (deploy/ray) has no schema on PyPI: it is validated against
-  RAYSERVICE_SCHEMA below, a JSON Schema written here for the CRD fields we use (modelled on
+* The KubeRay `RayCluster` (deploy/ray) has no schema on PyPI: it is validated against
+  RAYCLUSTER_SCHEMA below, a JSON Schema written here for the CRD fields we use (modelled on
   KubeRay's ray.io/v1 CRD; unknown fields are errors), while its embedded pod templates,
-  resources and security contexts go through the real Kubernetes schemas, and serveConfigV2
-  through Ray Serve's own config schema with the builder it names actually called.
+  resources and security contexts go through the real Kubernetes schemas, and the Serve
+  config through Ray Serve's own config schema with the builder it names actually called.
 * Lint-style rules for what a schema cannot say: non-root, read-only root filesystem,
   probes on the right routes, resource limits, pinned image tags, HPA -> Deployment,
   selectors that match, secrets only by reference, CLI arguments that `heinfer serve` parses.
+* Closed by default (`_check_closed`, `_check_ray_auth`): Ray token authentication in every
+  Ray container, the dashboard on loopback, no control port declared on a container or
+  published by a Service, and NetworkPolicies that open only the HTTP port to other pods.
+  Each rule has a negative control: a loaded manifest, broken on purpose, must be flagged.
 * The Dockerfile is parsed: slim base, multi-stage wheel build, non-root USER, HEALTHCHECK.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.resources
 import json
 import re
@@ -48,13 +53,18 @@ def _docs(path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
-def _k8s_objects() -> list[tuple[str, dict[str, Any]]]:
+def _k8s_objects(folder: Path = K8S_DIR) -> list[tuple[str, dict[str, Any]]]:
+    """The plain Kubernetes objects in `folder` (not Kustomizations, not KubeRay's CRDs)."""
     return [
-        (f"{path.name}:{doc['kind']}", doc)
-        for path in sorted(K8S_DIR.glob("*.yaml"))
+        (f"{path.parent.name}/{path.name}:{doc['kind']}", doc)
+        for path in sorted(folder.glob("*.yaml"))
         for doc in _docs(path)
-        if doc.get("kind") != "Kustomization"
+        if doc.get("kind") != "Kustomization" and not doc["apiVersion"].startswith("ray.io/")
     ]
+
+
+def _all_k8s_objects() -> list[tuple[str, dict[str, Any]]]:
+    return _k8s_objects(K8S_DIR) + _k8s_objects(RAY_DIR)
 
 
 def _one(kind: str) -> dict[str, Any]:
@@ -89,15 +99,18 @@ def _validate_definition(obj: Any, definition: str, version: str) -> None:
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-@pytest.mark.parametrize("obj", [o for _, o in _k8s_objects()], ids=[n for n, _ in _k8s_objects()])
+@pytest.mark.parametrize(
+    "obj", [o for _, o in _all_k8s_objects()], ids=[n for n, _ in _all_k8s_objects()]
+)
 def test_k8s_objects_match_the_kubernetes_schema(obj: dict[str, Any], version: str) -> None:
     kubernetes_validate.validate(obj, version, strict=True)
 
 
-def test_kustomization_lists_every_manifest() -> None:
-    (kustomization,) = _docs(K8S_DIR / "kustomization.yaml")
+@pytest.mark.parametrize("folder", [K8S_DIR, RAY_DIR], ids=["k8s", "ray"])
+def test_kustomization_lists_every_manifest(folder: Path) -> None:
+    (kustomization,) = _docs(folder / "kustomization.yaml")
     listed = set(kustomization["resources"])
-    present = {p.name for p in K8S_DIR.glob("*.yaml")} - {"kustomization.yaml"}
+    present = {p.name for p in folder.glob("*.yaml")} - {"kustomization.yaml"}
     assert listed == present
 
 
@@ -244,21 +257,21 @@ def test_hpa_scales_the_deployment_on_cpu() -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# KubeRay RayService
+# KubeRay RayCluster
 # ------------------------------------------------------------------------------------------
 
 _QUANTITY_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 _POD_TEMPLATE = {"type": "object", "required": ["spec"]}  # checked against k8s separately
 
-RAYSERVICE_SCHEMA: dict[str, Any] = {
+RAYCLUSTER_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "KubeRay RayService (ray.io/v1), the fields heinfer uses",
+    "title": "KubeRay RayCluster (ray.io/v1), the fields heinfer uses",
     "type": "object",
     "required": ["apiVersion", "kind", "metadata", "spec"],
     "additionalProperties": False,
     "properties": {
         "apiVersion": {"const": "ray.io/v1"},
-        "kind": {"const": "RayService"},
+        "kind": {"const": "RayCluster"},
         "metadata": {
             "type": "object",
             "required": ["name"],
@@ -270,24 +283,7 @@ RAYSERVICE_SCHEMA: dict[str, Any] = {
                 "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
             },
         },
-        "spec": {
-            "type": "object",
-            "required": ["serveConfigV2", "rayClusterConfig"],
-            "additionalProperties": False,
-            "properties": {
-                "serveConfigV2": {"type": "string", "minLength": 1},
-                "upgradeStrategy": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {
-                        "type": {"enum": ["NewCluster", "NewClusterWithIncrementalUpgrade", "None"]}
-                    },
-                },
-                "rayClusterDeletionDelaySeconds": {"type": "integer", "minimum": 0},
-                "excludeHeadPodFromServeSvc": {"type": "boolean"},
-                "rayClusterConfig": {"$ref": "#/$defs/RayClusterSpec"},
-            },
-        },
+        "spec": {"$ref": "#/$defs/RayClusterSpec"},
     },
     "$defs": {
         "RayStartParams": {"type": "object", "additionalProperties": {"type": "string"}},
@@ -344,48 +340,74 @@ RAYSERVICE_SCHEMA: dict[str, Any] = {
 }
 
 
-@pytest.fixture(scope="module")
-def rayservice() -> dict[str, Any]:
-    (doc,) = _docs(RAY_DIR / "rayservice.yaml")
-    return doc
-
-
-def _pod_templates(rayservice: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    cluster = rayservice["spec"]["rayClusterConfig"]
-    return [("head", cluster["headGroupSpec"]["template"])] + [
-        (f"worker:{g['groupName']}", g["template"]) for g in cluster["workerGroupSpecs"]
+def _ray_manifests() -> list[dict[str, Any]]:
+    return [
+        doc
+        for path in sorted(RAY_DIR.glob("*.yaml"))
+        for doc in _docs(path)
+        if doc.get("kind") != "Kustomization"
     ]
 
 
-def test_rayservice_matches_its_schema(rayservice: dict[str, Any]) -> None:
-    jsonschema.Draft202012Validator.check_schema(RAYSERVICE_SCHEMA)
-    jsonschema.Draft202012Validator(RAYSERVICE_SCHEMA).validate(rayservice)
+def _ray_cluster(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    (cluster,) = [o for o in objects if o["kind"] == "RayCluster"]
+    return cluster
+
+
+@pytest.fixture
+def raycluster() -> dict[str, Any]:
+    return _ray_cluster(_ray_manifests())
+
+
+def _pod_templates(cluster: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    spec = cluster["spec"]
+    return [("head", spec["headGroupSpec"]["template"])] + [
+        (f"worker:{g['groupName']}", g["template"]) for g in spec["workerGroupSpecs"]
+    ]
+
+
+def _serve_config(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    (config_map,) = [
+        o for o in objects if o["kind"] == "ConfigMap" and "serve.yaml" in o.get("data", {})
+    ]
+    config: dict[str, Any] = yaml.safe_load(config_map["data"]["serve.yaml"])
+    return config
+
+
+def test_raycluster_matches_its_schema(raycluster: dict[str, Any]) -> None:
+    jsonschema.Draft202012Validator.check_schema(RAYCLUSTER_SCHEMA)
+    jsonschema.Draft202012Validator(RAYCLUSTER_SCHEMA).validate(raycluster)
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-def test_rayservice_pods_match_the_kubernetes_schema(
-    rayservice: dict[str, Any], version: str
+def test_raycluster_pods_match_the_kubernetes_schema(
+    raycluster: dict[str, Any], version: str
 ) -> None:
-    for where, template in _pod_templates(rayservice):
+    for where, template in _pod_templates(raycluster):
         try:
             _validate_definition(template, "io.k8s.api.core.v1.PodTemplateSpec", version)
         except jsonschema.ValidationError as exc:
             pytest.fail(f"{where}: {exc.message} at {list(exc.absolute_path)}")
-    options = rayservice["spec"]["rayClusterConfig"]["autoscalerOptions"]
+    options = raycluster["spec"]["autoscalerOptions"]
     _validate_definition(options["resources"], "io.k8s.api.core.v1.ResourceRequirements", version)
     _validate_definition(options["securityContext"], "io.k8s.api.core.v1.SecurityContext", version)
+    for env in options["env"]:
+        _validate_definition(env, "io.k8s.api.core.v1.EnvVar", version)
 
 
-def test_rayservice_pods_are_hardened(rayservice: dict[str, Any]) -> None:
-    for where, template in _pod_templates(rayservice):
-        _check_hardened_pod(template["spec"], f"RayService {where}")
-    cluster = rayservice["spec"]["rayClusterConfig"]
-    for group in cluster["workerGroupSpecs"]:
+def test_raycluster_pods_are_hardened(raycluster: dict[str, Any]) -> None:
+    for where, template in _pod_templates(raycluster):
+        _check_hardened_pod(template["spec"], f"RayCluster {where}")
+    for group in raycluster["spec"]["workerGroupSpecs"]:
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
-    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no replicas there
+    head = raycluster["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"  # no replicas there
+    (ray_head, _deployer) = head["template"]["spec"]["containers"]
+    names = {env["name"] for env in ray_head.get("env", [])}
+    assert not names & SECRET_ENV, "the head runs no replica: no store credentials there"
 
 
-def test_rayservice_ray_version_is_in_the_ray_extra(rayservice: dict[str, Any]) -> None:
+def test_raycluster_ray_version_is_in_the_ray_extra(raycluster: dict[str, Any]) -> None:
     import tomllib
 
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
@@ -393,18 +415,20 @@ def test_rayservice_ray_version_is_in_the_ray_extra(rayservice: dict[str, Any]) 
     ]
     (requirement,) = extras["ray"]
     specifier = SpecifierSet(re.sub(r"^ray(\[[^]]*\])?", "", requirement))
-    assert rayservice["spec"]["rayClusterConfig"]["rayVersion"] in specifier
+    assert raycluster["spec"]["rayVersion"] in specifier
 
 
-def test_rayservice_serve_config_deploys_heinfer(rayservice: dict[str, Any]) -> None:
-    """serveConfigV2 passes Ray Serve's schema, and its builder accepts its args."""
+def test_serve_config_deploys_heinfer() -> None:
+    """The Serve config passes Ray Serve's schema, its builder accepts its args, and the head's
+    deployer applies that file through the dashboard on loopback."""
     pytest.importorskip("ray.serve", reason="needs the ray extra")
     from ray.serve.schema import ServeDeploySchema
 
     from heinfer.ray_serve import RayServeOptions, build_app
 
-    config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
-    schema = ServeDeploySchema.model_validate(config)
+    objects = _ray_manifests()
+    schema = ServeDeploySchema.model_validate(_serve_config(objects))
+    assert schema.http_options.port == SERVE_PORT
     (application,) = schema.applications
     assert application.import_path == "heinfer.ray_serve:build_app"
     assert application.route_prefix == "/"
@@ -418,12 +442,251 @@ def test_rayservice_serve_config_deploys_heinfer(rayservice: dict[str, Any]) -> 
     anonymous = {k: v for k, v in application.args.items() if k != "auth_file"}
     with pytest.raises(ValueError, match="auth_file"):
         build_app(anonymous)
-    # Every pod mounts what the args point at.
-    for where, template in _pod_templates(rayservice):
-        (container,) = template["spec"]["containers"]
+    cluster = _ray_cluster(objects)
+    # Every Ray container mounts what the args point at.
+    for where, template in _pod_templates(cluster):
+        container = template["spec"]["containers"][0]
         mounts = [m["mountPath"] for m in container["volumeMounts"]]
         for path in [*application.args["model_paths"], application.args["auth_file"]]:
             assert any(path.startswith(m.rstrip("/") + "/") for m in mounts), (where, path)
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]
+    (deployer,) = [c for c in head["containers"] if c["name"] == "serve-deploy"]
+    script = " ".join(deployer["args"])
+    (mount,) = [m for m in deployer["volumeMounts"] if m["name"] == "serve-config"]
+    assert f"serve deploy {mount['mountPath']}/serve.yaml" in script
+    assert "--address http://127.0.0.1:8265" in script
+
+
+# ------------------------------------------------------------------------------------------
+# Closed by default: Ray authentication, no exposed control port, NetworkPolicies
+# ------------------------------------------------------------------------------------------
+
+SERVE_PORT = 8000  # heinfer's HTTP API, the one port other pods may reach
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def _pods(objects: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(where, pod template) of every Deployment and RayCluster among `objects`."""
+    found = []
+    for obj in objects:
+        if obj["kind"] == "Deployment":
+            found.append((f"Deployment {obj['metadata']['name']}", obj["spec"]["template"]))
+        elif obj["kind"] == "RayCluster":
+            found += [(f"RayCluster {where}", t) for where, t in _pod_templates(obj)]
+    return found
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"only matchLabels selectors are checked: {selector}"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def _port_number(port: int | str, pod_spec: dict[str, Any]) -> int | None:
+    if isinstance(port, int):
+        return port
+    for container in pod_spec["containers"]:
+        for declared in container.get("ports", []):
+            if declared.get("name") == port:
+                return int(declared["containerPort"])
+    return None
+
+
+def _check_closed(objects: list[dict[str, Any]]) -> None:
+    """Every pod: hardened (non-root, secrets by reference), no container port but the HTTP
+    one, guarded by an ingress NetworkPolicy whose every rule opens either the HTTP port only
+    or any port to pods of the guarded set only; every Service publishes the HTTP port only."""
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    pods = _pods(objects)
+    assert pods, "no pods"
+    for where, template in pods:
+        spec, labels = template["spec"], template["metadata"]["labels"]
+        _check_hardened_pod(spec, where)
+        for container in spec["containers"]:
+            for port in container.get("ports", []):
+                assert port["containerPort"] == SERVE_PORT, (
+                    f"{where}/{container['name']}: control port {port['containerPort']} exposed"
+                )
+        guards = [
+            p for p in policies
+            if "Ingress" in p["spec"].get("policyTypes", [])
+            and _selects(p["spec"]["podSelector"], labels)
+        ]
+        assert guards, f"{where}: no NetworkPolicy guards its ingress: every port is exposed"
+        for policy in guards:
+            own = policy["spec"]["podSelector"].get("matchLabels", {})
+            # (an empty selector would make "pods of the guarded set" every pod around)
+            assert own, f"NetworkPolicy {policy['metadata']['name']} selects every pod"
+            for index, rule in enumerate(policy["spec"].get("ingress", [])):
+                peers = rule.get("from", [])
+                internal = bool(peers) and all(
+                    set(peer) == {"podSelector"}
+                    and own.items() <= peer["podSelector"].get("matchLabels", {}).items()
+                    for peer in peers
+                )
+                ports = [_port_number(p.get("port", 0), spec) for p in rule.get("ports", [])]
+                assert internal or (ports and set(ports) == {SERVE_PORT}), (
+                    f"{where}: NetworkPolicy {policy['metadata']['name']} ingress rule {index} "
+                    f"opens {ports or 'every port'} to {peers or 'anyone'}: a control port is "
+                    "exposed"
+                )
+    for service in (o for o in objects if o["kind"] == "Service"):
+        selected = [t for _, t in pods if _selects(
+            {"matchLabels": service["spec"]["selector"]}, t["metadata"]["labels"]
+        )]
+        assert selected, f"Service {service['metadata']['name']} selects no pod"
+        for port in service["spec"]["ports"]:
+            for template in selected:
+                number = _port_number(port.get("targetPort", port["port"]), template["spec"])
+                assert number == SERVE_PORT, (
+                    f"Service {service['metadata']['name']}: control port {number} exposed"
+                )
+
+
+def _check_ray_auth(cluster: dict[str, Any]) -> None:
+    """Ray token authentication in every Ray container (and the autoscaler's), the token from
+    a Secret, and the dashboard (jobs API included) on loopback."""
+    host = cluster["spec"]["headGroupSpec"]["rayStartParams"].get("dashboard-host", "0.0.0.0")
+    assert host in LOOPBACK, f"the Ray dashboard listens on {host}: a control port is exposed"
+    containers = [
+        (f"{where}/{c['name']}", c)
+        for where, template in _pod_templates(cluster)
+        for c in _containers(template["spec"])
+    ]
+    if cluster["spec"].get("enableInTreeAutoscaling"):
+        containers.append(("autoscaler", cluster["spec"].get("autoscalerOptions", {})))
+    for where, container in containers:
+        env = {e["name"]: e for e in container.get("env", [])}
+        mode = env.get("RAY_AUTH_MODE", {}).get("value")
+        assert mode == "token", f"{where}: Ray token auth is off (RAY_AUTH_MODE={mode})"
+        token = env.get("RAY_AUTH_TOKEN", {})
+        assert "value" not in token, f"{where}: RAY_AUTH_TOKEN must come from a Secret"
+        assert "secretKeyRef" in token.get("valueFrom", {}), f"{where}: no Ray token"
+
+
+def test_plain_deployment_is_closed_by_default() -> None:
+    _check_closed([o for _, o in _k8s_objects()])
+
+
+def test_ray_deployment_is_closed_by_default() -> None:
+    objects = _ray_manifests()
+    _check_closed(objects)
+    _check_ray_auth(_ray_cluster(objects))
+
+
+def _env(container: dict[str, Any], name: str) -> dict[str, Any]:
+    (env,) = [e for e in container["env"] if e["name"] == name]
+    return env
+
+
+def _break_ray(objects: list[dict[str, Any]], how: str) -> None:
+    cluster = _ray_cluster(objects)
+    head = cluster["spec"]["headGroupSpec"]
+    head_pod = head["template"]["spec"]
+    worker_pod = cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]
+    (policy,) = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    (service,) = [o for o in objects if o["kind"] == "Service"]
+    if how == "auth disabled":
+        _env(worker_pod["containers"][0], "RAY_AUTH_MODE")["value"] = "disabled"
+    elif how == "auth unset in the deployer":
+        deployer = head_pod["containers"][1]
+        deployer["env"] = [e for e in deployer["env"] if e["name"] != "RAY_AUTH_MODE"]
+    elif how == "auth unset in the autoscaler":
+        cluster["spec"]["autoscalerOptions"]["env"] = []
+    elif how == "ray token inlined":
+        token = _env(head_pod["containers"][0], "RAY_AUTH_TOKEN")
+        token.pop("valueFrom")
+        token["value"] = "x"
+    elif how == "dashboard on the pod network":
+        head["rayStartParams"]["dashboard-host"] = "0.0.0.0"
+    elif how == "dashboard host left to the default":
+        del head["rayStartParams"]["dashboard-host"]
+    elif how == "gcs port declared":
+        head_pod["containers"][0]["ports"] = [{"name": "gcs", "containerPort": 6379}]
+    elif how == "client port published":
+        service["spec"]["ports"].append({"name": "client", "port": 10001, "targetPort": 10001})
+    elif how == "policy open to all":
+        policy["spec"]["ingress"].append({})
+    elif how == "policy opens the dashboard to the namespace":
+        policy["spec"]["ingress"].append(
+            {"from": [{"namespaceSelector": {}}], "ports": [{"port": 8265}]}
+        )
+    elif how == "no policy":
+        objects.remove(policy)
+    elif how == "runAsNonRoot false":
+        worker_pod["securityContext"]["runAsNonRoot"] = False
+    elif how == "store secret inlined":
+        env = _env(worker_pod["containers"][0], "AZURE_STORAGE_CONNECTION_STRING")
+        env.pop("valueFrom")
+        env["value"] = "DefaultEndpointsProtocol=https;AccountKey=x"
+    else:
+        raise AssertionError(how)
+
+
+RAY_BREAKS = [
+    ("auth disabled", "Ray token auth is off"),
+    ("auth unset in the deployer", "serve-deploy: Ray token auth is off"),
+    ("auth unset in the autoscaler", "autoscaler: Ray token auth is off"),
+    ("ray token inlined", "RAY_AUTH_TOKEN must come from a Secret"),
+    ("dashboard on the pod network", "control port is exposed"),
+    ("dashboard host left to the default", "control port is exposed"),
+    ("gcs port declared", "control port 6379 exposed"),
+    ("client port published", "control port 10001 exposed"),
+    ("policy open to all", "control port is exposed"),
+    ("policy opens the dashboard to the namespace", "control port is exposed"),
+    ("no policy", "no NetworkPolicy"),
+    ("runAsNonRoot false", "worker"),
+    ("store secret inlined", "AZURE_STORAGE_CONNECTION_STRING must come from a Secret"),
+]
+
+
+@pytest.mark.parametrize(("how", "message"), RAY_BREAKS, ids=[h for h, _ in RAY_BREAKS])
+def test_the_ray_checks_flag_a_broken_manifest(how: str, message: str) -> None:
+    """Negative controls: each rule fails on a manifest broken in the way it guards against."""
+    objects = copy.deepcopy(_ray_manifests())
+    _break_ray(objects, how)
+    with pytest.raises(AssertionError, match=re.escape(message)):
+        _check_closed(objects)
+        _check_ray_auth(_ray_cluster(objects))
+
+
+def _break_plain(objects: list[dict[str, Any]], how: str) -> None:
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (policy,) = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    if how == "policy opens every port":
+        policy["spec"]["ingress"][0].pop("ports")
+    elif how == "policy selects the whole namespace":
+        policy["spec"]["podSelector"] = {}
+    elif how == "no policy":
+        objects.remove(policy)
+    elif how == "metrics port declared":
+        pod["containers"][0]["ports"].append({"name": "debug", "containerPort": 9090})
+    elif how == "runAsNonRoot false":
+        pod["securityContext"]["runAsNonRoot"] = False
+    elif how == "store secret inlined":
+        env = _env(pod["containers"][0], "AWS_SECRET_ACCESS_KEY")
+        env.pop("valueFrom")
+        env["value"] = "x"
+    else:
+        raise AssertionError(how)
+
+
+PLAIN_BREAKS = [
+    ("policy opens every port", "control port is exposed"),
+    ("policy selects the whole namespace", "NetworkPolicy heinfer selects every pod"),
+    ("no policy", "no NetworkPolicy"),
+    ("metrics port declared", "control port 9090 exposed"),
+    ("runAsNonRoot false", "Deployment heinfer"),
+    ("store secret inlined", "AWS_SECRET_ACCESS_KEY must come from a Secret"),
+]
+
+
+@pytest.mark.parametrize(("how", "message"), PLAIN_BREAKS, ids=[h for h, _ in PLAIN_BREAKS])
+def test_the_plain_checks_flag_a_broken_manifest(how: str, message: str) -> None:
+    objects = copy.deepcopy([o for _, o in _k8s_objects()])
+    _break_plain(objects, how)
+    with pytest.raises(AssertionError, match=re.escape(message)):
+        _check_closed(objects)
 
 
 # ------------------------------------------------------------------------------------------
