@@ -2,7 +2,7 @@
 
 Why Ray Serve and not a home-made cluster: Serve already does what scale-out needs (an HTTP
 proxy per node or on the head, replica placement and restarts, queue-length autoscaling,
-rolling updates through KubeRay's `RayService`), and it can host an ASGI app unchanged. So a
+in-place config updates with `serve deploy`), and it can host an ASGI app unchanged. So a
 replica here *is* `heinfer.server.app.create_app(settings)`: clients see the identical HTTP API
 (/v2/models/{m}, /v2/keys, /v2/models/{m}/infer, /v2/health/*, /metrics), errors and all.
 
@@ -21,8 +21,8 @@ Entry points:
 * `heinfer serve MODEL... --key-store URL --ray ADDRESS` (see `serve_on_ray`) deploys and keeps
   the application up until the command is stopped.
 * `heinfer.ray_serve:build_app` is an application builder for `serve run` / `serve deploy`
-  and KubeRay's `RayService` (`serveConfigV2.applications[].import_path`); its `args` are the
-  `ServiceSettings` fields plus the `RayServeOptions` fields (see deploy/ray/rayservice.yaml).
+  (a Serve config's `applications[].import_path`); its `args` are the `ServiceSettings` fields
+  plus the `RayServeOptions` fields (see deploy/ray/serve-config.yaml).
 
 Scaling knobs come from `RayServeOptions`: arguments, or `HEINFER_RAY_*` environment variables.
 """
