@@ -6,9 +6,6 @@ cleanly when torch (or onnx) is not installed.
 
 from __future__ import annotations
 
-import gzip
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,27 +42,13 @@ from heinfer.plans.network.frames import (
 from heinfer.plans.network.manifest import common_manifest
 from heinfer.plans.wire import encode_keys
 
-MNIST = Path(os.environ.get("HEINFER_MNIST", "/work/shared/data/mnist"))
 IMAGE = (1, 28, 28)
 
 
-def _idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as fh:
-        data = fh.read()
-    nd = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(nd)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * nd).reshape(dims)
-
-
 @pytest.fixture(scope="module")
-def mnist() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    if not (MNIST / "test-images-idx3-ubyte.gz").exists():
-        pytest.skip("MNIST data not available")
-    Xtr = _idx(MNIST / "train-images-idx3-ubyte.gz").reshape(-1, 784)[:3000] / 255.0
-    ytr = _idx(MNIST / "train-labels-idx1-ubyte.gz")[:3000]
-    Xte = _idx(MNIST / "test-images-idx3-ubyte.gz").reshape(-1, 784) / 255.0
-    yte = _idx(MNIST / "test-labels-idx1-ubyte.gz")
-    return Xtr, ytr, Xte, yte
+def digits(mnist: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """conftest's digits (the shared split, or the bundled sample in a bare clone), as tuples."""
+    return mnist["X_train"][:3000], mnist["y_train"][:3000], mnist["X_test"], mnist["y_test"]
 
 
 def _numpy_cnn(Xtr: np.ndarray, ytr: np.ndarray, filters: int = 3, stride: int = 1) -> NetworkSpec:
@@ -100,8 +83,8 @@ def _keys(plan: NetworkPlan, codec: NetworkCodec, secret: Any, layouts: Any = No
 
 
 @pytest.fixture(scope="module")
-def he_setup(mnist):
-    Xtr, ytr, Xte, yte = mnist
+def he_setup(digits):
+    Xtr, ytr, Xte, yte = digits
     spec = _numpy_cnn(Xtr, ytr)
     plan = compile_network(spec, "test-cnn", calibration=Xtr[:500])
     codec = NetworkCodec(plan.manifest)
@@ -353,8 +336,8 @@ class _Unfinished(BatchServer):
 
 
 @pytest.fixture(scope="module")
-def batch_setup(mnist):
-    Xtr, ytr, Xte, yte = mnist
+def batch_setup(digits):
+    Xtr, ytr, Xte, yte = digits
     spec = _numpy_cnn(Xtr, ytr, filters=2, stride=2)
     plan = compile_network(spec, "test-cnn-batch", calibration=Xtr[:500])
     codec = NetworkCodec(plan.manifest)
@@ -447,9 +430,9 @@ def test_batch_only_keys_refuse_single_images(batch_setup):
     assert out.shape == (1, 10)  # the full set serves both
 
 
-def test_batched_simulation_within_claim(batch_setup, mnist):
+def test_batched_simulation_within_claim(batch_setup, digits):
     spec, plan, *_ = batch_setup
-    X = mnist[2][:300]
+    X = digits[2][:300]
     ref = spec.predict_plain(X)
     claim = plan.network["batch"]["precision"]["score_abs_error"]
     sim = plan.simulate(X, np.random.default_rng(0), layout=BATCH_LAYOUT)
@@ -539,11 +522,11 @@ def test_unsupported_layers_named():
         import_torch(nn.Sequential(nn.Linear(784, 10), nn.BatchNorm1d(10)))
 
 
-def test_torch_and_numpy_agree(mnist):
+def test_torch_and_numpy_agree(digits):
     torch, models = _torch_models()
     from heinfer.plans.network import import_torch
 
-    X = mnist[2][:16]
+    X = digits[2][:16]
     for model in models:
         with torch.no_grad():
             ref = model(torch.tensor(X, dtype=torch.float64).float()).double().numpy()
@@ -552,12 +535,12 @@ def test_torch_and_numpy_agree(mnist):
         assert np.allclose(spec.predict_plain(X), ref, atol=1e-4)
 
 
-def test_onnx_equals_torch(tmp_path, mnist):
+def test_onnx_equals_torch(tmp_path, digits):
     torch, models = _torch_models()
     pytest.importorskip("onnx")
     from heinfer.plans.network import import_onnx, import_torch
 
-    X = mnist[2][:8]
+    X = digits[2][:8]
     for i, model in enumerate(models):
         path = tmp_path / f"m{i}.onnx"
         torch.onnx.export(model, (torch.zeros(1, 784),), str(path), dynamo=False)
@@ -566,12 +549,12 @@ def test_onnx_equals_torch(tmp_path, mnist):
         assert np.allclose(from_onnx.predict_plain(X), from_torch.predict_plain(X), atol=1e-6)
 
 
-def test_mlp_single_and_batched_match_plaintext(mnist):
+def test_mlp_single_and_batched_match_plaintext(digits):
     """Linear(784, 16) -> square -> Linear(16, 10): the dense first layer takes the generic
     diagonal path; weights far below the encoding scale (here the only entries of the two
     extreme diagonals) encode to zero plaintexts, which must be skipped, not multiplied
     (SEAL refuses a product that is a transparent ciphertext)."""
-    Xtr, ytr, Xte, _yte = mnist
+    Xtr, ytr, Xte, _yte = digits
     rng = np.random.default_rng(3)
     hidden = rng.normal(0, 0.05, (16, 784))
     hidden[0, 783] = hidden[15, 0] = 1e-9
@@ -698,11 +681,11 @@ def _two_activation_spec() -> NetworkSpec:
     )
 
 
-def test_two_activation_network_compiles_and_simulates(mnist):
+def test_two_activation_network_compiles_and_simulates(digits):
     """Depth-5 networks (the CryptoNets shape) compile to N=16384 and simulate accurately."""
     spec = _two_activation_spec()
-    X = mnist[2][:4]
-    plan = compile_network(spec, "deep", calibration=mnist[0][:200])
+    X = digits[2][:4]
+    plan = compile_network(spec, "deep", calibration=digits[0][:200])
     assert plan.network["params"]["poly_modulus_degree"] == 16384
     sim = plan.simulate(X, np.random.default_rng(0))
     ref = spec.predict_plain(X)
@@ -710,10 +693,10 @@ def test_two_activation_network_compiles_and_simulates(mnist):
 
 
 @pytest.mark.slow
-def test_two_activation_network_encrypted(mnist):
+def test_two_activation_network_encrypted(digits):
     spec = _two_activation_spec()
-    X = mnist[2][:2]
-    plan = compile_network(spec, "deep", calibration=mnist[0][:200])
+    X = digits[2][:2]
+    plan = compile_network(spec, "deep", calibration=digits[0][:200])
     codec = NetworkCodec(plan.manifest)
     secret = codec.keygen()
     out = codec.decrypt(secret, plan.evaluate(codec.encrypt(secret, X), _keys(plan, codec, secret)))
@@ -721,12 +704,12 @@ def test_two_activation_network_encrypted(mnist):
 
 
 @pytest.mark.slow
-def test_two_activation_network_batched(mnist):
+def test_two_activation_network_batched(digits):
     """The depth-5 shape in the batched layout: block-1 accumulators are relinearized before
     their own activation, and the scores land at the single-image path's level and scale."""
     spec = _two_activation_spec()
-    X = mnist[2][:8]
-    plan = compile_network(spec, "deep", calibration=mnist[0][:200])
+    X = digits[2][:8]
+    plan = compile_network(spec, "deep", calibration=digits[0][:200])
     codec = NetworkCodec(plan.manifest)
     secret = codec.keygen()
     keys = _keys(plan, codec, secret, [BATCH_LAYOUT])

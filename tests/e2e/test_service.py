@@ -193,7 +193,7 @@ def test_delete_keys(service, mnist: dict[str, np.ndarray]) -> None:  # type: ig
 def test_infer_route_edges_behave_like_any_route(
     service, client: heinfer.Client, mnist: dict[str, np.ndarray]
 ) -> None:  # type: ignore[no-untyped-def]
-    """Inference POSTs skip FastAPI's own layers (`_InferFork`); their edges must not change."""
+    """The inference route behaves at its edges like any route (405s, unknown paths, root paths)."""
     body = client.encrypt(mnist["X_test"][:1])
     headers = {"X-Heinfer-Key-Id": client.key_id or "", "X-Request-Id": "edge-1"}
     url = f"{service.url}/v2/models"
