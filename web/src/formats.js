@@ -35,7 +35,7 @@ export function sha256(data) {
     0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19,
   ]);
   const length = data.length;
-  const padded = new Uint8Array((((length + 9) >> 6) + 1) << 6);
+  const padded = new Uint8Array(((length + 72) >> 6) << 6);
   padded.set(data);
   padded[length] = 0x80;
   const view = new DataView(padded.buffer);
