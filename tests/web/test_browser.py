@@ -162,7 +162,8 @@ def test_page_predicts_like_the_plaintext_models(
     assert urls and all(url.startswith(f"{web_service.url}/") for url in urls), urls
     violation = session.page.evaluate(
         """() => new Promise((resolve) => {
-            document.addEventListener('securitypolicyviolation', (e) => resolve(e.effectiveDirective));
+            document.addEventListener(
+                'securitypolicyviolation', (e) => resolve(e.effectiveDirective));
             fetch('http://127.0.0.2:9/').catch(() => {});
         })"""
     )

@@ -242,9 +242,11 @@ async function run(x) {
     else await timed('key generation', () => client.keygen());
     if ($('keep').checked && !stored) await secrets('put', secretName(client), client.secretBytes());
   }
+  let keyBytes = 0;
   if (!client.keyId) {
     const upload = await timed('public key(s): make', () => client.keyUpload());
     await timed('public key(s): upload', () => client.uploadKeys(upload));
+    keyBytes = upload.length;
   }
   const body = await timed('encrypt', () => client.encrypt([x]));
   const response = await timed('service (network + encrypted inference)', () => client.infer(body));
@@ -257,6 +259,8 @@ async function run(x) {
     sent: client.traffic.sent - sentBefore,
     received: client.traffic.received - receivedBefore,
     request: body,
+    response: response.length,
+    keyBytes,
     layout: client.layout,
   };
 }
@@ -308,7 +312,12 @@ function show(result) {
     }));
   };
   rows('times', result.times.map(([k, ms]) => [k, `${ms.toFixed(1)} ms`]));
-  rows('bytes', [['sent', size(result.sent)], ['received', size(result.received)]]);
+  rows('bytes', [
+    ...(result.keyBytes ? /** @type {Array<[string, string]>} */ ([['public key(s), once per key', size(result.keyBytes)]]) : []),
+    ['encrypted request', size(result.request.length)],
+    ['encrypted response', size(result.response)],
+    ['total sent / received', `${size(result.sent)} / ${size(result.received)}`],
+  ]);
   const head = Array.from(result.request.subarray(0, 48), (b) => b.toString(16).padStart(2, '0')).join(' ');
   const seen = $('seen');
   seen.replaceChildren();
