@@ -29,7 +29,8 @@ from heinfer.he.backend import (
 )
 from heinfer.he.ckks import _ENVELOPE, KIND_CIPHERTEXT, MAGIC, VERSION, CkksParameters
 from heinfer.he.params import BFVParameters
-from heinfer.plans.network import encode_frames, network_key_fingerprint
+from heinfer.plans.network.frames import encode_frames
+from heinfer.plans.network.plan import network_key_fingerprint
 from heinfer.plans.wire import decode_response, encode_keys, encode_request, encode_response
 from service_helpers import REPO
 
