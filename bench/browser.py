@@ -118,8 +118,8 @@ def measure(page: Page, url: str, model: str, images: np.ndarray, loads: int) ->
         "seal_init_ms": statistics.median(init_ms),
         **{key: statistics.median(v) for key, v in samples.items() if v},
         "samples": {key: len(v) for key, v in samples.items()},
-        "sent_bytes_per_digit": statistics.median(sent),
-        "received_bytes_per_digit": statistics.median(received),
+        "sent_bytes_per_digit": statistics.median(sent) if sent else None,
+        "received_bytes_per_digit": statistics.median(received) if received else None,
         "first_digit_sent_bytes": key_upload,
     }
     return out
