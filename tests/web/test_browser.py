@@ -179,3 +179,27 @@ def test_page_predicts_like_the_plaintext_models(
         assert len(needles) > 100
         assert leaks(needles, bodies) == 0, model
         assert leaks(needles, [b"\x00" + session.secret(model)]) == len(needles)  # it can fail
+
+
+def test_kept_secret_key_survives_a_reload_and_only_when_asked(
+    web_service: RunningService, browser: Any, mnist: dict[str, np.ndarray]
+) -> None:
+    """'keep my secret key' stores it in this browser's IndexedDB and the next visit reuses it;
+    unticked, a reload makes a fresh key."""
+    image = np.rint(mnist["X_test"][0] * 255).astype(np.uint8)
+    context = browser.new_context()
+    secrets = []
+    for visit, keep in enumerate([True, True, False]):
+        session = PageRun(context.new_page())
+        session.page.goto(f"{web_service.url}/?audit=1")
+        session.page.wait_for_selector("body[data-ready='1']", state="attached", timeout=60_000)
+        session.page.select_option("#model", "mnist")
+        if keep:
+            session.page.check("#keep")
+        result = session.predict(image, 1)
+        stages = [stage for stage, _ms in result["times"]]
+        assert ("load kept secret key" in stages) == (visit == 1), stages
+        secrets.append(session.secret("mnist"))
+        session.page.close()
+    assert secrets[0] == secrets[1] != secrets[2]
+    context.close()
