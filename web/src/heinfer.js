@@ -191,7 +191,7 @@ export class LinearCodec {
     this.manifest = manifest;
     const scheme = manifest.scheme;
     this.degree = Number(scheme.poly_modulus_degree);
-    this.primes = scheme.coeff_modulus.map(BigInt);
+    /** @type {bigint[]} */ this.primes = scheme.coeff_modulus.map(BigInt);
     this.dataPrimes = this.primes.slice(0, -1);
     this.plainModulus = BigInt(scheme.plain_modulus);
     this.context = sealContext(S, S.SchemeType.bfv, this.degree, this.primes, this.plainModulus);
@@ -208,6 +208,8 @@ export class LinearCodec {
     this.nFeatures = Number(manifest.input.shape[0]);
     this.nOutputs = Number(manifest.output.shape[0]);
     /** @type {any} */ this.secret = null;
+    /** metadata of a one-prime ciphertext, from SEAL (set with the key) */
+    this._lastMeta = new Uint8Array(0);
   }
 
   /** A fresh secret key, kept inside SEAL's memory in this page. */
@@ -228,7 +230,9 @@ export class LinearCodec {
     const plain = this._plaintext(new Int32Array(0));
     const ct = new S.Ciphertext();
     this.encryptor.encryptSymmetric(plain, ct);
-    S.Evaluator && new S.Evaluator(this.context).cipherModSwitchToInplace(ct, this.context.lastParmsId());
+    const evaluator = new S.Evaluator(this.context);
+    evaluator.cipherModSwitchToInplace(ct, this.context.lastParmsId());
+    evaluator.delete();
     const saved = bytes(ct.saveToArray(S.ComprModeType.none));
     this._lastMeta = saved.slice(SEAL_HEADER_BYTES, SEAL_HEADER_BYTES + CT_META_BYTES);
     ct.delete();
@@ -261,7 +265,7 @@ export class LinearCodec {
     pk.delete();
     const s = plaintextArrays(this.secretBytes(), this.degree);
     const seed = randomBytes(SEED_BYTES);
-    const parts = [seed];
+    /** @type {Uint8Array[]} */ const parts = [seed];
     this.primes.forEach((q, j) => {
       const aSeeded = expandUniform(seed, q, j, 0, this.degree, PUBLIC_A_TAG);
       parts.push(packBits(replaceUniformHalf(pk0[j], a[j], aSeeded, s[j], q), bitLength(q)));
@@ -371,7 +375,7 @@ export class LinearCodec {
       plain.delete();
       result.outputs.forEach((/** @type {number} */ row, /** @type {number} */ i) => {
         const k = coefficients[i];
-        let v = k < count ? values[k] : 0n;
+        const v = k < count ? values[k] : 0n;
         const centered = v >= (t + 1n) / 2n ? v - t : v;
         scores[row] = Number(centered) / this.scale;
       });
@@ -417,7 +421,7 @@ export class NetworkCodec {
     this.degree = Number(manifest.params.poly_modulus_degree);
     this.slots = this.degree / 2;
     if (layout.type !== 'copies' || layout.slots !== this.slots) throw new Error('unsupported input layout');
-    this.primes = manifest.params.coeff_modulus.map(BigInt);
+    /** @type {bigint[]} */ this.primes = manifest.params.coeff_modulus.map(BigInt);
     this.context = sealContext(S, S.SchemeType.ckks, this.degree, this.primes, null);
     this.encoder = new S.CKKSEncoder(this.context);
     this.fingerprint = ckksFingerprint(manifest.params);
@@ -610,14 +614,15 @@ export class Client {
 
   /**
    * @param {string} path
-   * @param {RequestInit & {body?: Uint8Array}} init
+   * @param {{method: string, headers: Record<string, string>, body?: Uint8Array}} init
    */
   async _send(path, init) {
     if (init.body) {
       this.traffic.sent += init.body.length;
       this.sentBodies.push(init.body);
     }
-    const response = await this._fetch(`${this.baseUrl}${path}`, init);
+    const request = /** @type {RequestInit} */ (/** @type {unknown} */ (init));
+    const response = await this._fetch(`${this.baseUrl}${path}`, request);
     if (!response.ok) throw await httpError(response);
     return response;
   }
