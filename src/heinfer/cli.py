@@ -241,6 +241,13 @@ def serve(
         float | None, typer.Option(help="seconds a request waits for a worker before 503 (30)")
     ] = None,
     log_level: Annotated[str, typer.Option()] = "info",
+    page: Annotated[
+        bool | None,
+        typer.Option(
+            "--page/--no-page",
+            help="the browser page at / (default: on when HOST is loopback, off elsewhere)",
+        ),
+    ] = None,
     ray: Annotated[
         str | None,
         typer.Option(
@@ -289,6 +296,7 @@ def serve(
         workers=workers or (os.cpu_count() or 1),
         key_store=key_store,
         auth_file=str(auth_file) if auth_file else None,
+        web_page=page,
         **{name: value for name, value in optional.items() if value is not None},  # type: ignore[arg-type]
     )
     if ray is not None:  # same app, replicated by Ray Serve (heinfer.ray_serve)

@@ -65,6 +65,7 @@ from heinfer.server.auth import PUBLIC_TENANT, TokenFile
 from heinfer.server.keystore import KeyStore, key_id_for, open_key_store
 from heinfer.server.settings import ServiceSettings
 from heinfer.server.workers import WorkerPool
+from heinfer.web import mount_page, page_enabled
 
 __all__ = ["KEY_ID_HEADER", "JsonLogFormatter", "create_app", "logging_config"]
 
@@ -555,6 +556,9 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
     app.add_api_route(INFER_ROUTE, _infer, methods=["POST"])
     app.add_middleware(_Observe)
+
+    if page_enabled(settings.web_page, settings.host):  # the browser page at /
+        mount_page(app)
 
     @app.get("/v2/health/live")
     async def live() -> dict[str, bool]:

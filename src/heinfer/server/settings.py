@@ -21,6 +21,8 @@ class ServiceSettings(BaseSettings):
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     key_store: str = "./heinfer-keys"
     auth_file: str | None = None
+    # The browser page at / (heinfer.web): None = on when `host` is loopback, off elsewhere.
+    web_page: bool | None = None
     # Size limits: bodies are refused from Content-Length before they are read.
     # A full batched CNN request (4,096 images: 784 seeded ciphertexts) is ~141 MiB.
     max_body_bytes: int = Field(default=192 << 20, ge=1024)

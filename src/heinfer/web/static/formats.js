@@ -1,0 +1,558 @@
+// @ts-check
+/**
+ * heinfer's wire formats, in plain JavaScript with no SEAL dependency.
+ *
+ * Everything here mirrors a piece of the Python client byte for byte (tests/web/test_js_formats.py
+ * feeds both the same inputs): SHA-256 and SHAKE-128 (parameter fingerprints, seed expansion),
+ * bit packing, the seeded public key's correction, and the frames around ciphertexts. The lattice
+ * work itself (key generation, encryption, decryption) is Microsoft SEAL's, compiled to
+ * WebAssembly (node-seal); see heinfer.js.
+ */
+
+const enc = new TextEncoder();
+
+// -- hashes ------------------------------------------------------------------------------------
+
+const K256 = new Uint32Array([
+  0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+  0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+  0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+  0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+  0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+  0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+  0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+  0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+]);
+
+/**
+ * SHA-256 of `data`, synchronously. Written out (not crypto.subtle) because subtle exists only
+ * in secure contexts, and the page may be served over plain HTTP on a LAN address.
+ * @param {Uint8Array} data
+ * @returns {Uint8Array}
+ */
+export function sha256(data) {
+  const h = new Uint32Array([
+    0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19,
+  ]);
+  const length = data.length;
+  const padded = new Uint8Array(((length + 72) >> 6) << 6);
+  padded.set(data);
+  padded[length] = 0x80;
+  const view = new DataView(padded.buffer);
+  view.setUint32(padded.length - 8, Math.floor(length / 0x20000000));
+  view.setUint32(padded.length - 4, (length << 3) >>> 0);
+  const w = new Uint32Array(64);
+  for (let block = 0; block < padded.length; block += 64) {
+    for (let i = 0; i < 16; i++) w[i] = view.getUint32(block + 4 * i);
+    for (let i = 16; i < 64; i++) {
+      const a = w[i - 15];
+      const b = w[i - 2];
+      const s0 = ((a >>> 7) | (a << 25)) ^ ((a >>> 18) | (a << 14)) ^ (a >>> 3);
+      const s1 = ((b >>> 17) | (b << 15)) ^ ((b >>> 19) | (b << 13)) ^ (b >>> 10);
+      w[i] = (w[i - 16] + s0 + w[i - 7] + s1) >>> 0;
+    }
+    let [a, b, c, d, e, f, g, k] = h;
+    for (let i = 0; i < 64; i++) {
+      const S1 = ((e >>> 6) | (e << 26)) ^ ((e >>> 11) | (e << 21)) ^ ((e >>> 25) | (e << 7));
+      const ch = (e & f) ^ (~e & g);
+      const t1 = (k + S1 + ch + K256[i] + w[i]) >>> 0;
+      const S0 = ((a >>> 2) | (a << 30)) ^ ((a >>> 13) | (a << 19)) ^ ((a >>> 22) | (a << 10));
+      const maj = (a & b) ^ (a & c) ^ (b & c);
+      const t2 = (S0 + maj) >>> 0;
+      k = g;
+      g = f;
+      f = e;
+      e = (d + t1) >>> 0;
+      d = c;
+      c = b;
+      b = a;
+      a = (t1 + t2) >>> 0;
+    }
+    h[0] += a;
+    h[1] += b;
+    h[2] += c;
+    h[3] += d;
+    h[4] += e;
+    h[5] += f;
+    h[6] += g;
+    h[7] += k;
+  }
+  const out = new Uint8Array(32);
+  const outView = new DataView(out.buffer);
+  for (let i = 0; i < 8; i++) outView.setUint32(4 * i, h[i]);
+  return out;
+}
+
+// Keccak-f[1600] on 25 lanes held as (low, high) 32-bit halves.
+const ROUND_CONSTANTS = [
+  [0x00000001, 0x00000000], [0x00008082, 0x00000000], [0x0000808a, 0x80000000],
+  [0x80008000, 0x80000000], [0x0000808b, 0x00000000], [0x80000001, 0x00000000],
+  [0x80008081, 0x80000000], [0x00008009, 0x80000000], [0x0000008a, 0x00000000],
+  [0x00000088, 0x00000000], [0x80008009, 0x00000000], [0x8000000a, 0x00000000],
+  [0x8000808b, 0x00000000], [0x0000008b, 0x80000000], [0x00008089, 0x80000000],
+  [0x00008003, 0x80000000], [0x00008002, 0x80000000], [0x00000080, 0x80000000],
+  [0x0000800a, 0x00000000], [0x8000000a, 0x80000000], [0x80008081, 0x80000000],
+  [0x00008080, 0x80000000], [0x80000001, 0x00000000], [0x80008008, 0x80000000],
+];
+const ROTATIONS = [1, 3, 6, 10, 15, 21, 28, 36, 45, 55, 2, 14, 27, 41, 56, 8, 25, 43, 62, 18, 39, 61, 20, 44];
+const PI_LANES = [10, 7, 11, 17, 18, 3, 5, 16, 8, 21, 24, 4, 15, 23, 19, 13, 12, 2, 20, 14, 22, 9, 6, 1];
+
+/** @param {Uint32Array} s 50 words: lane i is (s[2i] low, s[2i+1] high) */
+function keccakF(s) {
+  const bc = new Uint32Array(10);
+  for (let round = 0; round < 24; round++) {
+    for (let x = 0; x < 5; x++) {
+      bc[2 * x] = s[2 * x] ^ s[2 * x + 10] ^ s[2 * x + 20] ^ s[2 * x + 30] ^ s[2 * x + 40];
+      bc[2 * x + 1] = s[2 * x + 1] ^ s[2 * x + 11] ^ s[2 * x + 21] ^ s[2 * x + 31] ^ s[2 * x + 41];
+    }
+    for (let x = 0; x < 5; x++) {
+      const l = bc[2 * ((x + 1) % 5)];
+      const h = bc[2 * ((x + 1) % 5) + 1];
+      const tl = bc[2 * ((x + 4) % 5)] ^ ((l << 1) | (h >>> 31));
+      const th = bc[2 * ((x + 4) % 5) + 1] ^ ((h << 1) | (l >>> 31));
+      for (let y = 0; y < 25; y += 5) {
+        s[2 * (y + x)] ^= tl;
+        s[2 * (y + x) + 1] ^= th;
+      }
+    }
+    let tl = s[2];
+    let th = s[3];
+    for (let i = 0; i < 24; i++) {
+      const j = PI_LANES[i];
+      const nl = s[2 * j];
+      const nh = s[2 * j + 1];
+      const r = ROTATIONS[i];
+      if (r < 32) {
+        s[2 * j] = (tl << r) | (th >>> (32 - r));
+        s[2 * j + 1] = (th << r) | (tl >>> (32 - r));
+      } else {
+        const m = r - 32;
+        s[2 * j] = m === 0 ? th : (th << m) | (tl >>> (32 - m));
+        s[2 * j + 1] = m === 0 ? tl : (tl << m) | (th >>> (32 - m));
+      }
+      tl = nl;
+      th = nh;
+    }
+    for (let y = 0; y < 25; y += 5) {
+      for (let x = 0; x < 10; x++) bc[x] = s[2 * y + x];
+      for (let x = 0; x < 5; x++) {
+        s[2 * (y + x)] ^= ~bc[2 * ((x + 1) % 5)] & bc[2 * ((x + 2) % 5)];
+        s[2 * (y + x) + 1] ^= ~bc[2 * ((x + 1) % 5) + 1] & bc[2 * ((x + 2) % 5) + 1];
+      }
+    }
+    s[0] ^= ROUND_CONSTANTS[round][0];
+    s[1] ^= ROUND_CONSTANTS[round][1];
+  }
+}
+
+/**
+ * SHAKE-128(data) truncated to `length` bytes (FIPS 202): the XOF heinfer expands public seeds
+ * with (Python: hashlib.shake_128).
+ * @param {Uint8Array} data
+ * @param {number} length
+ * @returns {Uint8Array}
+ */
+export function shake128(data, length) {
+  const rate = 168;
+  const state = new Uint32Array(50);
+  const bytes = new Uint8Array(state.buffer); // little-endian hosts only (every browser, Node)
+  const padded = new Uint8Array((Math.floor(data.length / rate) + 1) * rate);
+  padded.set(data);
+  padded[data.length] ^= 0x1f;
+  padded[padded.length - 1] ^= 0x80;
+  for (let block = 0; block < padded.length; block += rate) {
+    for (let i = 0; i < rate; i++) bytes[i] ^= padded[block + i];
+    keccakF(state);
+  }
+  const out = new Uint8Array(length);
+  for (let offset = 0; offset < length; offset += rate) {
+    out.set(bytes.subarray(0, Math.min(rate, length - offset)), offset);
+    if (offset + rate < length) keccakF(state);
+  }
+  return out;
+}
+
+// -- bit packing -------------------------------------------------------------------------------
+
+/**
+ * Pack integers below 2**bits into exactly ceil(n*bits/8) bytes: one little-endian bit stream,
+ * value k at bits [k*bits, (k+1)*bits) (Python: heinfer.he.backend.pack_bits).
+ * @param {BigUint64Array} values
+ * @param {number} bits 1..64
+ * @returns {Uint8Array}
+ */
+export function packBits(values, bits) {
+  const out = new Uint8Array(Math.ceil((values.length * bits) / 8));
+  const mask = (1n << BigInt(bits)) - 1n;
+  let acc = 0n;
+  let held = 0n;
+  let at = 0;
+  const width = BigInt(bits);
+  for (let i = 0; i < values.length; i++) {
+    acc |= (values[i] & mask) << held;
+    held += width;
+    while (held >= 32n) {
+      const word = Number(acc & 0xffffffffn);
+      out[at] = word & 0xff;
+      out[at + 1] = (word >>> 8) & 0xff;
+      out[at + 2] = (word >>> 16) & 0xff;
+      out[at + 3] = word >>> 24;
+      at += 4;
+      acc >>= 32n;
+      held -= 32n;
+    }
+  }
+  while (held > 0n) {
+    out[at++] = Number(acc & 0xffn);
+    acc >>= 8n;
+    held -= 8n;
+  }
+  return out;
+}
+
+/**
+ * Inverse of packBits: `count` values of `bits` bits from `data` (the caller checked its length).
+ * @param {Uint8Array} data
+ * @param {number} count
+ * @param {number} bits
+ * @returns {BigUint64Array}
+ */
+export function unpackBits(data, count, bits) {
+  const out = new BigUint64Array(count);
+  const mask = (1n << BigInt(bits)) - 1n;
+  const width = BigInt(bits);
+  let acc = 0n;
+  let held = 0n;
+  let at = 0;
+  for (let i = 0; i < count; i++) {
+    while (held < width) {
+      let word = 0;
+      for (let b = 3; b >= 0; b--) word = word * 256 + (at + b < data.length ? data[at + b] : 0);
+      acc |= BigInt(word) << held;
+      held += 32n;
+      at += 4;
+    }
+    out[i] = acc & mask;
+    acc >>= width;
+    held -= width;
+  }
+  return out;
+}
+
+// -- seed expansion and the seeded public key --------------------------------------------------
+
+export const SEED_BYTES = 32;
+export const PUBLIC_A_TAG = enc.encode('heinfer/public-key/a/v1');
+export const BATCH_A_TAG = enc.encode('heinfer/coeff-batch/a/v1');
+
+/** @param {bigint} q */
+function bitLength(q) {
+  return q.toString(2).length;
+}
+
+/**
+ * Polynomial `index` modulo prime number `prime` (its position j), uniform below q, from a public
+ * seed: SHAKE-128(tag || seed || u32le(index) || u8(j)) read as little-endian uint64 words masked
+ * to q's bit length, keeping the first N below q (Python: heinfer.he.backend.expand_uniform).
+ * @param {Uint8Array} seed 32 bytes
+ * @param {bigint} q
+ * @param {number} prime position of q in the modulus chain
+ * @param {number} index
+ * @param {number} degree N
+ * @param {Uint8Array} tag
+ * @returns {BigUint64Array}
+ */
+export function expandUniform(seed, q, prime, index, degree, tag = BATCH_A_TAG) {
+  if (seed.length !== SEED_BYTES) throw new Error(`seed must be ${SEED_BYTES} bytes`);
+  const key = new Uint8Array(tag.length + SEED_BYTES + 5);
+  key.set(tag);
+  key.set(seed, tag.length);
+  new DataView(key.buffer).setUint32(tag.length + SEED_BYTES, index, true);
+  key[key.length - 1] = prime;
+  const mask = (1n << BigInt(bitLength(q))) - 1n;
+  let words = degree;
+  for (;;) {
+    const stream = shake128(key, 8 * words);
+    const view = new DataView(stream.buffer);
+    const out = new BigUint64Array(degree);
+    let kept = 0;
+    for (let i = 0; i < words && kept < degree; i++) {
+      const value = view.getBigUint64(8 * i, true) & mask;
+      if (value < q) out[kept++] = value;
+      else if (words === degree) break; // a rejection: redraw with headroom, as Python does
+    }
+    if (kept === degree) return out;
+    words *= 2;
+  }
+}
+
+/**
+ * k0 + (a - aNew) * s modulo q, coefficient-wise (all in NTT form): the first half of an RLWE
+ * pair (k0, a) = (-(a*s + e) + m, a) rewritten for a new uniform half aNew with the same e and m
+ * (Python: heinfer.he.backend.replace_uniform_half).
+ * @param {BigUint64Array} k0
+ * @param {BigUint64Array} a
+ * @param {BigUint64Array} aNew
+ * @param {BigUint64Array} s
+ * @param {bigint} q
+ * @returns {BigUint64Array}
+ */
+export function replaceUniformHalf(k0, a, aNew, s, q) {
+  const out = new BigUint64Array(k0.length);
+  for (let i = 0; i < k0.length; i++) {
+    const difference = (a[i] + q - aNew[i]) % q;
+    out[i] = (k0[i] + difference * s[i]) % q;
+  }
+  return out;
+}
+
+// -- parameter fingerprints --------------------------------------------------------------------
+
+/**
+ * The 32 bytes naming a BFV parameter set (Python: BFVParameters.fingerprint, the SHA-256 of
+ * the canonical JSON ["bfv", N, [q...], t]).
+ * @param {{poly_modulus_degree: number, coeff_modulus: string[], plain_modulus: string}} scheme
+ * @returns {Uint8Array}
+ */
+export function bfvFingerprint(scheme) {
+  const primes = scheme.coeff_modulus.map((q) => BigInt(q).toString()).join(',');
+  const text = `["bfv",${scheme.poly_modulus_degree},[${primes}],${BigInt(scheme.plain_modulus)}]`;
+  return sha256(enc.encode(text));
+}
+
+/**
+ * The 8-byte CKKS parameter tag in every HNC1 envelope (Python: CkksParameters.fingerprint).
+ * @param {{poly_modulus_degree: number, coeff_modulus: string[]}} params
+ * @returns {Uint8Array}
+ */
+export function ckksFingerprint(params) {
+  const primes = params.coeff_modulus.map((q) => BigInt(q).toString()).join(',');
+  return sha256(enc.encode(`ckks:${params.poly_modulus_degree}:${primes}`)).slice(0, 8);
+}
+
+/**
+ * The 32 bytes a network's key upload carries (Python: network_key_fingerprint).
+ * @param {{poly_modulus_degree: number, coeff_modulus: string[]}} params
+ * @returns {Uint8Array}
+ */
+export function networkKeyFingerprint(params) {
+  const prefix = enc.encode('heinfer-ckks-keys:');
+  return sha256(concat([prefix, ckksFingerprint(params)]));
+}
+
+// -- frames ------------------------------------------------------------------------------------
+
+/**
+ * @param {Uint8Array[]} parts
+ * @returns {Uint8Array}
+ */
+export function concat(parts) {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const part of parts) {
+    out.set(part, at);
+    at += part.length;
+  }
+  return out;
+}
+
+/** @param {...number} values @returns {Uint8Array} */
+function u32le(...values) {
+  const out = new Uint8Array(4 * values.length);
+  const view = new DataView(out.buffer);
+  values.forEach((v, i) => view.setUint32(4 * i, v, true));
+  return out;
+}
+
+/**
+ * A body of length-prefixed records behind a 4-byte magic and a count (HEQ1 linear requests,
+ * HNQ1 network requests; Python: wire.encode_request, network.encode_frames).
+ * @param {string} magic
+ * @param {Uint8Array[]} records
+ * @returns {Uint8Array}
+ */
+export function encodeFrames(magic, records) {
+  const parts = [enc.encode(magic), u32le(records.length)];
+  for (const record of records) parts.push(u32le(record.length), record);
+  return concat(parts);
+}
+
+/**
+ * The records of a length-prefixed body (HNR1 network responses), every length checked.
+ * @param {string} magic
+ * @param {Uint8Array} body
+ * @param {number} maxRecordBytes
+ * @returns {Uint8Array[]}
+ */
+export function decodeFrames(magic, body, maxRecordBytes) {
+  const view = new DataView(body.buffer, body.byteOffset, body.byteLength);
+  checkMagic(body, magic);
+  const count = view.getUint32(4, true);
+  const out = [];
+  let at = 8;
+  for (let i = 0; i < count; i++) {
+    if (at + 4 > body.length) throw new Error(`response truncated before record ${i}`);
+    const length = view.getUint32(at, true);
+    at += 4;
+    if (length > maxRecordBytes || at + length > body.length) {
+      throw new Error(`response record ${i} is truncated or too large`);
+    }
+    out.push(body.subarray(at, at + length));
+    at += length;
+  }
+  if (at !== body.length) throw new Error('unexpected bytes after the last record');
+  return out;
+}
+
+/**
+ * Fixed-size result records behind HER1 and a count (linear responses; Python:
+ * wire.decode_response).
+ * @param {Uint8Array} body
+ * @param {number} recordBytes
+ * @returns {Uint8Array[]}
+ */
+export function decodeFixedRecords(body, recordBytes) {
+  checkMagic(body, 'HER1');
+  const count = new DataView(body.buffer, body.byteOffset, body.byteLength).getUint32(4, true);
+  if (body.length !== 8 + count * recordBytes) {
+    throw new Error(`response has ${body.length} bytes; ${count} records of ${recordBytes} expected`);
+  }
+  return Array.from({ length: count }, (_, i) => body.subarray(8 + i * recordBytes, 8 + (i + 1) * recordBytes));
+}
+
+/** @param {Uint8Array} body @param {string} magic */
+function checkMagic(body, magic) {
+  if (body.length < 8 || new TextDecoder().decode(body.subarray(0, 4)) !== magic) {
+    throw new Error(`payload does not start with ${magic}`);
+  }
+}
+
+export const KEY_KINDS = { public: 1, relin: 2, galois: 3 };
+
+/**
+ * A key upload (HEK1): the 32-byte parameter fingerprint, then each public part by kind
+ * (Python: wire.encode_keys).
+ * @param {Uint8Array} fingerprint
+ * @param {Array<[keyof typeof KEY_KINDS, Uint8Array]>} parts
+ * @returns {Uint8Array}
+ */
+export function encodeKeys(fingerprint, parts) {
+  const out = [enc.encode('HEK1'), fingerprint, Uint8Array.of(parts.length)];
+  for (const [kind, blob] of parts) {
+    const head = new Uint8Array(5);
+    head[0] = KEY_KINDS[kind];
+    new DataView(head.buffer).setUint32(1, blob.length, true);
+    out.push(head, blob);
+  }
+  return concat(out);
+}
+
+// HNC1 envelope around every CKKS object (Python: CkksContext.wrap / unwrap).
+export const ENVELOPE_KINDS = { ciphertext: 1, public: 2, relin: 3, galois: 4, secret: 5 };
+
+/**
+ * @param {number} kind
+ * @param {Uint8Array} fingerprint 8 bytes
+ * @param {Uint8Array} sealBytes
+ * @returns {Uint8Array}
+ */
+export function wrapEnvelope(kind, fingerprint, sealBytes) {
+  return concat([enc.encode('HNC1'), Uint8Array.of(1, kind), fingerprint, sealBytes]);
+}
+
+/**
+ * The SEAL bytes inside an HNC1 envelope, after checking magic, kind and parameters.
+ * @param {number} kind
+ * @param {Uint8Array} fingerprint
+ * @param {Uint8Array} data
+ * @returns {Uint8Array}
+ */
+export function unwrapEnvelope(kind, fingerprint, data) {
+  if (data.length < 14 + 16 || new TextDecoder().decode(data.subarray(0, 4)) !== 'HNC1') {
+    throw new Error('not a heinfer CKKS object');
+  }
+  if (data[4] !== 1 || data[5] !== kind) throw new Error(`unexpected envelope version or kind ${data[5]}`);
+  if (!data.subarray(6, 14).every((b, i) => b === fingerprint[i])) {
+    throw new Error('object made for other encryption parameters than this model');
+  }
+  return data.subarray(14);
+}
+
+// -- SEAL serialization headers ----------------------------------------------------------------
+//
+// Every SEAL object starts with a 16-byte header: magic 0xA15E, header size 16, version major
+// and minor, compression mode, reserved, total size (u64). SEAL loads only its own minor version
+// and objects nest (a ciphertext holds a data array and, seeded, a PRNG seed, each behind its
+// own header), so objects crossing between node-seal (SEAL 4.1) and the service's SEAL get every
+// nested header's minor version rewritten. The layouts walked here are SEAL's documented ones.
+
+export const SEAL_HEADER_BYTES = 16;
+const CT_META_BYTES = 73; // parms_id 32, is_ntt_form 1, size, N, L, scale, correction 8 each
+
+/**
+ * @param {Uint8Array} data
+ * @param {number} at
+ * @returns {{minor: number, compression: number, size: number}}
+ */
+export function readSealHeader(data, at = 0) {
+  const view = new DataView(data.buffer, data.byteOffset + at, SEAL_HEADER_BYTES);
+  if (view.getUint16(0, true) !== 0xa15e || data[at + 2] !== 16 || data[at + 3] !== 4) {
+    throw new Error('not a SEAL 4 object (bad header)');
+  }
+  return { minor: data[at + 4], compression: data[at + 5], size: Number(view.getBigUint64(8, true)) };
+}
+
+/**
+ * Rewrite the minor version of the uncompressed SEAL object at `at` and of every object nested
+ * in it, in place; `shape` says which SEAL layout it has. Returns the object's end.
+ * @param {Uint8Array} data
+ * @param {number} at
+ * @param {'ciphertext' | 'plaintext' | 'kswitch'} shape
+ * @param {number} minor
+ * @returns {number}
+ */
+export function setSealVersion(data, at, shape, minor) {
+  const header = readSealHeader(data, at);
+  if (header.compression !== 0) throw new Error('compressed SEAL objects cannot be rewritten');
+  const end = at + header.size;
+  if (end > data.length) throw new Error('truncated SEAL object');
+  data[at + 4] = minor;
+  const view = new DataView(data.buffer, data.byteOffset, data.byteLength);
+  let offset = at + SEAL_HEADER_BYTES;
+  if (shape === 'kswitch') {
+    offset += 32; // parms_id
+    const lists = Number(view.getBigUint64(offset, true));
+    offset += 8;
+    for (let i = 0; i < lists; i++) {
+      const keys = Number(view.getBigUint64(offset, true));
+      offset += 8;
+      for (let k = 0; k < keys; k++) offset = setSealVersion(data, offset, 'ciphertext', minor);
+    }
+  } else {
+    offset += shape === 'ciphertext' ? CT_META_BYTES : 48; // plaintext: parms_id, count, scale
+    while (offset < end) {
+      data[offset + 4] = minor; // a data array or a PRNG seed: flat, no further nesting
+      offset += readSealHeader(data, offset).size;
+    }
+  }
+  if (offset !== end) throw new Error('unexpected SEAL object layout');
+  return end;
+}
+
+/**
+ * `body` (the bytes after a header) as a whole uncompressed SEAL object of version 4.minor.
+ * @param {Uint8Array} body
+ * @param {number} minor
+ * @returns {Uint8Array}
+ */
+export function sealObject(body, minor) {
+  const out = new Uint8Array(SEAL_HEADER_BYTES + body.length);
+  const view = new DataView(out.buffer);
+  view.setUint16(0, 0xa15e, true);
+  out[2] = 16;
+  out[3] = 4;
+  out[4] = minor;
+  view.setBigUint64(8, BigInt(out.length), true);
+  out.set(body, SEAL_HEADER_BYTES);
+  return out;
+}
