@@ -27,16 +27,7 @@ from heinfer.errors import (
     PayloadTooLargeError,
     ShapeError,
 )
-from heinfer.he.backend import (
-    NegacyclicProduct,
-    SecretKey,
-    centered_binomial,
-    expand_uniform,
-    linear_combination,
-    mulmod_const,
-    pack_bits,
-    unpack_bits,
-)
+from heinfer.he.backend import SecretKey, pack_bits, unpack_bits
 from heinfer.plans.base import Codec
 from heinfer.plans.linear import (
     BATCH_LAYOUT_KIND,
@@ -57,6 +48,8 @@ from heinfer.plans.wire import (
     encode_request,
     encode_response,
 )
+from heinfer.rlwe.ring import NegacyclicProduct, linear_combination, mulmod_const
+from heinfer.rlwe.sampling import centered_binomial, expand_uniform
 from service_helpers import protections
 
 

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from heinfer.errors import BadInputError
-from heinfer.he.backend import SEED_BYTES, Context, SecretKey, pack_bits
+from heinfer.he.backend import Context, SecretKey, pack_bits
 from heinfer.plans.linear import LinearCodec, LinearPlan, compile_linear
 from heinfer.plans.wire import (
     BatchRequest,
@@ -32,6 +32,7 @@ from heinfer.plans.wire import (
     encode_request,
     encode_response,
 )
+from heinfer.rlwe.sampling import SEED_BYTES
 
 # HEINFER_FUZZ_EXAMPLES=5000 for a longer local run; CI keeps the default (a few seconds).
 EXAMPLES = int(os.environ.get("HEINFER_FUZZ_EXAMPLES", "150"))

@@ -12,7 +12,7 @@ import tenseal.sealapi as seal
 import heinfer
 from heinfer.errors import MalformedPayloadError
 from heinfer.he import ckks
-from heinfer.he.backend import SEED_BYTES, Context, EvaluationKey, SecretKey, mulmod_arrays
+from heinfer.he.backend import Context, EvaluationKey, SecretKey
 from heinfer.he.ckks import (
     KIND_GALOIS,
     KIND_PUBLIC,
@@ -25,6 +25,8 @@ from heinfer.he.ckks import (
 )
 from heinfer.he.scratch import SCRATCH
 from heinfer.plans.linear import LinearCodec
+from heinfer.rlwe.ring import mulmod_arrays
+from heinfer.rlwe.sampling import SEED_BYTES
 
 
 def test_mulmod_arrays_is_exact() -> None:

@@ -13,9 +13,10 @@ import pytest
 from scipy.stats import chisquare
 
 import heinfer
-from heinfer.he.backend import NegacyclicProduct, SecretKey
+from heinfer.he.backend import SecretKey
 from heinfer.plans.linear import LinearCodec
 from heinfer.plans.linear.compile import SEAL_NOISE_SIGMA
+from heinfer.rlwe.ring import NegacyclicProduct
 from service_helpers import protections
 
 

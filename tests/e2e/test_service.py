@@ -158,7 +158,7 @@ def test_secret_key_never_reaches_the_server(
     secret_file = client.save_secret(tmp_path / "secret.json")
     assert secret_file.stat().st_mode & 0o777 == 0o600
     secret_raw = base64.b64decode(json.loads(secret_file.read_text())["secret_key"])
-    from heinfer.he.backend import seal_payload
+    from heinfer.he.serialization import seal_payload
 
     secret_poly = seal_payload(secret_raw)[-4096:]  # a slice of the raw secret polynomial
     body = client.encrypt(mnist["X_test"][:2])

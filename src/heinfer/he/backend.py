@@ -1,35 +1,43 @@
 """The BFV adapter: the only module of the linear path that imports the SEAL binding.
 
 Binding choice: Microsoft SEAL 4.1 through TenSEAL's raw `tenseal.sealapi`, not seal-python.
-seal-python's NTT is the same speed here, but our plans need three things only TenSEAL exposes:
-seeded symmetric encryption (`encrypt_symmetric` returning SEAL's `Serializable`, which halves
-every request), zstd serialization, and SEAL's validating loaders for untrusted input. Its one
-wart, save/load through file paths only, is hidden here behind a tmpfs scratch directory.
+seal-python 4.4 has in-memory `to_string`/`load_bytes` and typed stubs, but our plans need
+what only TenSEAL gives: seeded symmetric encryption (`encrypt_symmetric` returning SEAL's
+`Serializable`; seal-python's returns the expanded ciphertext, twice the bytes of every
+request), zstd serialization (seal-python's wheel is built without it), and SEAL's validating
+loaders for untrusted input. TenSEAL's one wart, save/load through file paths only, is met with
+anonymous memory files (`heinfer.he.scratch`).
 
-Above the binding we speak SEAL's documented serialization format ourselves (a 16-byte header,
-then parms_id, flags and a raw uint64 array), which gives the plans coefficient-level access
-(masking, noise flooding, compact responses) with plain numpy.
+SEAL's byte format is read and written only by `heinfer.he.serialization`, and the lattice
+arithmetic and sampling done in numpy (request encryption, seeded keys, flooding, masks) live
+in `heinfer.rlwe`; this module connects them to SEAL's objects.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
 import os
-import struct
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import tenseal.sealapi as seal
-import zstandard
 
 from heinfer.errors import MalformedPayloadError, ParameterMismatchError
+from heinfer.he import serialization as fmt
 from heinfer.he.params import BFVParameters
 from heinfer.he.scratch import SCRATCH
+from heinfer.rlwe.encrypt import replace_uniform_half, scale_plain, symmetric_c0
+from heinfer.rlwe.ring import NegacyclicProduct
+from heinfer.rlwe.sampling import (
+    PUBLIC_A_TAG,
+    SEED_BYTES,
+    centered_binomial,
+    expand_uniform,
+    uniform_flood,
+    uniform_mod,
+)
 
 __all__ = [
-    "CT_META",
     "Context",
     "EvaluationKey",
     "RequestCiphertext",
@@ -37,93 +45,12 @@ __all__ = [
     "find_ntt_primes",
     "pack_bits",
     "pack_bits_into",
-    "payload_arrays",
-    "plaintext_arrays",
-    "replace_uniform_half",
-    "seal_object",
-    "seal_payload",
     "unpack_bits",
 ]
 
-_HEADER = struct.Struct("<HBBBBHQ")
-_SEAL_MAGIC = 0xA15E
-_COMPR_NONE, _COMPR_ZSTD = 0, 2
-# parms_id (4 x u64), is_ntt_form (u8), size, N, L (u64 each), scale (f64), correction (u64)
-CT_META = struct.Struct("<4QBQQQdQ")
-_MAX_DECOMPRESSED = 64 << 20
 _FINGERPRINT_BYTES = 8
-
+_ENCRYPT_ROWS = 64  # ciphertexts per block in `SecretKey.encrypt_columns` (cache-sized)
 _SCRATCH = SCRATCH
-
-
-def _seal_version() -> tuple[int, int]:
-    """The serialization version the bundled SEAL writes (and insists on reading)."""
-    header = _SCRATCH.save(seal.Plaintext())[: _HEADER.size]
-    return header[3], header[4]
-
-
-_VERSION = _seal_version()
-
-
-def _seal_header(compr_mode: int, total_size: int) -> bytes:
-    return _HEADER.pack(_SEAL_MAGIC, 16, *_VERSION, compr_mode, 0, total_size)
-
-
-def _check_header(data: bytes, what: str, max_bytes: int) -> int:
-    """Reject what SEAL would reject, before SEAL sees it; returns the compression mode."""
-    if len(data) < _HEADER.size:
-        raise MalformedPayloadError(f"{what}: {len(data)} bytes is too short for a SEAL object")
-    if len(data) > max_bytes:
-        raise MalformedPayloadError(f"{what}: {len(data)} bytes exceeds the {max_bytes} allowed")
-    magic, hsize, major, _minor, compr, _res, size = _HEADER.unpack_from(data)
-    if magic != _SEAL_MAGIC or hsize != 16 or major != 4:
-        raise MalformedPayloadError(f"{what}: not a SEAL 4 serialization (bad header)")
-    if compr not in (_COMPR_NONE, _COMPR_ZSTD):
-        raise MalformedPayloadError(f"{what}: unsupported compression mode {compr}")
-    if size != len(data):
-        raise MalformedPayloadError(
-            f"{what}: header declares {size} bytes but {len(data)} arrived (truncated?)"
-        )
-    return int(compr)
-
-
-def seal_payload(data: bytes, max_bytes: int = _MAX_DECOMPRESSED) -> bytes:
-    """The (decompressed) bytes after a SEAL header."""
-    compr = _HEADER.unpack_from(data)[4]
-    if compr == _COMPR_NONE:
-        return data[_HEADER.size :]
-    try:
-        return zstandard.ZstdDecompressor().decompress(
-            data[_HEADER.size :], max_output_size=max_bytes
-        )
-    except zstandard.ZstdError as exc:
-        raise MalformedPayloadError(f"corrupt compressed SEAL data: {exc}") from exc
-
-
-def seal_object(body: bytes, *, compress: bool = False) -> bytes:
-    """`body` behind a SEAL header of the bundled SEAL's version, zstd-compressed if asked."""
-    mode = _COMPR_NONE
-    if compress:
-        body, mode = zstandard.ZstdCompressor().compress(body), _COMPR_ZSTD
-    return _seal_header(mode, _HEADER.size + len(body)) + body
-
-
-def payload_arrays(payload: bytes) -> np.ndarray:
-    """(size, L, N) view of the RNS coefficients in a ciphertext-shaped object's payload
-    (ciphertexts, public keys, key-switching key components)."""
-    size, n, levels = struct.unpack_from("<QQQ", payload, 33)
-    count = size * n * levels
-    data = np.frombuffer(payload, dtype="<u8", count=count, offset=len(payload) - 8 * count)
-    return data.reshape(size, levels, n)
-
-
-def plaintext_arrays(plain: Any, degree: int) -> np.ndarray:
-    """A plaintext's (or secret key's) raw coefficients: (N,) mod t, or (L, N) RNS values when
-    in NTT form."""
-    payload = seal_payload(_SCRATCH.save(plain))
-    (count,) = struct.unpack_from("<Q", payload, 32)
-    data = np.frombuffer(payload, dtype="<u8", count=count, offset=len(payload) - 8 * count)
-    return data.reshape(-1, degree).copy() if count > degree else data.copy()
 
 
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
@@ -238,257 +165,6 @@ def _unpack_bits_generic(data: bytes, count: int, bits: int) -> np.ndarray:
     return np.packbits(padded, axis=1, bitorder="little").view("<u8").reshape(count).copy()
 
 
-# -- numpy RLWE arithmetic for the feature-major batch layout ----------------------------------
-#
-# A coeff-batch request is n fresh symmetric ciphertexts (one per feature). Making, parsing and
-# combining them through SEAL would cost a file round trip plus a zstd pass per ciphertext,
-# several times the arithmetic itself, so these helpers do the same arithmetic on uint64
-# arrays. They implement exactly SEAL's BFV encryption equation (c0 = -(a*s + e) + round(q*m/t),
-# c1 = a), so SEAL decrypts the result; what differs from SEAL is only where the randomness
-# comes from: `a` is expanded from a public 32-byte seed with SHAKE-128 (like SEAL's own seeded
-# ciphertexts, which use Blake2xb), and e is SEAL's default centered binomial error drawn from
-# SHAKE-128 under a fresh secret key from the OS CSPRNG.
-
-BATCH_A_TAG = b"heinfer/coeff-batch/a/v1"
-PUBLIC_A_TAG = b"heinfer/public-key/a/v1"  # the uniform half of a seeded public key
-_NOISE_TAG = b"heinfer/coeff-batch/e/v1"
-SEED_BYTES = 32
-CBD_HALF_BITS = 21  # SEAL 4.1's default error: hw(21 bits) - hw(21 bits), variance 21/2
-CBD_VARIANCE = CBD_HALF_BITS / 2
-# Digit width for float64 FFT products with a ternary secret: a 36-bit digit's product
-# (|value| < N * 2**36) came out within 0.0044 of an integer in 13M measured coefficients at
-# N=4096 (28 bits: 2e-5); every product is checked against 1/8 and refused beyond it.
-_FFT_DIGIT_BITS = 36
-_FFT_ROWS = 64  # polynomials per FFT block (cache-sized)
-_MATMUL_COLUMNS = 1024  # columns per BLAS block in `linear_combination`
-_EXACT_FLOAT = 1 << 53
-
-
-def _mulmod_small(x: np.ndarray, k: int, q: int) -> np.ndarray:
-    """x * k mod q for uint64 x < 2**32, k < q < 2**62: float quotient estimate + wrapping."""
-    x = np.asarray(x, dtype=np.uint64)
-    estimate = x.view(np.int64).astype(np.float64) * (k / q)  # off from x*k/q by < 2**-19
-    total = x.view(np.int64) * np.int64(k)  # x*k mod 2**64
-    return _reduce_estimated(total, estimate, q)
-
-
-def mulmod_const(x: np.ndarray, k: int, q: int) -> np.ndarray:
-    """x * k mod q elementwise, exactly, for uint64 x < q < 2**62 and a Python int k."""
-    if q >= 1 << 62:
-        raise ValueError("mulmod_const needs q < 2**62")
-    x = np.asarray(x, dtype=np.uint64)
-    low = _mulmod_small(x & np.uint64(0x7FFFFFFF), k % q, q)
-    high = _mulmod_small(x >> np.uint64(31), (k << 31) % q, q)
-    total = low + high  # < 2q < 2**63
-    return np.where(total >= np.uint64(q), total - np.uint64(q), total)
-
-
-def mulmod_arrays(x: np.ndarray, y: np.ndarray, q: int) -> np.ndarray:
-    """x * y mod q elementwise, exactly, for uint64 arrays x, y < q < 2**62.
-
-    y is taken in 16-bit digits and x in 32-bit halves, so every partial product fits 64 bits.
-    """
-    x = np.asarray(x, dtype=np.uint64)
-    y = np.asarray(y, dtype=np.uint64)
-    qq = np.uint64(q)
-    low, high = x & np.uint64(0xFFFFFFFF), x >> np.uint64(32)
-    total = np.zeros(np.broadcast(x, y).shape, dtype=np.uint64)
-    for k in range(4):
-        digit = (y >> np.uint64(16 * k)) & np.uint64(0xFFFF)
-        term = (low * digit) % qq + mulmod_const((high * digit) % qq, 1 << 32, q)
-        total += mulmod_const(term % qq, 1 << (16 * k), q)
-        total %= qq
-    return total
-
-
-def replace_uniform_half(
-    k0: np.ndarray, a: np.ndarray, a_new: np.ndarray, secret: np.ndarray, primes: Sequence[int]
-) -> np.ndarray:
-    """k0 + (a - a_new)*s per prime, all (L, N) in NTT form: the first half of an RLWE pair
-    (k0, a) = (-(a*s + e) + m, a) rewritten for a_new, with the same e and m."""
-    out = np.empty_like(k0)
-    for j, q in enumerate(primes):
-        qq = np.uint64(q)
-        difference = (a[j] + (qq - a_new[j])) % qq
-        out[j] = (k0[j] + mulmod_arrays(difference, secret[j], q)) % qq
-    return out
-
-
-def expand_uniform(
-    seed: bytes,
-    primes: tuple[int, ...],
-    count: int,
-    degree: int,
-    first: int = 0,
-    tag: bytes = BATCH_A_TAG,
-) -> np.ndarray:
-    """(L, count, N) polynomials first..first+count-1, uniform modulo each prime, from a seed.
-
-    Polynomial i modulo prime j is SHAKE-128(tag || seed || u32le(i) || u8(j)) read as
-    little-endian uint64 words masked to the prime's bit length, keeping the first N words
-    below the prime (rejection sampling: exactly uniform).
-    """
-    if len(seed) != SEED_BYTES:
-        raise MalformedPayloadError(f"seed must be {SEED_BYTES} bytes")
-    out = np.empty((len(primes), count, degree), dtype=np.uint64)
-    prefix = tag + seed
-    for j, q in enumerate(primes):
-        mask = np.uint64((1 << q.bit_length()) - 1)
-        qq = np.uint64(q)
-        # Draw exactly N words first: a rejection is rare for primes just below a power of two
-        # (the common case) and a row that has one is redrawn with headroom by `_uniform_row`.
-        for i in range(count):
-            key = prefix + struct.pack("<IB", first + i, j)
-            words = np.frombuffer(hashlib.shake_128(key).digest(8 * degree), dtype="<u8")
-            row = out[j, i]
-            np.bitwise_and(words, mask, out=row)
-            if (row >= qq).any():
-                row[:] = _uniform_row(key, q, degree)
-    return out
-
-
-def _uniform_row(key: bytes, q: int, degree: int) -> np.ndarray:
-    mask = np.uint64((1 << q.bit_length()) - 1)
-    words = 2 * degree
-    while True:
-        raw = np.frombuffer(hashlib.shake_128(key).digest(8 * words), dtype="<u8") & mask
-        kept = raw[raw < np.uint64(q)]
-        if kept.size >= degree:
-            return kept[:degree]
-        words *= 2
-
-
-def centered_binomial(shape: tuple[int, ...]) -> np.ndarray:
-    """SEAL's default error distribution, int8 in [-21, 21], from a fresh secret seed.
-
-    Each value is popcount(21 bits) - popcount(21 other bits) of SHAKE-128 output keyed with
-    32 bytes from the OS CSPRNG; two 64-bit words give three values.
-    """
-    count = math.prod(shape)
-    triples = -(-count // 3)
-    key = os.urandom(SEED_BYTES)
-    stream = hashlib.shake_128(_NOISE_TAG + key).digest(16 * triples)
-    words = np.frombuffer(stream, dtype="<u8").reshape(triples, 2)
-    half = np.uint64((1 << CBD_HALF_BITS) - 1)
-    out = np.empty((triples, 3), dtype=np.int8)
-    for lane, (first, second) in enumerate(((0, 0), (1, 1), (0, 1))):
-        shift = np.uint64(42) if lane == 2 else np.uint64(0)
-        other = np.uint64(42) if lane == 2 else np.uint64(CBD_HALF_BITS)
-        plus = np.bitwise_count((words[:, first] >> shift) & half).view(np.int8)
-        minus = np.bitwise_count((words[:, second] >> other) & half).view(np.int8)
-        np.subtract(plus, minus, out=out[:, lane])
-    return out.reshape(-1)[:count].reshape(shape)
-
-
-def linear_combination(weights: np.ndarray, polys: np.ndarray, q: int) -> np.ndarray:
-    """weights (rows, n) int64 @ polys (n, cols) uint64 < q, modulo q, exactly.
-
-    Float64 BLAS is exact on integers below 2**53: polys are split into unsigned digits of D
-    bits with max_row(sum |w|) * (2**D - 1) <= 2**53, so every partial sum of every product is
-    an exactly representable integer whatever order BLAS adds in; the digit products are then
-    recombined modulo q with exact integer arithmetic.
-    """
-    weights = np.asarray(weights, dtype=np.int64)
-    l1 = int(np.abs(weights).sum(axis=1).max()) if weights.size else 0
-    bits = q.bit_length()
-    digit = bits if l1 == 0 else min(bits, (_EXACT_FLOAT // l1 + 1).bit_length() - 1)
-    if digit < 1:
-        raise ValueError("weights too large for exact float64 accumulation")
-    digits = -(-bits // digit)
-    mask = np.uint64((1 << digit) - 1)
-    factors = [pow(2, k * digit, q) for k in range(digits)]
-    wf = weights.astype(np.float64)
-    rows, cols = weights.shape[0], polys.shape[1]
-    out = np.empty((rows, cols), dtype=np.uint64)
-    qq = np.uint64(q)
-    for start in range(0, cols, _MATMUL_COLUMNS):
-        block = polys[:, start : start + _MATMUL_COLUMNS]
-        acc = np.zeros((rows, block.shape[1]), dtype=np.uint64)
-        for k in range(digits):
-            part = block >> np.uint64(k * digit) if k else block
-            if k < digits - 1:
-                part = part & mask
-            exact = wf @ part.view(np.int64).astype(np.float64)
-            residue = np.remainder(exact.astype(np.int64), q).astype(np.uint64)
-            if factors[k] != 1:
-                residue = mulmod_const(residue, factors[k], q)
-            acc += residue
-            acc = np.where(acc >= qq, acc - qq, acc)
-        out[:, start : start + block.shape[1]] = acc
-    return out
-
-
-class NegacyclicProduct:
-    """Exact products a * s in Z_q[X]/(X^N + 1) for one fixed ternary s, with float64 FFTs.
-
-    The negacyclic product of real length-N polynomials is a cyclic product of length N/2
-    after folding (x_k + i x_{k+N/2}) and twisting by exp(i*pi*k/N). a is split into digits
-    of at most 36 bits so each digit product comes out of the FFT within a small fraction of
-    an integer (checked on every call: more than 1/8 raises) and rounds exactly. The digits
-    are recombined modulo q with one float-estimated quotient.
-    """
-
-    def __init__(self, secret: np.ndarray) -> None:
-        s = np.asarray(secret, dtype=np.float64)
-        self.degree = s.size
-        half = self.degree // 2
-        self._twist = np.exp(1j * np.pi * np.arange(half) / self.degree)
-        self._untwist = self._twist.conj()
-        self._secret_hat = np.fft.fft((s[:half] + 1j * s[half:]) * self._twist)
-
-    def _exact(self, digits: np.ndarray) -> np.ndarray:
-        """(rows, N) float64 integer digits -> their products with s, as exact float64 integers."""
-        half = self.degree // 2
-        folded = np.empty((digits.shape[0], half), dtype=np.complex128)
-        folded.real = digits[:, :half]
-        folded.imag = digits[:, half:]
-        folded *= self._twist
-        spectrum = np.fft.fft(folded, axis=1)
-        spectrum *= self._secret_hat
-        product = np.fft.ifft(spectrum, axis=1)
-        product *= self._untwist
-        values = np.empty(digits.shape, dtype=np.float64)
-        values[:, :half] = product.real
-        values[:, half:] = product.imag
-        rounded = np.rint(values)
-        values -= rounded
-        np.abs(values, out=values)
-        if values.max(initial=0.0) > 0.125:
-            raise RuntimeError("FFT product lost exactness; refusing to encrypt")
-        return rounded
-
-    def multiply(self, a: np.ndarray, q: int) -> np.ndarray:
-        """(count, N) uint64 a < q < 2**62 -> (a * s) mod q, uint64."""
-        bits = q.bit_length()
-        digits = -(-bits // _FFT_DIGIT_BITS)
-        width = -(-bits // digits)
-        mask = np.uint64((1 << width) - 1)
-        scales = [float(1 << (k * width)) / q for k in range(digits)]
-        out = np.empty(a.shape, dtype=np.uint64)
-        for start in range(0, a.shape[0], _FFT_ROWS):
-            block = a[start : start + _FFT_ROWS]
-            estimate = np.zeros(block.shape, dtype=np.float64)
-            total = np.zeros(block.shape, dtype=np.int64)
-            for k in range(digits):
-                part = (block >> np.uint64(k * width)) & mask
-                exact = self._exact(part.view(np.int64).astype(np.float64))
-                estimate += exact * scales[k]  # V/q to within 2**-38 (|V/q| <= N)
-                total += exact.astype(np.int64) << np.int64(k * width)  # V mod 2**64
-            out[start : start + block.shape[0]] = _reduce_estimated(total, estimate, q)
-        return out
-
-
-def _reduce_estimated(total: np.ndarray, estimate: np.ndarray, q: int) -> np.ndarray:
-    """V mod q from V mod 2**64 (int64, wrapping) and a float estimate of V/q off by < 1."""
-    quotient = np.floor(estimate).astype(np.int64)
-    r = total - quotient * np.int64(q)  # wraps mod 2**64; the true value is in [-q, 2q)
-    qq = np.int64(q)
-    r += (r >> np.int64(63)) & qq
-    r -= qq
-    r += (r >> np.int64(63)) & qq
-    return r.view(np.uint64)
-
-
 def find_ntt_primes(poly_modulus_degree: int, bit_sizes: list[int]) -> tuple[int, ...]:
     """Distinct primes = 1 mod 2N of exactly the given bit sizes (SEAL's own search)."""
     mods = seal.CoeffModulus.Create(poly_modulus_degree, bit_sizes)
@@ -524,20 +200,19 @@ class Context:
         keygen = seal.KeyGenerator(self.seal_context)
         encryptor = seal.Encryptor(self.seal_context, keygen.secret_key())
         plain = self.plaintext_from_coefficients(None)
-        seeded = seal_payload(_SCRATCH.save(encryptor.encrypt_symmetric(plain)))
-        self._seeded_prefix = seeded[: CT_META.size + 16 + 8]
-        self._seed_bytes = len(seeded) - len(self._seeded_prefix) - 8 * self.n * len(
-            self.params.data_primes
-        )
+        levels = len(self.params.data_primes)
+        seeded = _SCRATCH.save(encryptor.encrypt_symmetric(plain))
+        self._seeded_prefix, _, seed = fmt.seeded_ciphertext_parts(seeded, self.n, levels)
+        self._seed_bytes = len(seed)
         fresh = seal.Ciphertext()
         encryptor.encrypt_symmetric(plain, fresh)
-        self._ct_prefix_first = self._prefix(_SCRATCH.save(fresh))
+        self._ct_prefix_first = fmt.ciphertext_prefix(_SCRATCH.save(fresh))
         last = seal.Ciphertext()
         self.evaluator.mod_switch_to(fresh, list(self.last_parms_id), last)
-        self._ct_prefix_last = self._prefix(_SCRATCH.save(last))
+        self._ct_prefix_last = fmt.ciphertext_prefix(_SCRATCH.save(last))
         public = seal.PublicKey()
         keygen.create_public_key(public)
-        self._pk_prefix = self._prefix(_SCRATCH.save(public))
+        self._pk_prefix = fmt.ciphertext_prefix(_SCRATCH.save(public))
         self._data_bits = [q.bit_length() for q in self.params.data_primes]
         self.request_bytes = (
             _FINGERPRINT_BYTES
@@ -548,16 +223,6 @@ class Context:
         polynomial = sum((self.n * q.bit_length() + 7) // 8 for q in self.params.coeff_modulus)
         self.public_key_bytes = SEED_BYTES + polynomial  # seeded: see SecretKey.public_key_bytes
 
-    @staticmethod
-    def _prefix(serialized: bytes) -> bytes:
-        """Metadata + DynArray header of a ciphertext-shaped object (everything but the data)."""
-        return seal_payload(serialized)[: CT_META.size + 16 + 8]
-
-    @staticmethod
-    def _compose(prefix: bytes, data: np.ndarray) -> bytes:
-        body = prefix + np.ascontiguousarray(data, dtype="<u8").tobytes()
-        return seal_object(body)
-
     def plaintext_from_coefficients(self, coefficients: np.ndarray | None) -> Any:
         """A Plaintext with N coefficients taken mod t (negative values wrap, as BFV expects)."""
         t = self.params.plain_modulus
@@ -565,10 +230,7 @@ class Context:
         if coefficients is not None:
             coeffs = np.asarray(coefficients, dtype=np.int64)
             values[: coeffs.size] = np.mod(coeffs, t).astype(np.uint64)
-        # Plaintext metadata: parms_id (zero: not NTT), coeff_count, scale; then a DynArray.
-        dyn = seal_object(struct.pack("<Q", self.n) + values.astype("<u8").tobytes())
-        data = seal_object(struct.pack("<4QQd", 0, 0, 0, 0, self.n, 1.0) + dyn)
-        return _SCRATCH.load(seal.Plaintext(), self.seal_context, data)
+        return _SCRATCH.load(seal.Plaintext(), self.seal_context, fmt.plaintext_bytes(values))
 
     def ntt_plaintext(self, coefficients: np.ndarray) -> Any:
         """Weights as an NTT-form plaintext at the first data level: precomputed once per plan."""
@@ -580,11 +242,11 @@ class Context:
     @staticmethod
     def ciphertext_arrays(ciphertext: Any) -> np.ndarray:
         """(size, L, N) uint64 copy of a ciphertext's RNS coefficients."""
-        return payload_arrays(seal_payload(_SCRATCH.save(ciphertext))).copy()
+        return fmt.ciphertext_arrays(ciphertext)
 
     def plaintext_arrays(self, plain: Any) -> np.ndarray:
         """A plaintext's raw coefficients: (N,) mod t, or (L, N) RNS values when in NTT form."""
-        return plaintext_arrays(plain, self.n)
+        return fmt.plaintext_arrays(plain, self.n)
 
     def to_ntt(self, ciphertext: Any) -> Any:
         result = seal.Ciphertext()
@@ -593,7 +255,7 @@ class Context:
 
     def ciphertext_from_arrays(self, arrays: np.ndarray, *, last_level: bool) -> Any:
         prefix = self._ct_prefix_last if last_level else self._ct_prefix_first
-        data = self._compose(prefix, arrays)
+        data = fmt.compose_ciphertext(prefix, arrays)
         return _SCRATCH.load(seal.Ciphertext(), self.seal_context, data)
 
     def add_to_c0(self, ciphertext: Any, c0: np.ndarray) -> None:
@@ -628,26 +290,13 @@ class Context:
         return True
 
     def _draw_uniform_c0(self) -> np.ndarray:
-        out = np.empty((len(self.data_primes), self.n), dtype=np.uint64)
-        for i, q in enumerate(self.data_primes.tolist()):
-            mask = np.uint64((1 << int(q).bit_length()) - 1)
-            filled = 0
-            while filled < self.n:
-                draw = np.frombuffer(os.urandom(8 * self.n), dtype=np.uint64) & mask
-                draw = draw[draw < np.uint64(q)]
-                take = min(self.n - filled, draw.size)
-                out[i, filled : filled + take] = draw[:take]
-                filled += take
-        return out
+        return uniform_mod(self.params.data_primes, self.n)
 
     def compact_request(self, serialized: bytes) -> bytes:
         """SEAL's seeded ciphertext -> parameter tag + c0 bit-packed per prime + SEAL's seed."""
-        payload = seal_payload(serialized)
-        count = self.n * len(self._data_bits)
-        start = len(self._seeded_prefix)
-        c0 = np.frombuffer(payload, dtype="<u8", count=count, offset=start).reshape(-1, self.n)
+        _, c0, seed = fmt.seeded_ciphertext_parts(serialized, self.n, len(self._data_bits))
         packed = b"".join(pack_bits(c0[i], b) for i, b in enumerate(self._data_bits))
-        return self.params.fingerprint[:_FINGERPRINT_BYTES] + packed + payload[start + 8 * count :]
+        return self.params.fingerprint[:_FINGERPRINT_BYTES] + packed + seed
 
     def load_request(self, data: bytes) -> RequestCiphertext:
         """Validate and load one compact client ciphertext; SEAL re-expands c1 from the seed."""
@@ -666,8 +315,7 @@ class Context:
         c0, offset = _unpack_limbs(
             data, _FINGERPRINT_BYTES, self.params.data_primes, self.n, "ciphertext"
         )
-        body = self._seeded_prefix + c0.astype("<u8").tobytes() + data[offset:]
-        serialized = seal_object(body)
+        serialized = fmt.seeded_ciphertext(self._seeded_prefix, c0, bytes(data[offset:]))
         try:
             ciphertext = _SCRATCH.load(seal.Ciphertext(), self.seal_context, serialized)
         except (RuntimeError, ValueError) as exc:
@@ -740,46 +388,13 @@ class Context:
         return bytes(data[_FINGERPRINT_BYTES : _FINGERPRINT_BYTES + SEED_BYTES])
 
     def scale_plain(self, values: np.ndarray) -> np.ndarray:
-        """SEAL's BFV plaintext scaling round(q*m/t) (ties up) modulo each data prime.
-
-        values: integers, taken mod t; returns (L, *values.shape) uint64. The rounding error
-        (|.| <= 1/2 per coefficient) is what NoiseBudget calls `rounding`.
-        """
-        t = self.params.plain_modulus
-        primes = self.params.data_primes
-        q = math.prod(primes)
-        floor_q_t, q_mod_t, half = q // t, q % t, (t + 1) // 2
-        flat = np.mod(np.asarray(values, dtype=np.int64).reshape(-1), t)
-        if flat.size and int(flat.max()) < 1 << 17:  # client inputs: a small lookup table
-            unique, inverse = np.arange(int(flat.max()) + 1), flat
-        else:
-            unique, inverse = np.unique(flat, return_inverse=True)
-        scaled = [floor_q_t * m + (q_mod_t * m + half) // t for m in unique.tolist()]
-        table = np.array([[v % p for v in scaled] for p in primes], dtype=np.uint64)
-        return table[:, inverse].reshape((len(primes), *np.shape(values)))
+        """round(q*m/t) modulo each data prime (`heinfer.rlwe.encrypt.scale_plain`)."""
+        return scale_plain(values, self.params.data_primes, self.params.plain_modulus)
 
     def uniform_flood(self, shape: tuple[int, ...], log2_bound: int) -> np.ndarray:
-        """Integers uniform in [-2**k, 2**k) (k = log2_bound) from the OS CSPRNG, mod each prime.
-
-        A power-of-two range makes exact uniform sampling a matter of taking random bits:
-        k+1 bits in 31-bit limbs, each limb reduced with an exact modular multiply.
-        """
-        count = math.prod(shape)
-        bits = log2_bound + 1
-        limbs = -(-bits // 31)
-        raw = np.frombuffer(os.urandom(4 * limbs * count), dtype="<u4").reshape(limbs, count)
-        raw = raw.astype(np.uint64) & np.uint64(0x7FFFFFFF)
-        top = bits - 31 * (limbs - 1)
-        raw[-1] &= np.uint64((1 << top) - 1)
-        out = np.empty((len(self.data_primes), count), dtype=np.uint64)
-        for j, q in enumerate(self.params.data_primes):
-            qq = np.uint64(q)
-            acc = (qq - np.uint64(pow(2, log2_bound, q))) % qq + np.zeros(count, dtype=np.uint64)
-            for limb in range(limbs):
-                acc += _mulmod_small(raw[limb], pow(2, 31 * limb, q), q)
-                acc = np.where(acc >= qq, acc - qq, acc)
-            out[j] = acc
-        return out.reshape((len(self.data_primes), *shape))
+        """Integers uniform in [-2**k, 2**k) modulo each data prime, from the OS
+        (`heinfer.rlwe.sampling.uniform_flood`)."""
+        return uniform_flood(self.params.data_primes, shape, log2_bound)
 
     def load_evaluation_key(self, data: bytes) -> EvaluationKey:
         return EvaluationKey.from_bytes(self, data)
@@ -828,7 +443,7 @@ class EvaluationKey:
         a = expand_uniform(data[:SEED_BYTES], primes, 1, context.n, tag=PUBLIC_A_TAG)[:, 0]
         pk0, _ = _unpack_limbs(data, SEED_BYTES, primes, context.n, "public key")
         arrays = np.stack([pk0, a])
-        serialized = Context._compose(context._pk_prefix, arrays)
+        serialized = fmt.compose_ciphertext(context._pk_prefix, arrays)
         try:
             public = _SCRATCH.load(seal.PublicKey(), context.seal_context, serialized)
         except (RuntimeError, ValueError) as exc:
@@ -875,7 +490,7 @@ class SecretKey:
 
     @classmethod
     def from_bytes(cls, context: Context, data: bytes) -> SecretKey:
-        _check_header(data, "secret key", 4 * context.max_key_bytes)
+        fmt.check_header(data, "secret key", 4 * context.max_key_bytes)
         try:
             secret = _SCRATCH.load(seal.SecretKey(), context.seal_context, data)
         except (RuntimeError, ValueError) as exc:
@@ -936,9 +551,11 @@ class SecretKey:
     def encrypt_columns(self, columns: np.ndarray) -> bytes:
         """n fresh symmetric encryptions of sum_b columns[i, b] X^b, as a compact batch request.
 
-        SEAL's equation, computed with numpy: c1 = a (expanded from a fresh public seed),
-        c0 = -(a*s + e) + round(q*m/t) with e from SEAL's default centered binomial. Works
-        through the n ciphertexts in cache-sized blocks.
+        SEAL's equation, computed with numpy (`heinfer.rlwe.encrypt.symmetric_c0`): c1 = a
+        (expanded from a fresh public seed), c0 = -(a*s + e) + round(q*m/t) with e from SEAL's
+        default centered binomial. Going through SEAL would cost a file round trip and a zstd
+        pass per ciphertext, several times the arithmetic; this works through the n
+        ciphertexts in cache-sized blocks.
         """
         context = self._context
         columns = np.asarray(columns, dtype=np.int64)
@@ -961,20 +578,14 @@ class SecretKey:
         )
         out[_FINGERPRINT_BYTES:header] = np.frombuffer(seed, np.uint8)
         offsets = [header + sum(sizes[:j]) for j in range(len(primes))]
-        for start in range(0, count, _FFT_ROWS):
-            stop = min(count, start + _FFT_ROWS)
+        for start in range(0, count, _ENCRYPT_ROWS):
+            stop = min(count, start + _ENCRYPT_ROWS)
             a = expand_uniform(seed, primes, stop - start, context.n, first=start)
-            error = centered_binomial((stop - start, context.n)).astype(np.int64)
+            error = centered_binomial((stop - start, context.n))
             for j, q in enumerate(primes):
-                qq = np.int64(q)
-                value = -self._product.multiply(a[j], q).view(np.int64)  # -(a*s) in (-q, 0]
-                value[:, :width] += np.take(tables[j], columns[start:stop]).view(np.int64)
-                value -= error  # now in (-q - 21, q + 21)
-                value += (value >> np.int64(63)) & qq
-                value += (value >> np.int64(63)) & qq
-                value -= qq
-                value += (value >> np.int64(63)) & qq
-                offsets[j] = pack_bits_into(value.view(np.uint64), q.bit_length(), out, offsets[j])
+                scaled = np.take(tables[j], columns[start:stop])
+                c0 = symmetric_c0(self._product.multiply(a[j], q), scaled, error, q)
+                offsets[j] = pack_bits_into(c0, q.bit_length(), out, offsets[j])
         return out[:-8].tobytes()
 
     def decrypt_last_level(self, c0: np.ndarray, c1: np.ndarray) -> np.ndarray:
@@ -995,7 +606,7 @@ class SecretKey:
         return int(self._decryptor.invariant_noise_budget(ciphertext))
 
     def _plain_coefficients(self, plain: Any) -> np.ndarray:
-        raw = plaintext_arrays(plain, self._context.n)
+        raw = fmt.plaintext_arrays(plain, self._context.n)
         values = np.zeros(self._context.n, dtype=np.int64)
         t = self._context.params.plain_modulus
         centered = raw.astype(object)

@@ -6,12 +6,13 @@ plans need, and (de)serialization of untrusted bytes with validation.
 
 Binding: `tenseal.sealapi` (SEAL 4.1). Its quirks are hidden here:
 
-* objects save/load only through file paths: we use a private tmpfs scratch directory with
-  unique file names per thread and call (`_Scratch`);
+* objects save/load only through file paths: each call gets its own anonymous memory file
+  (`heinfer.he.scratch`), never a file on disk;
 * `KeyGenerator.create_galois_keys(list)` takes Galois *elements*, not rotation steps, so we
   convert steps ourselves (`galois_element`, SEAL's generator 3);
 * the seeded `Serializable` return values of key generation are not registered in the binding,
-  so `ClientKeys.public_keys` writes SEAL's seeded form of each key itself (`_KeySeeder`), which
+  so `ClientKeys.public_keys` writes SEAL's seeded form of each key itself (`_KeySeeder`, with
+  the byte layout in `heinfer.he.serialization` and the arithmetic in `heinfer.rlwe`), which
   halves every key; ciphertexts from the client use seeded symmetric encryption
   (`encrypt_symmetric(plain)` -> Serializable), which halves requests.
 
@@ -35,15 +36,9 @@ import numpy as np
 import tenseal.sealapi as seal
 
 from heinfer.errors import MalformedPayloadError, ParameterMismatchError
-from heinfer.he.backend import (
-    CT_META,
-    payload_arrays,
-    plaintext_arrays,
-    replace_uniform_half,
-    seal_object,
-    seal_payload,
-)
+from heinfer.he import serialization as fmt
 from heinfer.he.scratch import SCRATCH
+from heinfer.rlwe.encrypt import replace_uniform_half
 
 __all__ = [
     "HE_STANDARD_MAX_LOG_Q",
@@ -85,10 +80,7 @@ _KIND_NAMES = {
     5: "secret key",
 }
 _ENVELOPE = struct.Struct("<4sBB8s")
-_SEAL_HEADER = struct.Struct("<HBBBBHQ")  # magic 0xA15E, header size, version, compr, -, size
 _MAX_OBJECT_BYTES = 256 << 20
-_PRNG_BLAKE2XB = 1  # SEAL's prng_type for the seeds it writes itself
-_PRNG_SEED_BYTES = 64
 
 
 _SCRATCH = SCRATCH
@@ -311,7 +303,7 @@ class CkksContext:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise MalformedPayloadError(f"{what}: expected bytes, got {type(data).__name__}")
         data = bytes(data)
-        if len(data) < _ENVELOPE.size + _SEAL_HEADER.size:
+        if len(data) < _ENVELOPE.size + fmt.HEADER.size:
             raise MalformedPayloadError(f"{what}: {len(data)} bytes is too short")
         if len(data) > max_bytes:
             raise MalformedPayloadError(f"{what}: {len(data)} bytes exceeds {max_bytes}")
@@ -329,9 +321,7 @@ class CkksContext:
                 f"{what} was made for other encryption parameters than this model's"
             )
         body = data[_ENVELOPE.size :]
-        smagic, hsize, major, _minor, _compr, _res, size = _SEAL_HEADER.unpack_from(body)
-        if smagic != 0xA15E or hsize != 16 or major != 4 or size != len(body):
-            raise MalformedPayloadError(f"{what}: corrupt or truncated SEAL serialization")
+        fmt.check_header(body, what, max_bytes)
         return body
 
     def _load(self, kind: int, obj: Any, data: bytes, max_bytes: int = _MAX_OBJECT_BYTES) -> Any:
@@ -455,64 +445,33 @@ class _KeySeeder:
     Every key (the public key, and each component of relinearization and Galois keys) is an
     RLWE pair (k0, a) in NTT form at the key level with k0 = -(a*s + e) + (what the key
     carries). In the seeded form `a` is replaced by a 64-byte seed that SEAL's loader expands;
-    we draw the seed from the OS, let SEAL expand it to a', and correct k0 by (a - a')*s, so the
-    key keeps SEAL's error e and payload. The server loads the result with SEAL's validating
-    loader, unchanged. The secret key's NTT form is held here for the corrections and is part
-    of nothing written out.
+    we draw the seed from the OS, let SEAL expand it to a', and correct k0 by (a - a')*s
+    (`replace_uniform_half`), so the key keeps SEAL's error e and payload. The server loads the
+    result with SEAL's validating loader, unchanged. The secret key's NTT form is held here for
+    the corrections and is part of nothing written out.
     """
 
     def __init__(self, ctx: CkksContext, secret: Any) -> None:
         self._ctx = ctx
         key_data = ctx.seal_context.key_context_data()
         self._primes = [m.value() for m in key_data.parms().coeff_modulus()]
-        self._secret_ntt = plaintext_arrays(secret, ctx.n)  # (L, N) at the key level
+        self._secret_ntt = fmt.plaintext_arrays(secret, ctx.n)  # (L, N) at the key level
 
     def public_key(self, serialized: bytes) -> bytes:
-        return seal_object(self._seeded(seal_payload(serialized, _MAX_OBJECT_BYTES)), compress=True)
+        body = fmt.seal_payload(serialized, _MAX_OBJECT_BYTES)
+        return fmt.seal_object(self._seeded(body), compress=True)
 
     def switching_keys(self, serialized: bytes) -> bytes:
-        """KSwitchKeys: parms_id, a count of key lists, then per list a count and its keys,
-        each a whole SEAL object (header included)."""
-        payload = seal_payload(serialized, _MAX_OBJECT_BYTES)
-        out = [payload[:32]]
-        offset = 32
-        (lists,) = struct.unpack_from("<Q", payload, offset)
-        out.append(payload[offset : offset + 8])
-        offset += 8
-        for _ in range(lists):
-            (keys,) = struct.unpack_from("<Q", payload, offset)
-            out.append(payload[offset : offset + 8])
-            offset += 8
-            for _ in range(keys):
-                size = _SEAL_HEADER.unpack_from(payload, offset)[6]
-                body = payload[offset + _SEAL_HEADER.size : offset + size]
-                out.append(seal_object(self._seeded(body)))
-                offset += size
-        if offset != len(payload):
-            raise ValueError("unexpected SEAL key layout")  # our own keys: a bug, not input
-        return seal_object(b"".join(out), compress=True)
+        return fmt.map_kswitch_keys(serialized, self._seeded, _MAX_OBJECT_BYTES)
 
     def _seeded(self, body: bytes) -> bytes:
-        meta = CT_META.unpack_from(body)
-        if (meta[4], meta[5], meta[6], meta[7]) != (1, 2, self._ctx.n, len(self._primes)):
-            raise ValueError("unexpected SEAL key layout")
-        k0, a = payload_arrays(body)
-        seed = os.urandom(_PRNG_SEED_BYTES)
-        probe = self._seeded_body(body, np.zeros_like(k0), seed)
-        expanded = _SCRATCH.load(seal.PublicKey(), self._ctx.seal_context, seal_object(probe))
-        a_seeded = payload_arrays(seal_payload(_SCRATCH.save(expanded)))[1]
+        k0, a = fmt.key_arrays(body, self._ctx.n, len(self._primes))
+        seed = os.urandom(fmt.PRNG_SEED_BYTES)
+        probe = fmt.seal_object(fmt.seeded_key_body(body, np.zeros_like(k0), seed))
+        expanded = _SCRATCH.load(seal.PublicKey(), self._ctx.seal_context, probe)
+        a_seeded = fmt.ciphertext_arrays(expanded)[1]
         corrected = replace_uniform_half(k0, a, a_seeded, self._secret_ntt, self._primes)
-        return self._seeded_body(body, corrected, seed)
-
-    @staticmethod
-    def _seeded_body(body: bytes, k0: np.ndarray, seed: bytes) -> bytes:
-        """The metadata, then only k0 as the data array, then the PRNG type and seed."""
-        data = struct.pack("<Q", k0.size) + np.ascontiguousarray(k0, dtype="<u8").tobytes()
-        return (
-            body[: CT_META.size]
-            + seal_object(data)
-            + seal_object(bytes([_PRNG_BLAKE2XB]) + seed)
-        )
+        return fmt.seeded_key_body(body, corrected, seed)
 
 
 class ServerKeys:
@@ -553,17 +512,3 @@ class ServerKeys:
 def _ciphertext_bytes(ct: Any) -> int:
     return int(ct.size()) * int(ct.poly_modulus_degree()) * int(ct.coeff_modulus_size()) * 8
 
-
-def os_random_uniform(count: int) -> np.ndarray:
-    """Uniform floats in [0, 1) from the OS CSPRNG (53 random bits each)."""
-    raw = np.frombuffer(os.urandom(8 * count), dtype=np.uint64) >> np.uint64(11)
-    return raw.astype(np.float64) * (1.0 / (1 << 53))
-
-
-def os_random_normal(count: int) -> np.ndarray:
-    """Standard normal samples from the OS CSPRNG (Box-Muller)."""
-    half = (count + 1) // 2
-    u1 = 1.0 - os_random_uniform(half)  # (0, 1]
-    u2 = os_random_uniform(half)
-    r = np.sqrt(-2.0 * np.log(u1))
-    return np.concatenate([r * np.cos(2 * np.pi * u2), r * np.sin(2 * np.pi * u2)])[:count]

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from heinfer.errors import ParameterMismatchError, ShapeError
-from heinfer.he.backend import CBD_VARIANCE, find_ntt_primes
+from heinfer.he.backend import find_ntt_primes
 from heinfer.he.params import BFVParameters, max_log_q
 from heinfer.plans.linear.batch import BATCH_LAYOUT_KIND
 from heinfer.plans.linear.plan import LinearPlan
@@ -27,6 +27,7 @@ from heinfer.plans.manifest import (
     PrecisionSpec,
     PrivacySpec,
 )
+from heinfer.rlwe.sampling import CBD_VARIANCE
 
 __all__ = ["FLOODING_BITS", "NoiseBudget", "compile_linear"]
 FLOODING_BITS = 40

@@ -14,10 +14,11 @@ from typing import Any, ClassVar
 import numpy as np
 
 from heinfer.errors import MalformedPayloadError, ModelFormatError, ParameterMismatchError
-from heinfer.he.backend import Context, EvaluationKey, linear_combination
+from heinfer.he.backend import Context, EvaluationKey
 from heinfer.he.params import BFVParameters
 from heinfer.plans.base import Keys, Plan
 from heinfer.plans.manifest import Manifest
+from heinfer.rlwe.ring import linear_combination
 
 __all__ = ["FAMILY", "LinearPlan", "Treatment"]
 

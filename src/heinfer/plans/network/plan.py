@@ -273,7 +273,7 @@ class NetworkPlan(Plan):
     def mask_and_flood(self, ct: Any, values: np.ndarray, used: int, keys: Any) -> Any:
         """Add one fresh public-key encryption of `values` in the first `used` slots, uniform
         masks from the OS CSPRNG in the others, and flooding noise (module docstring)."""
-        from heinfer.he.ckks import os_random_normal, os_random_uniform
+        from heinfer.rlwe.sampling import os_random_normal, os_random_uniform
 
         ctx = self.ctx
         S, n = ctx.slots, ctx.n

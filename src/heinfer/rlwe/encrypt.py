@@ -1,0 +1,74 @@
+"""The RLWE equations we evaluate ourselves: BFV plaintext scaling, symmetric encryption, and
+rewriting an RLWE pair for a new uniform half (seeded public and key-switching keys).
+
+Each is SEAL's own equation, so SEAL decrypts (or loads and uses) what these produce; the
+tests in `tests/test_rlwe_encrypt.py` check that with SEAL's decryptor, evaluator and loaders.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from heinfer.rlwe.ring import mulmod_arrays
+
+__all__ = ["replace_uniform_half", "scale_plain", "symmetric_c0"]
+
+
+def scale_plain(values: np.ndarray, primes: Sequence[int], t: int) -> np.ndarray:
+    """SEAL's BFV plaintext scaling round(q*m/t) (ties up) modulo each prime, q = prod(primes).
+
+    Identity: round(q*m/t) = floor(q/t)*m + floor(((q mod t)*m + floor((t+1)/2)) / t), the
+    form SEAL's `add_plain` and encryptor use. values are integers taken mod t; returns
+    (L, *values.shape) uint64. The rounding error (|.| <= 1/2 per coefficient) is what the
+    linear plan's noise budget calls `rounding`.
+    """
+    q = math.prod(primes)
+    floor_q_t, q_mod_t, half = q // t, q % t, (t + 1) // 2
+    flat = np.mod(np.asarray(values, dtype=np.int64).reshape(-1), t)
+    if flat.size and int(flat.max()) < 1 << 17:  # client inputs: a small lookup table
+        unique, inverse = np.arange(int(flat.max()) + 1), flat
+    else:
+        unique, inverse = np.unique(flat, return_inverse=True)
+    scaled = [floor_q_t * m + (q_mod_t * m + half) // t for m in unique.tolist()]
+    table = np.array([[v % p for v in scaled] for p in primes], dtype=np.uint64)
+    return table[:, inverse].reshape((len(primes), *np.shape(values)))
+
+
+def symmetric_c0(
+    a_times_s: np.ndarray, scaled: np.ndarray, error: np.ndarray, q: int
+) -> np.ndarray:
+    """c0 = -(a*s) + round(q*m/t) - e mod q, SEAL's symmetric BFV encryption (c1 = a).
+
+    a_times_s: (rows, N) uint64 < q; scaled: (rows, width <= N) uint64 < q, the scaled message
+    in the first `width` coefficients (zero beyond); error: (rows, N) small signed integers
+    (|e| < 2**20). Returns (rows, N) uint64 < q.
+    """
+    qq = np.int64(q)
+    value = -a_times_s.view(np.int64)  # in (-q, 0]
+    value[:, : scaled.shape[1]] += scaled.view(np.int64)
+    value -= error.astype(np.int64)  # now in (-q - |e|, q + |e|)
+    value += (value >> np.int64(63)) & qq
+    value += (value >> np.int64(63)) & qq
+    value -= qq
+    value += (value >> np.int64(63)) & qq
+    return value.view(np.uint64)
+
+
+def replace_uniform_half(
+    k0: np.ndarray, a: np.ndarray, a_new: np.ndarray, secret: np.ndarray, primes: Sequence[int]
+) -> np.ndarray:
+    """k0 + (a - a_new)*s per prime, all (L, N) in NTT form (pointwise products).
+
+    Identity: for an RLWE pair (k0, a) = (-(a*s + e) + m, a), the result k0' satisfies
+    k0' = -(a_new*s + e) + m, so (k0', a_new) carries the same error e and payload m under a
+    new uniform half; with a_new expanded from a seed, only k0' and the seed need to travel.
+    """
+    out = np.empty_like(k0)
+    for j, q in enumerate(primes):
+        qq = np.uint64(q)
+        difference = (a[j] + (qq - a_new[j])) % qq
+        out[j] = (k0[j] + mulmod_arrays(difference, secret[j], q)) % qq
+    return out
