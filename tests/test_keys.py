@@ -3,6 +3,7 @@ the CKKS networks' keys in SEAL's own seeded form; each works as SEAL's own key 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -25,18 +26,8 @@ from heinfer.he.ckks import (
 )
 from heinfer.he.scratch import SCRATCH
 from heinfer.plans.linear import LinearCodec
-from heinfer.rlwe.ring import mulmod_arrays
 from heinfer.rlwe.sampling import SEED_BYTES
-
-
-def test_mulmod_arrays_is_exact() -> None:
-    rng = np.random.default_rng(7)
-    for q in (65537, 1099511922689, (1 << 55) - 55, (1 << 61) - 1):
-        x = rng.integers(0, q, size=5000, dtype=np.uint64)
-        y = rng.integers(0, q, size=5000, dtype=np.uint64)
-        x[:3], y[:3] = [0, q - 1, q - 1], [q - 1, q - 1, 1]
-        expected = (x.astype(object) * y.astype(object) % q).astype(np.uint64)
-        assert (mulmod_arrays(x, y, q) == expected).all(), q
+from rlwe_helpers import bfv_context
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +163,38 @@ def test_ckks_seeded_keys_need_the_correction(monkeypatch: pytest.MonkeyPatch) -
     values = np.linspace(-1.0, 1.0, ctx.slots)
     assert np.abs(_square_and_rotate(ctx, client, keys)[: ctx.slots]
                   - np.roll(values**2, -3)).max() > 1.0
+
+
+# -- secret keys never touch a filesystem --------------------------------------------------------
+
+
+def test_seal_objects_pass_through_memory_files_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Saving and loading a secret key opens no path but /proc/self/fd/N of a memfd, and with
+    no memfd available the library raises instead of using a directory."""
+    import builtins
+
+    from heinfer.he import scratch
+
+    opened: list[str] = []
+    real_open = builtins.open
+    monkeypatch.setattr(
+        builtins, "open", lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k)
+    )
+    context = bfv_context()
+    secret = SecretKey.generate(context)
+    again = SecretKey.from_bytes(context, secret.to_bytes())
+    monkeypatch.setattr(builtins, "open", real_open)
+    assert again.ternary().tolist() == secret.ternary().tolist()
+    assert opened == []  # SEAL opens the memfd itself; Python opens no file on the way
+    fd, path = scratch._memory_file()
+    try:
+        assert os.readlink(path).startswith("/memfd:")
+    finally:
+        os.close(fd)
+    monkeypatch.delattr(os, "memfd_create")
+    with pytest.raises(scratch.ScratchUnavailableError):
+        secret.to_bytes()
+    monkeypatch.undo()
+    monkeypatch.setattr(os.path, "exists", lambda path: False)
+    with pytest.raises(scratch.ScratchUnavailableError, match="/proc"):
+        secret.to_bytes()
