@@ -35,6 +35,9 @@ def test_scale_plain_is_seals_add_plain(plain_modulus: int) -> None:
     rng = np.random.default_rng(3)
     m = rng.integers(0, t, size=context.n)
     m[:6] = [0, 1, t // 2, (t + 1) // 2, t - 1, t - 2]
+    # the m whose q*m/t lies just below a half: SEAL's (t + 1) // 2 rounds it up (odd t)
+    q = int(np.prod([int(p) for p in context.params.data_primes], dtype=object))
+    m[6] = ((t - 1) // 2 * pow(q % t, -1, t)) % t
     arrays = np.zeros((2, len(context.params.data_primes), context.n), dtype=np.uint64)
     arrays[1] = 1  # (0, 1): SEAL refuses to add to a transparent (0, 0)
     ciphertext = context.ciphertext_from_arrays(arrays, last_level=False)

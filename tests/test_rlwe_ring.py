@@ -168,8 +168,10 @@ def test_linear_combination_is_exact_with_large_weights() -> None:
     rng = np.random.default_rng(4)
     q = (1 << 61) - 1
     weights = rng.integers(-(1 << 40), 1 << 40, size=(4, 300))
+    weights[0] = (1 << 40) - 1  # all at the bound: the float sums reach 2**53 exactly
     polys = rng.integers(0, q, size=(300, 1500), dtype=np.uint64)
     polys[:, 0] = q - 1
+    polys[:, 1] = (1 << 60) - 1  # all digits all ones
     expected = (weights.astype(object) @ polys.astype(object)) % q
     np.testing.assert_array_equal(linear_combination(weights, polys, q), expected.astype(np.uint64))
     with pytest.raises(ValueError, match="too large"):
