@@ -18,20 +18,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from heinfer.he import backend
-from heinfer.he.backend import (
-    BATCH_A_TAG,
-    PUBLIC_A_TAG,
-    expand_uniform,
-    pack_bits,
-    replace_uniform_half,
-    unpack_bits,
-)
+from heinfer.he.backend import pack_bits, unpack_bits
 from heinfer.he.ckks import _ENVELOPE, KIND_CIPHERTEXT, MAGIC, VERSION, CkksParameters
 from heinfer.he.params import BFVParameters
+from heinfer.he.serialization import seal_version
 from heinfer.plans.network.frames import encode_frames
 from heinfer.plans.network.plan import network_key_fingerprint
 from heinfer.plans.wire import decode_response, encode_keys, encode_request, encode_response
+from heinfer.rlwe.encrypt import replace_uniform_half
+from heinfer.rlwe.sampling import BATCH_A_TAG, PUBLIC_A_TAG, expand_uniform
 from service_helpers import REPO
 
 pytestmark = pytest.mark.web
@@ -166,4 +161,4 @@ def test_frames_and_envelopes() -> None:
 def test_service_seal_version_is_what_the_service_writes() -> None:
     """The JS client writes the service's SEAL minor version into every header it uploads; a
     TenSEAL upgrade that moves SEAL's version must move SERVICE_SEAL_MINOR too."""
-    assert run_js([{"op": "service_minor"}]) == [backend._VERSION[1]]
+    assert run_js([{"op": "service_minor"}]) == [seal_version()[1]]

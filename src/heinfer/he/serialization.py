@@ -48,6 +48,7 @@ __all__ = [
     "plaintext_bytes",
     "seal_object",
     "seal_payload",
+    "seal_version",
     "seeded_ciphertext",
     "seeded_ciphertext_parts",
     "seeded_key_body",
@@ -68,7 +69,7 @@ PRNG_SEED_BYTES = 64
 
 
 @functools.cache
-def _version() -> tuple[int, int]:
+def seal_version() -> tuple[int, int]:
     """The serialization version the bundled SEAL writes (and insists on reading)."""
     header = SCRATCH.save(seal.Plaintext())[: HEADER.size]
     return header[3], header[4]
@@ -114,7 +115,7 @@ def seal_object(body: bytes, *, compress: bool = False) -> bytes:
     mode = _COMPR_NONE
     if compress:
         body, mode = zstandard.ZstdCompressor().compress(body), _COMPR_ZSTD
-    major, minor = _version()
+    major, minor = seal_version()
     size = HEADER.size + len(body)
     return HEADER.pack(_SEAL_MAGIC, HEADER.size, major, minor, mode, 0, size) + body
 
