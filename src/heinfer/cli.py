@@ -22,7 +22,17 @@ from rich.table import Table
 
 from heinfer.errors import HeinferError
 
-__all__ = ["app", "wait_ready"]
+__all__ = [
+    "app",
+    "demo",
+    "inspect",
+    "main",
+    "predict",
+    "serve",
+    "token_new",
+    "train_mnist",
+    "wait_ready",
+]
 
 app = typer.Typer(
     add_completion=False,

@@ -15,3 +15,5 @@ cannot do fast or at all:
 Nothing here imports the SEAL binding; `tests/test_rlwe*.py` checks every function against
 SEAL's own output. SECURITY.md lists these functions as the crypto we wrote ourselves.
 """
+
+__all__: list[str] = []

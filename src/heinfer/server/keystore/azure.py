@@ -26,6 +26,8 @@ from heinfer.server.keystore.base import (
     key_id_for,
 )
 
+__all__ = ["AzureKeyStore"]
+
 log = logging.getLogger(__name__)
 
 # Container names Azure accepts (lowercase DNS labels without "--").

@@ -13,6 +13,8 @@ from abc import ABC, abstractmethod
 
 from heinfer.errors import BadInputError, KeyNotFoundError
 
+__all__ = ["KeyStore", "KeyStoreConfigError", "key_id_for"]
+
 log = logging.getLogger(__name__)
 
 # fullmatch, never `$`: `$` also matches before a trailing newline.

@@ -17,6 +17,8 @@ from heinfer.server.keystore.base import (
     _is_key_id,
 )
 
+__all__ = ["CacheStats", "CachedKeyStore"]
+
 # What remembering "this key exists" costs without its body (the dict node, the key tuple and
 # its two strings, the timestamp), rounded up; charged so that `max_bytes` bounds all of it.
 PRESENCE_BYTES = 512

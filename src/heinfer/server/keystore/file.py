@@ -23,6 +23,8 @@ from heinfer.server.keystore.base import (
     key_id_for,
 )
 
+__all__ = ["FileKeyStore"]
+
 log = logging.getLogger(__name__)
 
 _TMP_PREFIX = ".tmp-"

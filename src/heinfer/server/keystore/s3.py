@@ -27,6 +27,8 @@ from heinfer.server.keystore.base import (
     key_id_for,
 )
 
+__all__ = ["S3KeyStore"]
+
 log = logging.getLogger(__name__)
 
 # Bucket names S3 accepts (lowercase DNS labels; ".." is checked separately).
