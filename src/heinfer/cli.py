@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import httpx
 import numpy as np
@@ -22,6 +22,9 @@ from rich.table import Table
 
 from heinfer.errors import HeinferError
 
+if TYPE_CHECKING:
+    from heinfer.server.budget import BudgetRule
+
 __all__ = [
     "app",
     "demo",
@@ -30,6 +33,7 @@ __all__ = [
     "predict",
     "serve",
     "token_new",
+    "token_revoke",
     "train_mnist",
     "wait_ready",
 ]
@@ -250,6 +254,19 @@ def serve(
     queue_timeout: Annotated[
         float | None, typer.Option(help="seconds a request waits for a worker before 503 (30)")
     ] = None,
+    sample_budget: Annotated[
+        int | None,
+        typer.Option(help="samples one tenant may have evaluated per model per window; 0: no "
+                     "limit (default 1,000,000; SECURITY.md, 'Model extraction')"),
+    ] = None,
+    sample_budget_window: Annotated[
+        float | None, typer.Option(help="the sample budget's window in seconds (default 3600)")
+    ] = None,
+    budget_file: Annotated[
+        Path | None,
+        typer.Option(help='JSON {"rules": [{"tenant", "model", "samples", "disabled_layouts"}]}: '
+                     "budgets and layouts switched off per model and tenant"),
+    ] = None,
     log_level: Annotated[str, typer.Option()] = "info",
     page: Annotated[
         bool | None,
@@ -298,7 +315,10 @@ def serve(
         "max_concurrent_requests": max_concurrent_requests,
         "max_queued_requests": max_queued_requests,
         "queue_timeout_seconds": queue_timeout,
+        "sample_budget": sample_budget,
+        "sample_budget_window_seconds": sample_budget_window,
     }
+    rules = _budget_rules(budget_file) if budget_file is not None else []
     settings = ServiceSettings(
         model_paths=[str(p) for p in model_paths],
         host=host,
@@ -307,6 +327,7 @@ def serve(
         key_store=key_store,
         auth_file=str(auth_file) if auth_file else None,
         web_page=page,
+        budget_rules=rules,
         **{name: value for name, value in optional.items() if value is not None},  # type: ignore[arg-type]
     )
     if ray is not None:  # same app, replicated by Ray Serve (heinfer.ray_serve)
@@ -329,6 +350,34 @@ def serve(
     )
 
 
+def _budget_rules(path: Path) -> list[BudgetRule]:
+    from pydantic import TypeAdapter, ValidationError
+
+    from heinfer.server.budget import BudgetRule
+
+    try:
+        document = json.loads(path.read_text())
+        return list(TypeAdapter(list[BudgetRule]).validate_python(document["rules"]))
+    except (OSError, ValueError, KeyError, TypeError, ValidationError) as exc:
+        console.print(f"[red]cannot read the budget file {path}: {type(exc).__name__}: "
+                      f"{str(exc)[:300]}[/red]")
+        raise typer.Exit(2) from exc
+
+
+def _token_from(token_file: Path | None) -> str | None:
+    """The bearer token from --token-file, else HEINFER_TOKEN: never from the command line,
+    which any local user can read (ps, /proc/PID/cmdline) and shells keep in their history."""
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            raise typer.BadParameter(f"cannot read {token_file}: {exc.strerror}") from exc
+        if not token:
+            raise typer.BadParameter(f"{token_file} is empty")
+        return token
+    return os.environ.get("HEINFER_TOKEN") or None
+
+
 @app.command()
 def predict(
     url: Annotated[str, typer.Option(help="service URL")] = "http://127.0.0.1:8000",
@@ -345,12 +394,26 @@ def predict(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="where --batch writes scores (.npy)")] = None,
     batch_size: Annotated[int, typer.Option()] = 256,
-    token: Annotated[str | None, typer.Option(envvar="HEINFER_TOKEN")] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help="file holding the bearer token (default: the HEINFER_TOKEN variable)"),
+    ] = None,
+    token: Annotated[str | None, typer.Option(hidden=True)] = None,
 ) -> None:
-    """Encrypt inputs, call a running service, decrypt and print the result."""
+    """Encrypt inputs, call a running service, decrypt and print the result.
+
+    The bearer token comes from --token-file or HEINFER_TOKEN; a token on the command line is
+    refused (it would be visible to every local user in the process list)."""
     from heinfer.client import Client
     from heinfer.datasets import load_image, load_mnist, load_sample
 
+    if token is not None:
+        console.print(
+            "[red]--token puts the token in the process list, where every local user can read "
+            "it: put it in HEINFER_TOKEN or in a file named by --token-file[/red]"
+        )
+        raise typer.Exit(2)
+    bearer = _token_from(token_file)
     if sum(x is not None for x in (image, mnist_index, batch)) != 1:
         raise typer.BadParameter("give exactly one of --image, --mnist-index, --batch")
     if image is not None:
@@ -365,7 +428,7 @@ def predict(
         else:
             X = load_mnist(batch)[0].astype(np.float64) / 255.0
     try:
-        with Client(url, model=model, token=token) as client:
+        with Client(url, model=model, token=bearer) as client:
             client.upload_keys()
             with Progress(
                 TextColumn("encrypted inference"),
@@ -458,7 +521,17 @@ def inspect(model_path: Annotated[Path, typer.Argument()]) -> None:
     """Print a compiled model's public manifest."""
     from heinfer.models import load_model
 
-    console.print_json(json.dumps(load_model(model_path).manifest.to_dict()))
+    manifest = load_model(model_path).manifest
+    console.print_json(json.dumps(manifest.to_dict()))
+    extraction = manifest.privacy.extraction
+    if extraction is None:
+        console.print("extraction: not stated (compiled before manifest version 2)")
+    elif extraction.exact:
+        console.print(f"extraction: {extraction.samples} answered samples suffice to recover "
+                      f"all {extraction.parameters} parameters")
+    else:
+        console.print(f"extraction: {extraction.parameters} parameters; an equation-solving "
+                      f"attack needs at least {extraction.samples} answered samples")
 
 
 @token_app.command("new")
@@ -469,7 +542,31 @@ def token_new(
     """Make a tenant token: printed once, only its hash is stored."""
     from heinfer.server.auth import new_token
 
-    print(new_token(tenant, auth_file))
+    try:
+        print(new_token(tenant, auth_file))
+    except HeinferError as exc:
+        console.print(f"[red]{exc.message}[/red]")
+        raise typer.Exit(2) from exc
+
+
+@token_app.command("revoke")
+def token_revoke(
+    tenant: Annotated[str, typer.Argument()],
+    auth_file: Annotated[Path, typer.Option(help="the file heinfer serve --auth-file reads")],
+) -> None:
+    """Remove a tenant's token: a running service refuses it within a second. The tenant's
+    keys stay in the key store."""
+    from heinfer.server.auth import revoke_token
+
+    try:
+        found = revoke_token(tenant, auth_file)
+    except HeinferError as exc:
+        console.print(f"[red]{exc.message}[/red]")
+        raise typer.Exit(2) from exc
+    if not found:
+        console.print(f"[red]{auth_file} holds no tenant {tenant!r}[/red]")
+        raise typer.Exit(1)
+    console.print(f"revoked the token of {tenant!r}")
 
 
 def main() -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 __all__ = [
     "AuthError",
     "BadInputError",
+    "BudgetExceededError",
     "HeinferError",
     "KeyNotFoundError",
+    "LayoutDisabledError",
     "MalformedPayloadError",
     "ModelFormatError",
     "ModelNotFoundError",
@@ -92,6 +94,23 @@ class KeyNotFoundError(HeinferError, LookupError):
 class QuotaExceededError(HeinferError):
     status = 429
     code = "quota_exceeded"
+
+
+class BudgetExceededError(QuotaExceededError):
+    """The (tenant, model) pair has evaluated its sample budget (heinfer.server.budget)."""
+
+    code = "sample_budget_exceeded"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class LayoutDisabledError(HeinferError):
+    """A layout the service's budget rules switch off for this tenant and model."""
+
+    status = 403
+    code = "layout_disabled"
 
 
 class ServiceUnavailableError(HeinferError):

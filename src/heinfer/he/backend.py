@@ -319,7 +319,7 @@ class Context:
         try:
             ciphertext = _SCRATCH.load(seal.Ciphertext(), self.seal_context, serialized)
         except (RuntimeError, ValueError) as exc:
-            raise MalformedPayloadError(f"ciphertext rejected by SEAL: {exc}") from exc
+            raise MalformedPayloadError("ciphertext rejected by SEAL's validation") from exc
         if ciphertext.size() != 2 or ciphertext.is_ntt_form():
             raise MalformedPayloadError("ciphertext must be a fresh 2-component BFV ciphertext")
         return RequestCiphertext(self, ciphertext)
@@ -447,7 +447,7 @@ class EvaluationKey:
         try:
             public = _SCRATCH.load(seal.PublicKey(), context.seal_context, serialized)
         except (RuntimeError, ValueError) as exc:
-            raise MalformedPayloadError(f"public key rejected by SEAL: {exc}") from exc
+            raise MalformedPayloadError("public key rejected by SEAL's validation") from exc
         return cls(context, public)
 
     def encrypt_zero(self) -> Any:

@@ -330,7 +330,7 @@ class CkksContext:
             return _SCRATCH.load(obj, self.seal_context, body)
         except (RuntimeError, ValueError, TypeError) as exc:
             raise MalformedPayloadError(
-                f"{_KIND_NAMES[kind]} failed SEAL validation: {exc}"
+                f"{_KIND_NAMES[kind]} failed SEAL validation"
             ) from exc
 
     def save_ciphertext(self, ct: Any) -> bytes:

@@ -107,7 +107,7 @@ def seal_payload(data: bytes, max_bytes: int = MAX_DECOMPRESSED) -> bytes:
             data[HEADER.size :], max_output_size=max_bytes
         )
     except zstandard.ZstdError as exc:
-        raise MalformedPayloadError(f"corrupt compressed SEAL data: {exc}") from exc
+        raise MalformedPayloadError("corrupt compressed SEAL data") from exc
 
 
 def seal_object(body: bytes, *, compress: bool = False) -> bytes:

@@ -17,17 +17,24 @@ from heinfer.errors import ModelFormatError
 __all__ = [
     "MANIFEST_FORMAT",
     "MANIFEST_VERSION",
+    "ExtractionSpec",
     "InputSpec",
     "KeysSpec",
     "Manifest",
     "OutputSpec",
     "PrecisionSpec",
     "PrivacySpec",
+    "extraction_spec",
     "manifest_json_schema",
 ]
 
 MANIFEST_FORMAT: Final = "heinfer.manifest"
-MANIFEST_VERSION = 1
+# 2: `privacy.extraction`. Clients parse with extra="forbid", so a version-1 client would
+# refuse a manifest holding it with a bare validation error; the bump turns that into
+# "upgrade heinfer". Version-1 manifests (models compiled before) still load and are served
+# unchanged, without the field.
+MANIFEST_VERSION = 2
+SUPPORTED_MANIFEST_VERSIONS = (1, 2)
 
 
 class _Strict(BaseModel):
@@ -61,11 +68,50 @@ class PrecisionSpec(_Strict):
     noise_abs_error: float = Field(description="bound on the part caused by HE noise")
 
 
+class ExtractionSpec(_Strict):
+    """How many answered samples determine the model: encryption hides inputs and weights, not
+    what the answers themselves reveal (SECURITY.md, "Model extraction")."""
+
+    samples: int = Field(
+        ge=1,
+        description="answered samples that determine the parameters (`exact`) or that an "
+        "equation-solving attack with known architecture needs at least (not `exact`)",
+    )
+    parameters: int = Field(ge=1, description="weights and biases of the model")
+    exact: bool = Field(
+        description="true: this many well-chosen samples recover every parameter (linear "
+        "models); false: a count of equations, neither proven sufficient nor a lower bound "
+        "for learning-based extraction"
+    )
+    notes: str
+
+
+def extraction_spec(parameters: int, outputs: int, *, linear: bool) -> ExtractionSpec:
+    """Each answered sample gives one equation per output in the model's parameters, so
+    ceil(parameters / outputs) samples are what solving for them takes: n_features + 1 for a
+    linear model (exactly enough, with inputs in general position)."""
+    samples = -(-parameters // outputs)
+    if linear:
+        notes = (
+            f"scores are linear in the {parameters} weights and intercepts: {samples} samples "
+            "in general position (n_features + 1) determine all of them, to the precision of "
+            "the scores"
+        )
+    else:
+        notes = (
+            f"{parameters} parameters, {outputs} scores per sample: an equation-solving attack "
+            f"knowing the architecture needs at least {samples} samples; learning-based "
+            "extraction can approximate the model's decisions with other amounts"
+        )
+    return ExtractionSpec(samples=samples, parameters=parameters, exact=linear, notes=notes)
+
+
 class PrivacySpec(_Strict):
     rerandomized: bool
     masked: bool
     flooding_statistical_bits: int
     notes: str
+    extraction: ExtractionSpec | None = None  # None: compiled before manifest version 2
 
 
 class Manifest(_Strict):
@@ -93,10 +139,12 @@ class Manifest(_Strict):
         return int(self.output.shape[0])
 
     def to_json(self) -> str:
-        return self.model_dump_json(indent=2)
+        return json.dumps(self.to_dict(), indent=2)
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        # A version-1 manifest goes out as it came in: its clients forbid unknown fields.
+        exclude = {"privacy": {"extraction"}} if self.privacy.extraction is None else None
+        return self.model_dump(mode="json", exclude=exclude)
 
     @classmethod
     def from_dict(cls, data: Any) -> Manifest:
@@ -104,10 +152,10 @@ class Manifest(_Strict):
         if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
             raise ModelFormatError("not a heinfer manifest (missing format marker)")
         version = data.get("format_version")
-        if version != MANIFEST_VERSION:
+        if version not in SUPPORTED_MANIFEST_VERSIONS:
             raise ModelFormatError(
                 f"manifest format version {version} is not supported by this heinfer "
-                f"(supports {MANIFEST_VERSION}); upgrade heinfer"
+                f"(supports {', '.join(map(str, SUPPORTED_MANIFEST_VERSIONS))}); upgrade heinfer"
             )
         try:
             return cls.model_validate(data)

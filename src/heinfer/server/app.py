@@ -13,6 +13,9 @@ never on the event loop. Every route checks, in this order and before any HE wor
    key (400/413/422), computed in this process from the model's public parameters;
 6. the key's existence for *this* tenant (404, identical for absent and foreign keys) and the
    tenant's quotas (429);
+7. for inference, the extraction budget: layouts switched off for the tenant (403) and the
+   samples it may have evaluated of this model in the window (429 + Retry-After;
+   `server/budget.py`);
 
 and only then waits (at most `queue_timeout_seconds`, else 503) for an evaluation slot. Inside
 the worker, SEAL's validating loaders do the remaining checks (coefficient ranges) before
@@ -52,6 +55,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from heinfer.errors import (
     AuthError,
     BadInputError,
+    BudgetExceededError,
     HeinferError,
     KeyNotFoundError,
     ModelNotFoundError,
@@ -62,7 +66,14 @@ from heinfer.errors import (
 from heinfer.models import load_model
 from heinfer.plans.base import Plan
 from heinfer.server.auth import PUBLIC_TENANT, TokenFile
+from heinfer.server.budget import (
+    BudgetPolicy,
+    ExtractionBudget,
+    budget_warnings,
+    open_budget_store,
+)
 from heinfer.server.keystore import KeyStore, key_id_for, open_key_store
+from heinfer.server.readiness import CachedProbe
 from heinfer.server.settings import ServiceSettings
 from heinfer.server.workers import WorkerPool
 from heinfer.web import mount_page, page_enabled
@@ -156,6 +167,10 @@ class _Metrics:
         )
         self.admitted = Gauge(
             "heinfer_requests_admitted", "requests inside the HE routes (running or queued)",
+            registry=r,
+        )
+        self.readiness_probes = Gauge(
+            "heinfer_readiness_probes", "readiness probes of the workers and key store run",
             registry=r,
         )
         self.worker_restarts = Gauge(
@@ -270,6 +285,8 @@ class _Service:
     tokens: TokenFile | None
     admission: _Admission
     metrics: _Metrics
+    budget: ExtractionBudget
+    readiness: CachedProbe
     tenant_locks: dict[str, anyio.Lock] = field(default_factory=dict)
 
     def tenant(self, request: Request) -> str:
@@ -378,7 +395,7 @@ def _unread(exc: HeinferError) -> HeinferError:
 def _heinfer_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HeinferError)
     headers = {}
-    if isinstance(exc, ServiceUnavailableError):
+    if isinstance(exc, ServiceUnavailableError | BudgetExceededError):
         headers["Retry-After"] = str(exc.retry_after)
     if isinstance(exc, AuthError):
         headers["WWW-Authenticate"] = 'Bearer realm="heinfer"'
@@ -491,7 +508,7 @@ async def _infer(request: Request) -> Response:
         body = await _body(request, settings.max_body_bytes, settings.body_timeout_seconds)
         checked = plan.check(body)
         svc.metrics.bytes_in.inc(len(body))
-        async with svc.admission.slot():
+        async with svc.budget.charge(tenant, name, checked), svc.admission.slot():
             started = time.perf_counter()
             try:
                 parts = plan.split(checked, svc.pool.workers)
@@ -516,6 +533,10 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     for path in settings.model_paths:
         plan = load_model(path).plan
         plans[plan.manifest.name] = plan
+    policy = BudgetPolicy(
+        settings.sample_budget, settings.sample_budget_window_seconds, settings.budget_rules
+    )
+    policy.check_against(plans)  # a rule naming no served model or layout is a typo: refuse
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -533,14 +554,23 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         metrics.worker_restarts.set_function(lambda: pool.restarts)
         admission = _Admission(settings, metrics)
         metrics.admitted.set_function(lambda: admission.admitted)
+        budget = ExtractionBudget(
+            policy, open_budget_store(settings.budget_store),
+            lambda reason: metrics.rejected.labels(reason).inc(),
+        )
+        for line in budget_warnings(policy, plans):
+            log.warning(line)
+        readiness = CachedProbe(lambda: _probe(pool, store), settings.ready_cache_seconds)
+        metrics.readiness_probes.set_function(lambda: readiness.probes)
         app.state.service = _Service(
-            settings, plans, store, pool, tokens, admission, metrics
+            settings, plans, store, pool, tokens, admission, metrics, budget, readiness
         )
         try:
             yield
         finally:
             await pool.aclose()
             store.close()
+            budget.store.close()
 
     app = FastAPI(
         title="heinfer", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None
@@ -567,16 +597,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     @app.get("/v2/health/ready")
     async def ready(request: Request) -> JSONResponse:
         svc = service(request)
-        workers_ok = await svc.pool.ready(timeout=10.0)
-        try:
-            await anyio.to_thread.run_sync(svc.store.check)
-            store_ok = True
-        except Exception as exc:  # any failure means "not ready", never a 500
-            if not isinstance(exc, HeinferError):
-                log.warning("key store check failed unexpectedly", exc_info=exc)
-            store_ok = False
-        ok = workers_ok and store_ok
-        body = {"ready": ok, "workers": workers_ok, "key_store": store_ok}
+        body = await svc.readiness.result()  # cached: server/readiness.py
+        ok = body["ready"]
         headers = {} if ok else {"Retry-After": str(svc.settings.retry_after_seconds)}
         return JSONResponse(body, status_code=200 if ok else 503, headers=headers)
 
@@ -649,6 +671,19 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _probe(pool: WorkerPool, store: KeyStore) -> dict[str, bool]:
+    """One readiness probe: every worker answers a ping, the key store answers a check."""
+    workers_ok = await pool.ready(timeout=10.0)
+    try:
+        await anyio.to_thread.run_sync(store.check)
+        store_ok = True
+    except Exception as exc:  # any failure means "not ready", never a 500
+        if not isinstance(exc, HeinferError):
+            log.warning("key store check failed unexpectedly", exc_info=exc)
+        store_ok = False
+    return {"ready": workers_ok and store_ok, "workers": workers_ok, "key_store": store_ok}
 
 
 async def _check_quota(svc: _Service, tenant: str, key_id: str, size: int) -> None:

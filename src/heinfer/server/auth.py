@@ -6,7 +6,10 @@ token uploaded them; without auth every caller is the single tenant `public`.
 Tokens are 256-bit random strings, so an unsalted SHA-256 is enough: nobody can brute-force a
 preimage, and a leaked auth file gives an attacker no usable token. The running service
 re-reads the auth file when it changes (checked at most once a second), so `heinfer token new`
-takes effect without a restart; a file that becomes unreadable keeps the last good tokens.
+and `heinfer token revoke` take effect without a restart. A file that becomes unreadable,
+corrupt or absent fails closed: every token is refused (503) until it can be read again,
+because keeping the last good tokens would keep a revoked token working whenever the revoking
+write went wrong.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ import threading
 import time
 from pathlib import Path
 
-from heinfer.errors import AuthError, BadInputError
+from heinfer.errors import AuthError, BadInputError, ServiceUnavailableError
 
-__all__ = ["PUBLIC_TENANT", "TokenFile", "TokenRegistry", "new_token"]
+__all__ = ["PUBLIC_TENANT", "TokenFile", "TokenRegistry", "new_token", "revoke_token"]
 
 PUBLIC_TENANT = "public"
 # fullmatch, never `$` (which also matches before a trailing newline).
@@ -68,7 +71,11 @@ class TokenRegistry:
             document = json.loads(Path(path).read_text())
             tenants = {str(t): str(v["token_sha256"]) for t, v in document["tenants"].items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise BadInputError(f"cannot read auth file {path}: {exc}") from exc
+            # the reason by type only: a parser's message may quote the file's content
+            raise BadInputError(
+                f"cannot read auth file {path}: {type(exc).__name__} (not a heinfer auth file, "
+                "or unreadable)"
+            ) from exc
         return cls(tenants)
 
     def tenant_for(self, authorization: str | None) -> str:
@@ -90,15 +97,17 @@ class TokenFile:
         self._interval = check_interval
         self._lock = threading.Lock()
         self._stamp = self._stat()
-        self._registry = TokenRegistry.from_file(self._path)  # errors here are fatal at start
+        # errors here are fatal at start; None later: the file cannot be read, refuse all
+        self._registry: TokenRegistry | None = TokenRegistry.from_file(self._path)
         self._checked = time.monotonic()
 
-    def _stat(self) -> tuple[int, int, int] | None:
+    def _stat(self) -> tuple[int, int, int, int] | None:
         try:
             st = self._path.stat()
         except OSError:
             return None
-        return st.st_mtime_ns, st.st_size, st.st_ino
+        # ctime too: a chmod that makes the file unreadable changes nothing else
+        return st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino
 
     @property
     def registry(self) -> TokenRegistry:
@@ -108,19 +117,38 @@ class TokenFile:
                 if now - self._checked >= self._interval:
                     self._checked = now
                     stamp = self._stat()
-                    if stamp is not None and stamp != self._stamp:
-                        try:
-                            self._registry = TokenRegistry.from_file(self._path)
-                            log.info("reloaded the auth file", extra={"tenants": len(
-                                self._registry.tenants)})
-                        except BadInputError:
-                            log.warning("the auth file changed but cannot be read; keeping "
-                                        "the previous tokens")
-                        self._stamp = stamp
+                    if stamp != self._stamp or (stamp is not None and self._registry is None):
+                        self._reload(stamp)
+        if self._registry is None:
+            raise ServiceUnavailableError(
+                "the service cannot read its auth file, so it refuses every token until an "
+                "operator repairs it"
+            )
         return self._registry
+
+    def _reload(self, stamp: tuple[int, int, int, int] | None) -> None:
+        self._stamp = stamp
+        try:
+            if stamp is None:
+                raise BadInputError("the auth file is gone")
+            self._registry = TokenRegistry.from_file(self._path)
+        except BadInputError as exc:
+            if self._registry is not None:  # once per failure, not per request
+                log.error(f"refusing every token: {exc.message}")
+            self._registry = None
+            return
+        log.info("reloaded the auth file", extra={"tenants": len(self._registry.tenants)})
 
     def tenant_for(self, authorization: str | None) -> str:
         return self.registry.tenant_for(authorization)
+
+
+def _read_document(path: Path) -> dict[str, dict[str, dict[str, str]]]:
+    if not path.exists():
+        return {"tenants": {}}
+    TokenRegistry.from_file(path)  # refuse to rewrite a file we cannot parse
+    document: dict[str, dict[str, dict[str, str]]] = json.loads(path.read_text())
+    return document
 
 
 def new_token(tenant: str, auth_file: str | os.PathLike[str]) -> str:
@@ -128,11 +156,28 @@ def new_token(tenant: str, auth_file: str | os.PathLike[str]) -> str:
     if _TENANT.fullmatch(tenant) is None:
         raise BadInputError("tenant names are 1-64 chars of a-z, 0-9, '_' and '-'")
     path = Path(auth_file)
-    document: dict[str, dict[str, dict[str, str]]] = {"tenants": {}}
-    if path.exists():
-        document = json.loads(path.read_text())
+    document = _read_document(path)
     token = secrets.token_urlsafe(32)
     document.setdefault("tenants", {})[tenant] = {"token_sha256": _hash(token)}
+    _write_document(path, document)
+    return token
+
+
+def revoke_token(tenant: str, auth_file: str | os.PathLike[str]) -> bool:
+    """Remove a tenant's token (a running service refuses it within a second); False when the
+    file holds no such tenant. The tenant's keys stay in the key store until deleted."""
+    path = Path(auth_file)
+    if not path.exists():
+        return False
+    document = _read_document(path)
+    if document.get("tenants", {}).pop(tenant, None) is None:
+        return False
+    _write_document(path, document)
+    return True
+
+
+def _write_document(path: Path, document: dict[str, dict[str, dict[str, str]]]) -> None:
+    """Atomically: a reader sees the old file or the new one, never a partial write."""
     tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -140,4 +185,3 @@ def new_token(tenant: str, auth_file: str | os.PathLike[str]) -> str:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    return token

@@ -7,6 +7,8 @@ import os
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from heinfer.server.budget import BudgetRule
+
 __all__ = ["ServiceSettings"]
 
 
@@ -47,3 +49,14 @@ class ServiceSettings(BaseSettings):
     retry_after_seconds: int = Field(default=1, ge=1)
     key_cache_bytes: int = Field(default=256 << 20, ge=0)
     key_ttl_seconds: float | None = None
+    # The extraction budget (server/budget.py): samples one tenant may have evaluated per
+    # model per window (0: unlimited), 429 + Retry-After beyond it; rules override it per
+    # model and tenant and switch layouts off. `auto`: counted in this process, or in one Ray
+    # actor all replicas share under Ray Serve; `local`: each process alone; `ray:NAME`.
+    sample_budget: int = Field(default=1_000_000, ge=0)
+    sample_budget_window_seconds: float = Field(default=3600.0, gt=0)
+    budget_rules: list[BudgetRule] = Field(default_factory=list)
+    budget_store: str = "auto"
+    # /v2/health/ready answers from one probe of the workers and key store at a time, reused
+    # for this long: anonymous callers cannot make each request reach the store.
+    ready_cache_seconds: float = Field(default=2.0, ge=0)

@@ -26,6 +26,7 @@ from heinfer.plans.manifest import (
     OutputSpec,
     PrecisionSpec,
     PrivacySpec,
+    extraction_spec,
 )
 from heinfer.rlwe.sampling import CBD_VARIANCE
 
@@ -329,6 +330,7 @@ def compile_linear(
                 "SEAL's centered binomial error, sigma 3.24); non-output coefficients are "
                 "masked and not sent"
             ),
+            extraction=extraction_spec(n_rows * (n_features + 1), n_rows, linear=True),
         ),
         max_batch=max_batch,
     )

@@ -231,7 +231,7 @@ def compile_network(
         arrays[f"h{k}_bias"] = extra[k][0]
         arrays[f"h{k}_c"] = extra[k][1]
     network = build_plan_manifest(name, params, arrays, n_act, n_features, (low, high))
-    return NetworkPlan(common_manifest(network, estimator), arrays, spec)
+    return NetworkPlan(common_manifest(network, estimator, spec.parameter_count), arrays, spec)
 
 
 def _first_shifts(M: np.ndarray, out_slots: np.ndarray, dim: int) -> np.ndarray:

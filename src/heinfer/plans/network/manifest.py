@@ -20,6 +20,7 @@ from heinfer.plans.manifest import (
     OutputSpec,
     PrecisionSpec,
     PrivacySpec,
+    extraction_spec,
 )
 from heinfer.plans.network.frames import (
     BATCH_REQUEST_MAGIC,
@@ -217,8 +218,11 @@ def _batch_manifest(
     }
 
 
-def common_manifest(network: dict[str, Any], estimator: str) -> Manifest:
-    """The plan manifest wrapped in the common shape every client reads."""
+def common_manifest(
+    network: dict[str, Any], estimator: str, parameters: int | None = None
+) -> Manifest:
+    """The plan manifest wrapped in the common shape every client reads; `parameters` (the
+    network's weights and biases) states its extraction cost (None: a model compiled before)."""
     precision = network["precision"]
     privacy = network["privacy"]
     return Manifest(
@@ -249,6 +253,9 @@ def common_manifest(network: dict[str, Any], estimator: str) -> Manifest:
             masked=True,
             flooding_statistical_bits=int(privacy["statistical_security_bits"]),
             notes=f"masked: {privacy['masked_slots']}; not covered: {privacy['not_covered']}",
+            extraction=None if parameters is None else extraction_spec(
+                parameters, int(network["output"]["shape"][0]), linear=False
+            ),
         ),
         max_batch=int(network["input"]["max_images_per_request"]),
     )

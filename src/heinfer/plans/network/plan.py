@@ -208,11 +208,12 @@ class NetworkPlan(Plan):
         checked = ("format_version", "keys", "input", "output", "batch")
         if any(rebuilt.get(k) != network.get(k) for k in checked):
             raise ModelFormatError("network manifest does not match its arrays")
-        expected = common_manifest(network, manifest.estimator)
+        spec = NetworkSpec.from_arrays(arrays)
+        counted = spec.parameter_count if manifest.privacy.extraction is not None else None
+        expected = common_manifest(network, manifest.estimator, counted)
         fields = ("name", "input", "output", "scheme", "keys", "precision", "privacy", "max_batch")
         if any(getattr(expected, f) != getattr(manifest, f) for f in fields):
             raise ModelFormatError("network manifest does not match its common fields")
-        spec = NetworkSpec.from_arrays(arrays)
         n_out = int(network["output"]["shape"][0])
         probe = spec.predict_plain(np.zeros((1, spec.n_features))) if spec.n_features else None
         if spec.n_features != n_features or probe is None or probe.shape[1] != n_out:

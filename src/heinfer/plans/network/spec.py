@@ -114,6 +114,16 @@ class NetworkSpec:
         return self.input_shape
 
     @property
+    def parameter_count(self) -> int:
+        """Weights and biases: what an extraction attack solves for (the manifest states it)."""
+        return sum(
+            int(np.asarray(layer[key]).size)
+            for layer in self.layers
+            for key in _ARRAY_KEYS
+            if layer.get(key) is not None
+        )
+
+    @property
     def n_features(self) -> int:
         return int(np.prod(self.shape))
 
