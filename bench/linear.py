@@ -229,7 +229,9 @@ class Service:
         self._keys = tempfile.TemporaryDirectory(prefix="heinfer-bench-")
         self.process = subprocess.Popen(
             [sys.executable, *launcher, "serve", str(model_path), "--port", str(self.port),
-             "--workers", str(workers), "--key-store", self._keys.name, "--log-level", "warning"],
+             "--workers", str(workers), "--key-store", self._keys.name, "--log-level", "warning",
+             # a benchmark evaluates millions of samples under one tenant: no extraction budget
+             "--sample-budget", "0"],
             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         )
         wait_ready(self.url, self.process, 120, "service")

@@ -375,7 +375,8 @@ class RayReplicas:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "heinfer", "serve", str(model_path), "--key-store",
              str(Path(self._keys.name) / "keys"), "--ray", env["HEINFER_TEST_RAY_ADDRESS"],
-             "--host", host, "--port", port, "--workers", "1", "--log-level", "warning"],
+             "--host", host, "--port", port, "--workers", "1", "--log-level", "warning",
+             "--sample-budget", "0"],  # millions of samples under one tenant: no budget
             env=child_env, stdout=self._log, stderr=subprocess.STDOUT,
         )
         wait_ready(
