@@ -232,6 +232,8 @@ def replica_settings(settings: ServiceSettings, options: RayServeOptions) -> dic
     """
     if settings.key_ttl_seconds is None:
         settings = settings.model_copy(update={"key_ttl_seconds": options.key_ttl_seconds})
+    if settings.budget_store == "auto":  # one count for all replicas (server/budget.py)
+        settings = settings.model_copy(update={"budget_store": budget_actor(options)})
     payload = settings.model_dump(mode="json")
     payload["model_paths"] = [str(Path(p).absolute()) for p in settings.model_paths]
     if settings.auth_file:
@@ -273,6 +275,12 @@ def heinfer_application(
     if options.max_replicas_per_node is not None:
         config["max_replicas_per_node"] = options.max_replicas_per_node
     return ray.serve.deployment(**config)(HeinferReplica).bind()
+
+
+def budget_actor(options: RayServeOptions) -> str:
+    """The budget store of an application: one named, detached Ray actor all its replicas
+    count with, so a tenant's budget does not multiply by the number of replicas."""
+    return f"ray:{options.app_name}-sample-budget"
 
 
 def _absolute_store_url(url: str) -> str:
@@ -420,6 +428,11 @@ def serve_on_ray(
         finally:
             with contextlib.suppress(Exception):
                 ray.serve.delete(options.app_name)
+            with contextlib.suppress(Exception):  # the next deployment counts afresh
+                from heinfer.server.budget import RAY_NAMESPACE
+
+                name = budget_actor(options).removeprefix("ray:")
+                ray.kill(ray.get_actor(name, namespace=RAY_NAMESPACE))
             if started:
                 with contextlib.suppress(Exception):
                     ray.serve.shutdown()
