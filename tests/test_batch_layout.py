@@ -3,8 +3,7 @@
 Correctness on real digits, the numpy RLWE arithmetic against SEAL and exact integers, model
 privacy with negative controls (as in tests/security/test_result_privacy.py: each check is also
 run with the protection switched off and must then detect the leak), malformed requests, and the
-whole
-workflow through a real service.
+whole workflow through a real service.
 """
 
 from __future__ import annotations
