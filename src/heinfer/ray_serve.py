@@ -53,6 +53,7 @@ __all__ = [
     "DEFAULT_FORWARDED_ENV",
     "REPLICA_HEADER",
     "RayServeOptions",
+    "budget_actor",
     "build_app",
     "heinfer_application",
     "replica_settings",

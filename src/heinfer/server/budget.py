@@ -52,8 +52,10 @@ from heinfer.plans.base import Plan, Request, layout_kinds
 __all__ = [
     "ANY",
     "Buckets",
+    "BudgetActor",
     "BudgetPolicy",
     "BudgetRule",
+    "BudgetStore",
     "ExtractionBudget",
     "Limit",
     "LocalStore",
