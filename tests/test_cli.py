@@ -59,6 +59,7 @@ def test_train_mnist_and_inspect(tmp_path: Path) -> None:
     shown = run("inspect", str(out))
     assert shown.returncode == 0
     manifest = json.loads(shown.stdout)
+    assert "extraction: 785 answered samples" in shown.stderr  # n_features + 1
     assert manifest["name"] == "mnist"
     assert manifest["keys"]["galois_steps"] == []
 

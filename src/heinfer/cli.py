@@ -523,15 +523,17 @@ def inspect(model_path: Annotated[Path, typer.Argument()]) -> None:
 
     manifest = load_model(model_path).manifest
     console.print_json(json.dumps(manifest.to_dict()))
+    # the summary on stderr: stdout stays the manifest's JSON, for scripts
+    notes = Console(stderr=True)
     extraction = manifest.privacy.extraction
     if extraction is None:
-        console.print("extraction: not stated (compiled before manifest version 2)")
+        notes.print("extraction: not stated (compiled before manifest version 2)")
     elif extraction.exact:
-        console.print(f"extraction: {extraction.samples} answered samples suffice to recover "
-                      f"all {extraction.parameters} parameters")
+        notes.print(f"extraction: {extraction.samples} answered samples suffice to recover "
+                    f"all {extraction.parameters} parameters")
     else:
-        console.print(f"extraction: {extraction.parameters} parameters; an equation-solving "
-                      f"attack needs at least {extraction.samples} answered samples")
+        notes.print(f"extraction: {extraction.parameters} parameters; an equation-solving "
+                    f"attack needs at least {extraction.samples} answered samples")
 
 
 @token_app.command("new")
