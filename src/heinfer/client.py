@@ -59,7 +59,7 @@ class Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = http or httpx.Client(base_url=url, headers=headers, timeout=timeout)
         self.model = model
-        self.manifest = Manifest.from_dict(self._json("GET", f"/v2/models/{model}"))
+        self.manifest = Manifest.from_dict(self._json("GET", f"/v2/models/{model}/manifest"))
         try:
             self.codec: Codec = codec_for(self.manifest)
         except HeinferError as exc:

@@ -4,7 +4,8 @@ Why Ray Serve and not a home-made cluster: Serve already does what scale-out nee
 proxy per node or on the head, replica placement and restarts, queue-length autoscaling,
 in-place config updates with `serve deploy`), and it can host an ASGI app unchanged. So a
 replica here *is* `heinfer.server.app.create_app(settings)`: clients see the identical HTTP API
-(/v2/models/{m}, /v2/keys, /v2/models/{m}/infer, /v2/health/*, /metrics), errors and all.
+(/v2, /v2/models/{m}[/manifest|/ready], /v2/keys, /v2/models/{m}/infer, /v2/health/*,
+/metrics), errors and all.
 
 Why keys never travel through Ray: a client uploads its public key once (POST /v2/keys); the
 replica that happens to take that request writes it to the key store named by the key store URL

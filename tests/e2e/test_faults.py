@@ -289,7 +289,7 @@ def _store_env(kind: str, port: int) -> tuple[str, dict[str, str]]:
 
 def _valid_payloads(url: str, X: np.ndarray) -> tuple[bytes, bytes]:
     """A key upload and a request body for the served model, made from its manifest alone."""
-    manifest = Manifest.from_dict(httpx.get(f"{url}/v2/models/mnist").json())
+    manifest = Manifest.from_dict(httpx.get(f"{url}/v2/models/mnist/manifest").json())
     codec = codec_for(manifest)
     secret = codec.keygen()
     return codec.key_upload(secret), codec.encrypt(secret, X, LAYOUT_KIND)

@@ -35,7 +35,7 @@ def test_health_and_models(service) -> None:  # type: ignore[no-untyped-def]
     assert httpx.get(f"{service.url}/v2/health/ready").json()["ready"] is True
     models = httpx.get(f"{service.url}/v2/models").json()["models"]
     assert [m["name"] for m in models] == ["mnist"]
-    manifest = httpx.get(f"{service.url}/v2/models/mnist").json()
+    manifest = httpx.get(f"{service.url}/v2/models/mnist/manifest").json()
     assert manifest["keys"] == {"public": True, "relin": False, "galois_steps": []}
     assert int(manifest["scheme"]["security_bits"]) >= 128
 

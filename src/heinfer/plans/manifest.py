@@ -1,8 +1,9 @@
 """The public manifest: the only thing the client and the service must agree on.
 
-The service publishes it at `GET /v2/models/{name}`; the client builds its keys, encodes its
-inputs and decodes results from it alone. Common fields are typed here; `scheme` and `layout`
-belong to the plan that wrote them and are validated by that plan's client codec.
+The service publishes it at `GET /v2/models/{name}/manifest` (`GET /v2/models/{name}` is the
+Open Inference Protocol's model metadata, which points there); the client builds its keys,
+encodes its inputs and decodes results from it alone. Common fields are typed here; `scheme`
+and `layout` belong to the plan that wrote them and are validated by that plan's client codec.
 """
 
 from __future__ import annotations

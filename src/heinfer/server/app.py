@@ -65,6 +65,8 @@ from heinfer.errors import (
 )
 from heinfer.models import load_model
 from heinfer.plans.base import Plan
+from heinfer.protocol import oip
+from heinfer.server import oip as oip_routes
 from heinfer.server.auth import PUBLIC_TENANT, TokenFile
 from heinfer.server.budget import (
     BudgetPolicy,
@@ -73,6 +75,7 @@ from heinfer.server.budget import (
     open_budget_store,
 )
 from heinfer.server.keystore import KeyStore, key_id_for, open_key_store
+from heinfer.server.openapi import allowed_methods, install_openapi
 from heinfer.server.readiness import CachedProbe
 from heinfer.server.settings import ServiceSettings
 from heinfer.server.workers import WorkerPool
@@ -407,12 +410,15 @@ def _heinfer_error(_: Request, exc: Exception) -> JSONResponse:
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
-def _http_error(_: Request, exc: Exception) -> JSONResponse:
+def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     message = exc.detail if isinstance(exc.detail, str) else "request refused"
+    headers = exc.headers
+    if exc.status_code == 405:  # every method of the path, not only the first route's
+        headers = {**(headers or {}), "Allow": allowed_methods(request.app, request.scope)}
     return JSONResponse(
-        {"error": code, "message": message}, status_code=exc.status_code, headers=exc.headers
+        {"error": code, "message": message}, status_code=exc.status_code, headers=headers
     )
 
 
@@ -494,18 +500,25 @@ INFER_ROUTE = "/v2/models/{name}/infer"
 
 
 async def _infer(request: Request) -> Response:
-    """POST /v2/models/{name}/infer: an encrypted request body in, an encrypted answer out."""
+    """POST /v2/models/{name}/infer: an encrypted request body in, an encrypted answer out,
+    either bare (the fast path) or in OIP framing (`oip.framing` decides from the headers)."""
     name = str(request.path_params["name"])
     svc: _Service = request.app.state.service
     tenant = svc.tenant(request)
-    plan = svc.plan(name)
+    plan = oip_routes.versioned_plan(svc, request)
     settings = svc.settings
-    key_id = request.headers.get(KEY_ID_HEADER)
-    if not key_id:
+    key_id = request.headers.get(KEY_ID_HEADER, "")
+    framing = oip.framing(request.headers)
+    if not key_id and framing is None:
         raise KeyNotFoundError(f"send the key id from POST /v2/keys in {KEY_ID_HEADER}")
     with svc.admission.admit(request, settings.max_body_bytes):
-        await svc.require_key(tenant, key_id)
+        if framing is None:  # the key is checked before a large body is read
+            await svc.require_key(tenant, key_id)
         body = await _body(request, settings.max_body_bytes, settings.body_timeout_seconds)
+        if framing is not None:  # the key id is inside the body
+            call = oip_routes.unwrap(framing, body, request, key_id)
+            body, key_id = call.tensor, call.key_id
+            await svc.require_key(tenant, key_id)
         checked = plan.check(body)
         svc.metrics.bytes_in.inc(len(body))
         async with svc.budget.charge(tenant, name, checked), svc.admission.slot():
@@ -519,6 +532,8 @@ async def _infer(request: Request) -> Response:
     payload = plan.join(checked, results)
     svc.metrics.bytes_out.inc(len(payload))
     svc.metrics.samples.inc(checked.samples)
+    if framing is not None:
+        return oip_routes.wrap(call, plan, payload)
     return Response(payload, media_type="application/octet-stream")
 
 
@@ -584,7 +599,9 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         svc: _Service = request.app.state.service
         return svc
 
-    app.add_api_route(INFER_ROUTE, _infer, methods=["POST"])
+    for route in oip_routes.INFER_ROUTES:  # INFER_ROUTE and its /versions/{version} form
+        app.add_api_route(route, _infer, methods=["POST"])
+    oip_routes.add_oip_routes(app)  # GET /v2, model metadata, readiness, manifest
     app.add_middleware(_Observe)
 
     if page_enabled(settings.web_page, settings.host):  # the browser page at /
@@ -613,12 +630,6 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                 for m in (plan.manifest for plan in svc.plans.values())
             ]
         }
-
-    @app.get("/v2/models/{name}")
-    async def get_manifest(name: str, request: Request) -> JSONResponse:
-        svc = service(request)
-        svc.tenant(request)
-        return JSONResponse(svc.plan(name).manifest.to_dict())
 
     @app.post("/v2/keys")
     async def upload_key(request: Request, model: str) -> dict[str, str]:
@@ -670,6 +681,10 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         svc = service(request)
         return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    install_openapi(  # after every route: the document describes them all (openapi.py)
+        app, auth=settings.auth_file is not None,
+        models=[(p.manifest.name, p.manifest.model_version) for p in plans.values()],
+    )
     return app
 
 

@@ -594,13 +594,14 @@ export class Client {
   }
 
   /**
-   * Fetch the model's manifest and build a client for it.
+   * Fetch the model's manifest (GET /v2/models/{name}/manifest; GET /v2/models/{name} is the
+   * Open Inference Protocol's model metadata) and build a client for it.
    * @param {{baseUrl?: string, model: string, seal: Seal, token?: string, fetch?: typeof fetch}} options
    */
   static async connect(options) {
     const fetcher = options.fetch ?? globalThis.fetch.bind(globalThis);
     const base = (options.baseUrl ?? '').replace(/\/$/, '');
-    const response = await fetcher(`${base}/v2/models/${encodeURIComponent(options.model)}`, {
+    const response = await fetcher(`${base}/v2/models/${encodeURIComponent(options.model)}/manifest`, {
       headers: options.token ? { Authorization: `Bearer ${options.token}` } : {},
     });
     if (!response.ok) throw await httpError(response);

@@ -1,0 +1,1 @@
+"""Wire protocols around heinfer's encrypted bodies that both the service and callers speak."""
