@@ -150,9 +150,12 @@ class AzuriteServer:
         return ";".join(f"AccountKey={key}" if p.startswith("AccountKey=") else p for p in parts)
 
 
-def start_azurite(state_dir: Path) -> AzuriteServer:
-    """Start (or restart, keeping data and port) a private Azurite whose state is `state_dir`."""
-    found = run_service_script("azurite.sh", "start", {"AZURITE_STATE_DIR": str(state_dir)})
+def start_azurite(state_dir: Path, **env: str) -> AzuriteServer:
+    """Start (or restart, keeping data and port) a private Azurite whose state is `state_dir`;
+    `env`: more knobs of azurite.sh (AZURITE_CERT and AZURITE_KEY: HTTPS and OAuth)."""
+    found = run_service_script(
+        "azurite.sh", "start", {"AZURITE_STATE_DIR": str(state_dir), **env}
+    )
     if AZURITE_ENV not in found:
         server_unavailable(f"azurite.sh start printed no {AZURITE_ENV}")
     return AzuriteServer(found[AZURITE_ENV])

@@ -459,6 +459,7 @@ def test_open_key_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
             open_key_store(bad)
 
     monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING", raising=False)
+    monkeypatch.delenv("AZURE_STORAGE_ACCOUNT_URL", raising=False)
     with pytest.raises(KeyStoreConfigError, match="AZURE_STORAGE_CONNECTION_STRING"):
         open_key_store("azure://keys")
     monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", "AccountKey=hunter2;garbage")

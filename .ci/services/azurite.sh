@@ -15,7 +15,10 @@
 # (the tests use that for the recovery check). `stop --wipe` also deletes the state dir.
 #
 # Knobs (environment): AZURITE_STATE_DIR, AZURITE_PORT (default: a free port, remembered in the
-# state dir), AZURITE_START_TIMEOUT (seconds, default 30).
+# state dir), AZURITE_START_TIMEOUT (seconds, default 30), AZURITE_CERT and AZURITE_KEY (PEM
+# files: serve HTTPS with them, and accept OAuth bearer tokens — `--oauth basic`, which checks a
+# token's issuer, audience and lifetime but not its signature — besides SharedKey; Azurite
+# takes bearer tokens only over HTTPS). The export line's endpoint is https:// then.
 set -Eeuo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -30,10 +33,13 @@ ACCOUNT_KEY='Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZ
 source "$REPO_ROOT/.ci/services/lib.sh"
 ours() { ours_marked "$1" "$STATE/data"; }
 
+scheme() { if [[ -n "${AZURITE_CERT:-}" ]]; then echo https; else echo http; fi; }
+
 print_env() {
-    local port
+    local port proto
     port="$(cat "$STATE/port" 2>/dev/null)" || die "no Azurite state under $STATE (run: $0 start)"
-    echo "export HEINFER_TEST_AZURITE_CONN='DefaultEndpointsProtocol=http;AccountName=$ACCOUNT;AccountKey=$ACCOUNT_KEY;BlobEndpoint=http://127.0.0.1:$port/$ACCOUNT;'"
+    proto="$(scheme)"
+    echo "export HEINFER_TEST_AZURITE_CONN='DefaultEndpointsProtocol=$proto;AccountName=$ACCOUNT;AccountKey=$ACCOUNT_KEY;BlobEndpoint=$proto://127.0.0.1:$port/$ACCOUNT;'"
 }
 
 cmd_install() {
@@ -83,9 +89,14 @@ cmd_start() {
 
     # --skipApiVersionCheck: the pinned Azurite (newest that runs on Debian's Node 20) predates
     # the REST API version that current azure-storage-blob releases send.
-    log "starting Azurite blob on 127.0.0.1:$port"
+    local tls=()
+    if [[ -n "${AZURITE_CERT:-}" ]]; then
+        [[ -r "$AZURITE_CERT" && -r "${AZURITE_KEY:-}" ]] || die "AZURITE_CERT needs AZURITE_KEY"
+        tls=(--cert "$AZURITE_CERT" --key "$AZURITE_KEY" --oauth basic)
+    fi
+    log "starting Azurite blob on $(scheme)://127.0.0.1:$port"
     setsid "$BIN" --blobHost 127.0.0.1 --blobPort "$port" --location "$STATE/data" \
-        --silent --skipApiVersionCheck --disableTelemetry \
+        --silent --skipApiVersionCheck --disableTelemetry "${tls[@]}" \
         </dev/null >>"$STATE/azurite.log" 2>&1 &
     echo $! >"$STATE/pid"
 

@@ -76,7 +76,8 @@ def open_key_store(
     """The configured store behind a byte-bounded cache.
 
     `url`: ``file:///abs/path`` or a bare directory path, ``azure://container`` (credentials
-    from AZURE_STORAGE_CONNECTION_STRING), ``s3://bucket`` (endpoint and credentials from the
+    from AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_URL and a managed identity),
+    ``s3://bucket`` (endpoint and credentials from the
     standard AWS environment variables). Raises `KeyStoreConfigError` for a bad URL or missing
     configuration; does no network I/O, so it succeeds while the store is down.
     """

@@ -33,14 +33,20 @@ log = logging.getLogger(__name__)
 # Container names Azure accepts (lowercase DNS labels without "--").
 _AZURE_CONTAINER_RE = re.compile(r"[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]")
 _AZURE_CONN_ENV = "AZURE_STORAGE_CONNECTION_STRING"
+_AZURE_URL_ENV = "AZURE_STORAGE_ACCOUNT_URL"
 
 
 class AzureKeyStore(KeyStore):
     """Keys as block blobs ``{tenant}/{key_id}`` in one container.
 
-    Credentials come only from ``AZURE_STORAGE_CONNECTION_STRING`` so they never appear in URLs,
-    command lines or config files. Each key is uploaded with a single Put Blob request (the
-    single-put limit is raised above any key size), which Azure applies atomically. The
+    Credentials come only from the environment so they never appear in URLs, command lines or
+    config files: ``AZURE_STORAGE_CONNECTION_STRING`` (an account key or SAS), or else
+    ``AZURE_STORAGE_ACCOUNT_URL`` (``https://ACCOUNT.blob.core.windows.net``) with a token
+    credential, azure-identity's ``DefaultAzureCredential`` — on Azure ML, App Service or AKS
+    that is the managed identity (``AZURE_CLIENT_ID`` picks a user-assigned one), so no secret
+    is deployed at all; the identity needs "Storage Blob Data Contributor". Each key is
+    uploaded with a single Put Blob request (the single-put limit is raised above any key
+    size), which Azure applies atomically. The
     container is created on first write or probe rather than in the constructor, so the service
     starts (and reports not-ready) while Azure is unreachable, and recovers when it returns.
     """
@@ -56,10 +62,12 @@ class AzureKeyStore(KeyStore):
         if _AZURE_CONTAINER_RE.fullmatch(container) is None:
             raise KeyStoreConfigError(f"invalid Azure container name {container!r}")
         conn = os.environ.get(_AZURE_CONN_ENV, "").strip()
-        if not conn:
+        account_url = os.environ.get(_AZURE_URL_ENV, "").strip()
+        if not conn and not account_url:
             raise KeyStoreConfigError(
-                f"{_AZURE_CONN_ENV} is not set: azure:// key stores read their credentials "
-                "only from that environment variable"
+                f"neither {_AZURE_CONN_ENV} nor {_AZURE_URL_ENV} is set: azure:// key stores "
+                "read a connection string, or an account URL for a token credential (managed "
+                "identity), only from those environment variables"
             )
         try:
             from azure.storage.blob import BlobServiceClient, LinearRetry
@@ -67,20 +75,30 @@ class AzureKeyStore(KeyStore):
             raise KeyStoreConfigError(
                 "azure:// key stores need the 'azure' extra (pip install 'heinfer[azure]')"
             ) from exc
-        try:
-            service = BlobServiceClient.from_connection_string(
-                conn,
-                connection_timeout=connect_timeout,
-                read_timeout=read_timeout,
-                # Retry at once: the retry is for a stale pooled connection, not for load.
-                retry_policy=LinearRetry(backoff=0, random_jitter_range=0, retry_total=retries),
-                max_single_put_size=256 << 20,
-            )
-        except (ValueError, KeyError):
-            # `from None`: the SDK's message may quote the connection string.
-            raise KeyStoreConfigError(
-                f"{_AZURE_CONN_ENV} is not a valid connection string"
-            ) from None
+        options: dict[str, Any] = {
+            "connection_timeout": connect_timeout,
+            "read_timeout": read_timeout,
+            # Retry at once: the retry is for a stale pooled connection, not for load.
+            "retry_policy": LinearRetry(backoff=0, random_jitter_range=0, retry_total=retries),
+            "max_single_put_size": 256 << 20,
+        }
+        self._credential: Any = None
+        if conn:
+            self._source = _AZURE_CONN_ENV
+            try:
+                service = BlobServiceClient.from_connection_string(conn, **options)
+            except (ValueError, KeyError):
+                # `from None`: the SDK's message may quote the connection string.
+                raise KeyStoreConfigError(
+                    f"{_AZURE_CONN_ENV} is not a valid connection string"
+                ) from None
+        else:
+            self._source = f"the token credential for {_AZURE_URL_ENV} (managed identity?)"
+            self._credential = _token_credential()
+            try:
+                service = BlobServiceClient(account_url, credential=self._credential, **options)
+            except ValueError as exc:
+                raise KeyStoreConfigError(f"{_AZURE_URL_ENV} is not usable: {exc}") from None
         self._service = service
         self._container: Any = service.get_container_client(container)
         self._container_name = container
@@ -125,13 +143,12 @@ class AzureKeyStore(KeyStore):
 
     def _auth_error(self) -> StoreUnavailableError:
         log.error(
-            "Azure key store %s: credentials rejected; check the account name/key in %s",
+            "Azure key store %s: credentials rejected or unavailable; check %s",
             self._container_name,
-            _AZURE_CONN_ENV,
+            self._source,
         )
         return StoreUnavailableError(
-            "Azure Blob Storage rejected the credentials: check the account key in "
-            f"{_AZURE_CONN_ENV}"
+            f"Azure Blob Storage rejected the credentials: check {self._source}"
         )
 
     def _ensure_container(self) -> None:
@@ -228,3 +245,21 @@ class AzureKeyStore(KeyStore):
 
     def close(self) -> None:
         self._service.close()
+        if self._credential is not None:
+            self._credential.close()
+
+
+def _token_credential() -> Any:
+    """azure-identity's DefaultAzureCredential: environment, workload identity, then the
+    managed identity of the host (Azure ML's MSI_ENDPOINT, App Service, IMDS), then developer
+    logins. Made lazily, since only account-URL stores need azure-identity."""
+    try:
+        from azure.identity import DefaultAzureCredential
+    except ImportError as exc:
+        raise KeyStoreConfigError(
+            f"{_AZURE_URL_ENV} needs azure-identity (pip install 'heinfer[azure]')"
+        ) from exc
+    # Interactive and shared-cache logins make no sense in a service: leave them out.
+    return DefaultAzureCredential(
+        exclude_interactive_browser_credential=True, exclude_shared_token_cache_credential=True
+    )
