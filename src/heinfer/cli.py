@@ -227,11 +227,17 @@ def serve(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
     workers: Annotated[int, typer.Option(help="evaluation processes (default: cores)")] = 0,
+    # From the environment too: platforms that run the image's command unchanged (Azure ML
+    # online endpoints) configure the key store through environment variables only.
     key_store: Annotated[
-        str, typer.Option(help="DIR, file:///DIR, azure://CONTAINER or s3://BUCKET")
+        str,
+        typer.Option(
+            envvar="HEINFER_KEY_STORE", help="DIR, file:///DIR, azure://CONTAINER or s3://BUCKET"
+        ),
     ] = "./heinfer-keys",
     auth_file: Annotated[
-        Path | None, typer.Option(help="tenant tokens (heinfer token new)")
+        Path | None,
+        typer.Option(envvar="HEINFER_AUTH_FILE", help="tenant tokens (heinfer token new)"),
     ] = None,
     allow_anonymous: Annotated[
         bool, typer.Option(help="allow no auth on a non-loopback host")
