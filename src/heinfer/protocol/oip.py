@@ -88,7 +88,8 @@ def decode_request(
         size = len(view)
     else:
         text = header_length.strip()
-        if not text.isdigit() or len(text) > 12:
+        # isascii: headers arrive latin-1 decoded, and "²".isdigit() is true but int() refuses
+        if not (text.isascii() and text.isdigit()) or len(text) > 12:
             raise BadInputError(f"{HEADER_LENGTH} must be a byte count, got {header_length[:20]!r}")
         size = int(text)
         if size > len(view):
