@@ -56,6 +56,9 @@ class _Service(Protocol):
     @property
     def settings(self) -> Any: ...
 
+    @property
+    def readiness(self) -> Any: ...
+
 
 def _service(request: Request) -> _Service:
     svc: _Service = request.app.state.service
@@ -116,11 +119,12 @@ async def _manifest(request: Request) -> JSONResponse:
 async def _model_ready(request: Request) -> JSONResponse:
     """200 when the model is loaded and the workers that evaluate it answer, else 503: a
     model is ready exactly when the service's evaluation side is (every worker holds every
-    model)."""
+    model). The workers' answer comes from the service's cached readiness probe, so OIP
+    clients polling each model add no pings."""
     svc = _service(request)
     svc.tenant(request)
     plan = versioned_plan(svc, request)
-    ok = bool(await svc.pool.ready(timeout=10.0))
+    ok = bool((await svc.readiness.result())["workers"])  # the cached probe (readiness.py)
     body = {"name": plan.manifest.name, "ready": ok}
     headers = {} if ok else {"Retry-After": str(svc.settings.retry_after_seconds)}
     return JSONResponse(body, status_code=200 if ok else 503, headers=headers)

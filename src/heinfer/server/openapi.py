@@ -45,7 +45,7 @@ _ERROR_SCHEMA = {
 _REASONS = {
     400: "bad input: malformed body, framing, header or parameter",
     401: "missing or unknown bearer token",
-    403: "refused for this tenant",
+    403: "refused for this tenant (a layout switched off for it)",
     404: "unknown model, version or key id (another tenant's key is unknown too)",
     408: "the body did not arrive in time",
     413: "the body exceeds the service's limit",
@@ -138,7 +138,7 @@ _OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             f"{oip.KEY_ID_PARAMETER!r} the key id; the answer is framed the same way, its "
             f"output {oip.OUTPUT_NAME!r} holding the encrypted response body."
         ),
-        "auth": True, "errors": [400, 404, 408, 413, 422, 503],
+        "auth": True, "errors": [400, 403, 404, 408, 413, 422, 503],
         "headers": {
             "X-Heinfer-Key-Id": {"type": "string"},
             oip.HEADER_LENGTH: {"type": "integer", "minimum": 0},
@@ -151,7 +151,11 @@ _OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
                 "schema": {"type": "integer"}, "required": False,
                 "description": "OIP framing: the length of the JSON header",
             }},
-        }},
+        },
+            # the extraction budget (server/budget.py): samples per window used up
+            "429": {**_json(_ERROR, "the tenant's sample budget for this model is used up"),
+                    "headers": _RETRY_AFTER},
+        },
     },
     ("post", "/v2/keys"): {
         "summary": "Upload public key material for a model; answers its content-addressed id",
