@@ -311,7 +311,7 @@ def _batch_layout(
 
 
 def _packed_layout(
-    pack: Packing, scale: float, budget: NoiseBudget, data_bits: int
+    pack: Packing, scale: float, budget: NoiseBudget, data_bits: int, result_prime_bits: int
 ) -> dict[str, Any]:
     return {
         "kind": PACKED_LAYOUT_KIND,
@@ -323,7 +323,7 @@ def _packed_layout(
             {"outputs": pack.outputs(i), "coefficients": pack.coefficients(i)}
             for i in range(len(pack.blocks))
         ],
-        "result_prime_bits": budget.result_prime_bits,
+        "result_prime_bits": result_prime_bits,  # the last prime's: max over the layouts
         "output_scale": scale,
         "flood_bound": str(budget.flood_bound),
         "noise": budget.summary(data_bits),
@@ -483,7 +483,11 @@ def compile_linear(
             **(
                 {}
                 if extra is None
-                else {"packed": _packed_layout(extra[0], scale, extra[1], data_bits)}
+                else {
+                    "packed": _packed_layout(
+                        extra[0], scale, extra[1], data_bits, result_prime_bits
+                    )
+                }
             ),
             "choice": choice,
         },

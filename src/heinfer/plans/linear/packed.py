@@ -16,14 +16,13 @@ On paper (768 x 1,000; see docs/performance.md for the measured numbers):
   built.
 
 Geometry. Rows are laid out as in rowpack, but at a power-of-two stride s >= n: group g's row p
-is stored reversed so that the product coefficient P(g, p) = p*s + off(g) is W_row . x, where
-off(g) = sum_k bit_k(g) * s / 2^(levels - k) < s is g's slot in the final ciphertext (the
-weights are pre-shifted at compile time, so the server never multiplies by a monomial).
-Level k of the tree pairs groups that differ in bit k: with stride S = s / 2^(levels-1-k),
-A holds its values at multiples of S and B at S/2 mod S; the automorphism
+is stored reversed so that product coefficient p*s is W_row . x. Level k of the tree (coarsest
+first, stride S = s / 2^k) pairs neighbours A, B, whose values sit at multiples of S, and
+forms C + sigma(D) with C = A + X^(S/2) B, D = A - X^(S/2) B; the automorphism
 sigma: X -> X^(2N/S + 1) fixes every X^i with S | i, negates those with i = S/2 mod S and
-permutes the rest among themselves, so C + sigma(D) with C = A + B, D = A - B holds 2A and 2B
-at exactly those positions (Galois element 2N/S + 1; one key per level, `levels` keys).
+permutes the rest among themselves, so the result holds 2A at multiples of S and 2B at S/2 mod S
+(one Galois key per level, `levels` keys; the monomial shift is a negacyclic rotation in SEAL).
+Group g's outputs end at p*s + sum_k bit_k(g) * s / 2^(k+1) (Chen-Dai-Kim-Song, Algorithm 2).
 Every value ends multiplied by 2^levels: the plaintext modulus has `levels` more bits and the
 client divides. Garbage (partial sums) stays at the other positions, which are masked.
 
@@ -85,20 +84,22 @@ class Packing:
         return sum(len(block) for block in self.blocks)
 
     def offset(self, group: int) -> int:
-        return sum(
-            ((group >> k) & 1) * (self.stride >> (self.levels - k)) for k in range(self.levels)
-        )
+        """Where group g's outputs land in the packed ciphertext, relative to row p * stride:
+        level k shifts the odd side (bit k of g set) by stride / 2^(k+1)."""
+        return sum(((group >> k) & 1) * (self.stride >> (k + 1)) for k in range(self.levels))
 
     def position(self, group: int, row: int) -> int:
         return row * self.stride + self.offset(group)
 
     @property
     def elements(self) -> list[int]:
-        """Galois element of each tree level, finest first."""
-        return [
-            2 * self.degree // (self.stride >> (self.levels - 1 - k)) + 1
-            for k in range(self.levels)
-        ]
+        """Galois element of each tree level, coarsest first: 2N / S + 1 at stride S."""
+        return [2 * self.degree // (self.stride >> k) + 1 for k in range(self.levels)]
+
+    @property
+    def shifts(self) -> list[int]:
+        """The monomial X^(S/2) that moves the odd side at each level."""
+        return [self.stride >> (k + 1) for k in range(self.levels)]
 
     def coefficients(self, block: int) -> list[int]:
         return [
@@ -129,13 +130,13 @@ def packing_from_layout(layout: dict[str, Any], degree: int) -> Packing:
     return Packing(degree, int(packed["stride"]), int(packed["levels"]), packed["blocks"])
 
 
-def _weight_polynomial(w_int: np.ndarray, pack: Packing, group: int, rows: list[int]) -> np.ndarray:
+def _weight_polynomial(w_int: np.ndarray, pack: Packing, rows: list[int]) -> np.ndarray:
     """Row p's weights w[i] at coefficient P - i (negated where it wraps below 0), so that
-    coefficient P = position(group, p) of x * poly is W_row . x (negacyclic X^N = -1)."""
+    coefficient P = p * stride of x * poly is W_row . x (negacyclic X^N = -1)."""
     n = w_int.shape[1]
     poly = np.zeros(pack.degree, dtype=np.int64)
     for p, row in enumerate(rows):
-        at = pack.position(group, p) - np.arange(n)
+        at = p * pack.stride - np.arange(n)
         sign = np.where(at < 0, -1, 1)
         poly[at % pack.degree] = sign * w_int[row]
     return poly
@@ -181,6 +182,7 @@ class PackedServer(ServerLayout):
         self._spec = plan.manifest.layout["packed"]
         self._weights: list[list[Any]] | None = None
         self._biases: list[Any] = []
+        self._shifts: list[Any] = []
 
     def _prepare(self) -> list[list[Any]]:
         """NTT-form weight plaintexts per group, bias plaintexts (times 2^levels) per block."""
@@ -190,14 +192,15 @@ class PackedServer(ServerLayout):
             weights = []
             for index, block in enumerate(pack.blocks):
                 weights.append(
-                    [
-                        context.ntt_plaintext(_weight_polynomial(w_int, pack, g, rows))
-                        for g, rows in enumerate(block)
-                    ]
+                    [context.ntt_plaintext(_weight_polynomial(w_int, pack, rows)) for rows in block]
                 )
                 bias = np.zeros(context.n, dtype=np.int64)
                 bias[pack.coefficients(index)] = b_int[pack.outputs(index)] << pack.levels
                 self._biases.append(context.plaintext_from_coefficients(bias))
+            for shift in pack.shifts:
+                monomial = np.zeros(context.n, dtype=np.int64)
+                monomial[shift] = 1
+                self._shifts.append(context.plaintext_from_coefficients(monomial))
             self._weights = weights
         return self._weights
 
@@ -258,9 +261,10 @@ class PackedServer(ServerLayout):
         for index, block in enumerate(weights):
             level: list[Any] = products[start : start + len(block)]
             start += len(block)
-            for element in self.pack.elements:
+            for element, shift in zip(self.pack.elements, self._shifts, strict=True):
                 level = [
-                    self._combine(level[m : m + 2], element, key) for m in range(0, len(level), 2)
+                    self._combine(level[m : m + 2], element, shift, key)
+                    for m in range(0, len(level), 2)
                 ]
             (packed,) = level
             ev.add_plain_inplace(packed, self._biases[index])
@@ -268,14 +272,17 @@ class PackedServer(ServerLayout):
             results.append(packed)
         return results
 
-    def _combine(self, pair: list[Any], element: int, key: GaloisEvaluationKey) -> Any:
-        """(A, B) -> A + B + sigma(A - B): 2A at A's positions, 2B at B's (module docstring)."""
+    def _combine(self, pair: list[Any], element: int, shift: Any, key: GaloisEvaluationKey) -> Any:
+        """(A, B) -> A + X^(S/2) B + sigma(A - X^(S/2) B): 2A at A's positions (multiples of
+        S), 2B at B's moved by S/2 (module docstring). SEAL multiplies by a monomial plaintext
+        with a negacyclic shift, no NTT."""
         ev = self.plan.context.evaluator
         a = pair[0]
         if len(pair) == 1:  # no B (groups run out): 2A where it counts, garbage elsewhere
             ev.add_inplace(a, a)
             return a
         b = pair[1]
+        ev.multiply_plain_inplace(b, shift)
         difference = seal.Ciphertext()
         ev.sub(a, b, difference)
         ev.apply_galois_inplace(difference, element, key.galois)
