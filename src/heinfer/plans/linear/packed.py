@@ -45,7 +45,7 @@ from typing import Any, ClassVar
 import numpy as np
 import tenseal.sealapi as seal
 
-from heinfer.errors import MalformedPayloadError
+from heinfer.errors import MalformedPayloadError, ParameterMismatchError
 from heinfer.he.backend import SecretKey, pack_bits, unpack_bits
 from heinfer.he.galois import GaloisEvaluationKey
 from heinfer.plans.base import ClientLayout, Request, ServerLayout
@@ -211,6 +211,9 @@ class PackedServer(ServerLayout):
     def records(self, body: bytes | memoryview) -> list[bytes]:
         plan = self.plan
         size = plan.context.request_bytes
+        if len(body) >= _FRAME.size + 8 and bytes(body[:4]) == REQUEST_MAGIC:
+            # other parameters first: their records have another size too
+            plan.check_tag(bytes(body[_FRAME.size : _FRAME.size + 8]), "ciphertext 0")
         records = _records(body, REQUEST_MAGIC, size, plan.manifest.max_batch)
         for index, record in enumerate(records):
             plan.check_tag(record, f"ciphertext {index}")
@@ -235,7 +238,7 @@ class PackedServer(ServerLayout):
 
     def evaluate(self, body: bytes | memoryview, keys: Any) -> bytes:
         if not isinstance(keys, GaloisEvaluationKey) or keys.galois is None:
-            raise MalformedPayloadError(
+            raise ParameterMismatchError(
                 f"the {self.kind} layout needs the Galois keys: upload keys for it"
             )
         return _frame(RESPONSE_MAGIC, [self.evaluate_record(r, keys) for r in self.records(body)])
