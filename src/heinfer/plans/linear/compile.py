@@ -239,7 +239,8 @@ def _choose_parameters(
             continue
         primes = find_ntt_primes(degree, [result_prime_bits, *rest_bits, special])
         params = BFVParameters(degree, primes, 1 << budget.plain_bits)
-        return params, groups, budget, batch, None if extra is None else (pack, extra)
+        packed_part = None if extra is None or pack is None else (pack, extra)
+        return params, groups, budget, batch, packed_part
     raise ParameterMismatchError(
         f"no 128-bit BFV parameters up to N=32768 fit a linear layer with {n} features; "
         "reduce input_bits or weight_bits"
