@@ -32,7 +32,7 @@ from heinfer.plans.manifest import (
 )
 from heinfer.rlwe.sampling import CBD_VARIANCE
 
-__all__ = ["FLOODING_BITS", "NoiseBudget", "compile_linear"]
+__all__ = ["FLOODING_BITS", "NoiseBudget", "compile_linear", "packed_budget"]
 FLOODING_BITS = 40
 # The client's encryption error, in both layouts: SEAL 4.1's default centered binomial (21 + 21
 # bits; the batch layout samples the same in numpy), sub-Gaussian with variance proxy 21/2

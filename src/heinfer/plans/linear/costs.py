@@ -27,7 +27,7 @@ from heinfer.he.galois import galois_key_bytes
 from heinfer.he.params import BFVParameters
 from heinfer.plans.linear.packed import Packing
 
-__all__ = ["REQUESTS", "estimate", "pick"]
+__all__ = ["BYTES_PER_MS", "REQUESTS", "estimate", "pick", "score"]
 
 REQUESTS = 100  # requests a key upload is amortized over
 BYTES_PER_MS = 12_500  # 100 Mbit/s

@@ -53,7 +53,15 @@ from heinfer.plans.linear.codec import LinearCodec
 from heinfer.plans.linear.plan import LinearPlan
 from heinfer.plans.manifest import Manifest
 
-__all__ = ["PACKED_LAYOUT_KIND", "PackedClient", "PackedServer", "Packing", "offers_packed"]
+__all__ = [
+    "PACKED_LAYOUT_KIND",
+    "PackedClient",
+    "PackedServer",
+    "Packing",
+    "offers_packed",
+    "packing",
+    "packing_from_layout",
+]
 
 PACKED_LAYOUT_KIND = "coeff-packed"
 REQUEST_MAGIC = b"HEP1"
