@@ -91,13 +91,47 @@ def _linear_case(mnist: dict[str, np.ndarray]) -> Case:
     )
 
 
+def _packed_case(mnist: dict[str, np.ndarray]) -> Case:
+    """The digits' logistic regression with 30 classes (its rows repeated and perturbed), forced
+    to coeff-packed: several groups, so the packing tree and its Galois keys are exercised."""
+    from heinfer.plans.linear import compile_linear
+
+    rng = np.random.default_rng(0)
+    coef = rng.normal(0, 0.05, (30, 784))
+    plans = [
+        compile_linear(
+            coef,
+            rng.normal(0, 0.1, 30),
+            name="contract-packed",
+            task="classification",
+            estimator="test",
+            classes=None,
+            input_range=(0.0, 1.0),
+            layout="coeff-packed",
+            weight_bits=bits,
+        )
+        for bits in (12, 13)
+    ]
+    assert plans[0].key_fingerprint != plans[1].key_fingerprint
+    manifest = plans[0].manifest
+    return Case(
+        plans[0],
+        codec_for(manifest),
+        codec_for(plans[1].manifest),
+        mnist["X_test"][:2],
+        lambda _: manifest.precision.max_abs_error,
+    )
+
+
 BUILDERS: dict[str, Callable[[dict[str, np.ndarray]], Case]] = {
     "linear": _linear_case,
+    "packed": _packed_case,
     "network": _network_case,
 }
 LAYOUTS = [
     ("coeff-rowpack", "linear"),
     ("coeff-batch", "linear"),
+    ("coeff-packed", "packed"),
     ("ckks-network", "network"),
     ("ckks-network-batch", "network"),
 ]

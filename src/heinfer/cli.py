@@ -523,14 +523,46 @@ def _train_network(
 
 
 @app.command()
-def inspect(model_path: Annotated[Path, typer.Argument()]) -> None:
-    """Print a compiled model's public manifest."""
+def inspect(
+    model_path: Annotated[Path, typer.Argument()],
+    summary: Annotated[
+        bool, typer.Option(help="only the layout choice and precision, as a table")
+    ] = False,
+) -> None:
+    """Print a compiled model's public manifest, then which linear layout the cost model
+    picked and why: per layout key, request and response bytes and estimated server time."""
     from heinfer.models import load_model
 
     manifest = load_model(model_path).manifest
-    console.print_json(json.dumps(manifest.to_dict()))
+    if not summary:
+        console.print_json(json.dumps(manifest.to_dict()))
     # the summary on stderr: stdout stays the manifest's JSON, for scripts
     notes = Console(stderr=True)
+    choice = manifest.layout.get("choice")
+    if choice:
+        table = Table(title=f"layouts of {manifest.name} ({choice['rule']})")
+        for column in ("layout", "keys", "request", "response", "server ms (est.)", ""):
+            table.add_column(column)
+        for kind, cost in choice["options"].items():
+            mark = ("forced" if choice["forced"] else "picked") if kind == choice["picked"] else ""
+            table.add_row(
+                kind,
+                f"{cost['key_bytes']:,} B",
+                f"{cost['request_bytes']:,} B",
+                f"{cost['response_bytes']:,} B",
+                f"{cost['server_ms']:.1f}",
+                mark,
+            )
+        notes.print(table)
+    precision = manifest.precision
+    notes.print(
+        f"input: {manifest.input.bits} bits over [{manifest.input.low:g}, {manifest.input.high:g}]"
+        f" ({precision.input_choice or 'fixed'}); expected score error from input rounding "
+        f"{precision.input_abs_error if precision.input_abs_error is not None else 'n/a'}, "
+        f"typical total {precision.expected_abs_error:.3g}, worst {precision.max_abs_error:.3g}"
+    )
+    if manifest.input.client_side:
+        notes.print(f"client-side steps: {', '.join(manifest.input.client_side)}")
     extraction = manifest.privacy.extraction
     if extraction is None:
         notes.print("extraction: not stated (compiled before manifest version 2)")

@@ -140,15 +140,21 @@ def compile(
     name: str,
     input_range: tuple[float, float] | None = None,
     X: Any = None,
-    input_bits: int = 8,
+    input_bits: int | None = None,
+    target_error: float | None = None,
     weight_bits: int | None = None,
     max_batch: int = 4096,
+    layout: str | None = None,
 ) -> EncryptedModel:
-    """Compile a fitted linear estimator for encrypted inference.
+    """Compile a fitted linear estimator (or a `Pipeline` ending in one) for encrypted inference.
 
-    The encryption encodes each feature on `input_bits` bits over a fixed range, so the range
-    must be known: pass `input_range=(low, high)` (e.g. (0, 1) for pixels / 255) or sample
-    inputs `X` to take it from. Clients refuse inputs outside it rather than clip silently.
+    The encryption encodes each feature on a fixed grid over a fixed range, so the range must be
+    known: pass `input_range=(low, high)` (e.g. (0, 1) for pixels / 255) or sample inputs `X` to
+    take it from. The grid's bits are `input_bits` when given, else chosen from `X` or
+    `target_error` (`heinfer.plans.linear.precision`; 8 without either). A Pipeline's affine
+    steps (StandardScaler, PCA, ...) fold into the served weights; a leading run of other steps
+    stays on the client (`heinfer.plans.linear.fold`). `layout` forces a linear layout
+    (`coeff-rowpack`, `coeff-packed`) instead of the cost model's choice.
     """
     network = _network_spec(estimator)
     if network is not None:
@@ -159,6 +165,12 @@ def compile(
         return EncryptedModel(
             compile_network(spec, name, calibration=calibration, estimator=origin)
         )
+    from heinfer.errors import ParameterMismatchError
+    from heinfer.plans.linear.fold import fold_pipeline
+    from heinfer.plans.linear.precision import MIN_BITS, choose_input_bits
+
+    folded = fold_pipeline(estimator)
+    estimator = folded.estimator
     kind = type(estimator).__name__
     if kind not in SUPPORTED_ESTIMATORS:
         raise UnsupportedModelError(
@@ -173,23 +185,50 @@ def compile(
         np.atleast_1d(np.asarray(getattr(estimator, "intercept_", 0.0), dtype=np.float64)),
         (coef.shape[0],),
     ).copy()
-    input_range = _input_range(input_range, X, coef.shape[1])
+    coef, intercept = folded.served_weights(coef, intercept)
+    samples = None
+    if X is not None:
+        samples = folded.client_transform(np.asarray(X, dtype=np.float64))
+        samples = _check_X(samples, coef.shape[1])
+    input_range = _input_range(input_range, samples, coef.shape[1])
     classes = getattr(estimator, "classes_", None)
     task = "classification" if classes is not None else "regression"
-    return EncryptedModel(
-        compile_linear(
-            coef,
-            intercept,
-            name=name,
-            task=task,
-            estimator=kind,
-            classes=None if classes is None else [_plain(c) for c in classes],
-            input_range=input_range,
-            input_bits=input_bits,
-            weight_bits=weight_bits,
-            max_batch=max_batch,
+    if input_bits is None:
+        choice = choose_input_bits(
+            coef, intercept, *input_range, X=samples, target_error=target_error,
+            classification=classes is not None,
         )
-    )
+        bits, reason = choice.bits, choice.reason
+    else:
+        bits, reason = input_bits, "fixed by the model owner"
+    estimator_name = kind
+    if folded.client_steps or folded.folded_steps:
+        estimator_name = "Pipeline(" + ", ".join(
+            [*(f"{n}:{type(s).__name__}" for n, s in folded.client_steps),
+             *folded.folded_steps, kind]
+        ) + ")"
+    while True:  # within the noise budget: fewer input bits if the chosen ones do not fit
+        try:
+            plan = compile_linear(
+                coef,
+                intercept,
+                name=name,
+                task=task,
+                estimator=estimator_name,
+                classes=None if classes is None else [_plain(c) for c in classes],
+                input_range=input_range,
+                input_bits=bits,
+                weight_bits=weight_bits,
+                max_batch=max_batch,
+                input_choice=reason,
+                client_side=[f"{n}:{type(s).__name__}" for n, s in folded.client_steps],
+                layout=layout,
+            )
+            return EncryptedModel(plan)
+        except ParameterMismatchError:
+            if input_bits is not None or bits <= MIN_BITS:
+                raise
+            bits, reason = bits - 1, f"{reason}; reduced to fit the noise budget"
 
 
 def _network_spec(model: Any) -> tuple[NetworkSpec, str] | None:

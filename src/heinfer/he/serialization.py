@@ -42,6 +42,7 @@ __all__ = [
     "ciphertext_prefix",
     "compose_ciphertext",
     "key_arrays",
+    "key_body",
     "map_kswitch_keys",
     "payload_arrays",
     "plaintext_arrays",
@@ -185,6 +186,12 @@ def key_arrays(body: bytes, degree: int, levels: int) -> np.ndarray:
     if (meta[4], meta[5], meta[6], meta[7]) != (1, 2, degree, levels):
         raise ValueError("unexpected SEAL key layout")  # our own keys: a bug, not input
     return payload_arrays(body)
+
+
+def key_body(body: bytes, arrays: np.ndarray) -> bytes:
+    """A key component payload with its (2, L, N) coefficients replaced (same metadata and
+    DynArray header, which fix the sizes SEAL's loader checks)."""
+    return body[:_CT_PREFIX] + np.ascontiguousarray(arrays, dtype="<u8").tobytes()
 
 
 def seeded_key_body(body: bytes, k0: np.ndarray, seed: bytes) -> bytes:

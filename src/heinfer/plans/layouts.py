@@ -6,6 +6,7 @@ from __future__ import annotations
 from heinfer.plans import linear, network
 from heinfer.plans.base import register_family, register_layout
 from heinfer.plans.linear.batch import offers_batch
+from heinfer.plans.linear.packed import PackedClient, PackedServer, offers_packed
 from heinfer.plans.linear.plan import FAMILY as LINEAR
 from heinfer.plans.network import batch as network_batch
 from heinfer.plans.network import single as network_single
@@ -18,6 +19,7 @@ __all__: list[str] = []
 register_family(LINEAR, linear.LinearPlan, linear.LinearCodec)
 register_layout(LINEAR, linear.RowpackServer, linear.RowpackClient)
 register_layout(LINEAR, linear.BatchServer, linear.BatchClient, offered=offers_batch)
+register_layout(LINEAR, PackedServer, PackedClient, offered=offers_packed)
 
 # CKKS networks: heinfer.plans.network
 register_family(NETWORK, network.NetworkPlan, network.NetworkCodec)

@@ -50,6 +50,11 @@ class InputSpec(_Strict):
         default=None, ge=1, le=16, description="quantization bits per feature (BFV plans)"
     )
     encoding: str
+    client_side: list[str] = Field(
+        default_factory=list,
+        description="steps the client applies locally before encrypting (e.g. a feature "
+        "extractor); the served layer takes their output",
+    )
 
 
 class OutputSpec(_Strict):
@@ -61,12 +66,21 @@ class KeysSpec(_Strict):
     public: bool = True
     relin: bool = False
     galois_steps: list[int] = Field(default_factory=list)
+    galois_elements: list[int] = Field(
+        default_factory=list, description="Galois elements (not rotation steps) of BFV keys"
+    )
 
 
 class PrecisionSpec(_Strict):
     max_abs_error: float = Field(description="worst-case |decrypted - plaintext| bound")
     expected_abs_error: float = Field(description="6-sigma bound for typical inputs")
     noise_abs_error: float = Field(description="bound on the part caused by HE noise")
+    input_abs_error: float | None = Field(
+        default=None, description="3-sigma score error caused by input quantization alone"
+    )
+    input_choice: str | None = Field(
+        default=None, description="why the input quantization has the bits it has"
+    )
 
 
 class ExtractionSpec(_Strict):

@@ -43,7 +43,12 @@ class LinearCodec(Codec):
 
     def public_keys(self, secret: Any, parts: frozenset[str]) -> dict[str, bytes]:
         assert isinstance(secret, SecretKey)
-        return {"public": secret.public_key_bytes()}
+        keys = {"public": secret.public_key_bytes()}
+        if "galois" in parts:  # coeff-packed: the elements the manifest names
+            from heinfer.he.galois import make_galois_keys
+
+            keys["galois"] = make_galois_keys(secret, self.manifest.keys.galois_elements)
+        return keys
 
     def quantize(self, X: np.ndarray) -> np.ndarray:
         """x_int = round((x - low) / (high - low) * (2**bits - 1)), clipped to the range."""

@@ -17,7 +17,10 @@ from heinfer.errors import ParameterMismatchError, ShapeError
 from heinfer.he.backend import find_ntt_primes
 from heinfer.he.params import BFVParameters, max_log_q
 from heinfer.plans.linear.batch import BATCH_LAYOUT_KIND
+from heinfer.plans.linear.costs import BYTES_PER_MS, REQUESTS, estimate, pick
+from heinfer.plans.linear.packed import PACKED_LAYOUT_KIND, Packing, packing
 from heinfer.plans.linear.plan import LinearPlan
+from heinfer.plans.linear.precision import input_error
 from heinfer.plans.linear.rowpack import LAYOUT_KIND
 from heinfer.plans.manifest import (
     InputSpec,
@@ -30,7 +33,7 @@ from heinfer.plans.manifest import (
 )
 from heinfer.rlwe.sampling import CBD_VARIANCE
 
-__all__ = ["FLOODING_BITS", "NoiseBudget", "compile_linear"]
+__all__ = ["FLOODING_BITS", "NoiseBudget", "compile_linear", "packed_budget"]
 FLOODING_BITS = 40
 # The client's encryption error, in both layouts: SEAL 4.1's default centered binomial (21 + 21
 # bits; the batch layout samples the same in numpy), sub-Gaussian with variance proxy 21/2
@@ -93,6 +96,7 @@ def _budget(
     groups: _Groups,
     degree: int,
     eta_target: float,
+    plain_bits: int = 0,
 ) -> NoiseBudget | None:
     """Smallest moduli that decrypt within eta_target after 40-bit flooding, or None."""
     value_bound = float(np.max(np.abs(w_int).sum(axis=1) * x_max_int + np.abs(b_int)))
@@ -104,13 +108,20 @@ def _budget(
         rounding = 0.5 * float(np.abs(block).sum(axis=1).max())
         leak = max(leak, gaussian + rounding)
     flood = math.ceil(leak * 2.0**FLOODING_BITS)
-    return _moduli(value_bound, leak, flood, z, degree, eta_target)
+    return _moduli(value_bound, leak, flood, z, degree, eta_target, plain_bits)
 
 
 def _moduli(
-    value_bound: float, leak: float, flood: int, z: float, degree: int, eta_target: float
+    value_bound: float,
+    leak: float,
+    flood: int,
+    z: float,
+    degree: int,
+    eta_target: float,
+    plain_bits: int = 0,
 ) -> NoiseBudget | None:
-    plain_bits = math.ceil(math.log2(2.0 * (value_bound + eta_target) + 1))
+    """`plain_bits`: at least this plaintext modulus (one t serves every layout of a model)."""
+    plain_bits = max(plain_bits, math.ceil(math.log2(2.0 * (value_bound + eta_target) + 1)))
     # Mod-switch rounding adds rho0 + rho1*s, std sqrt((1 + 2N/3)/12); keep its share < 1/8.
     switch_noise = z * math.sqrt((1 + 2 * degree / 3) / 12)
     result_prime_bits = max(
@@ -127,7 +138,12 @@ def _moduli(
 
 
 def _batch_budget(
-    w_int: np.ndarray, b_int: np.ndarray, x_max_int: int, degree: int, eta_target: float
+    w_int: np.ndarray,
+    b_int: np.ndarray,
+    x_max_int: int,
+    degree: int,
+    eta_target: float,
+    plain_bits: int = 0,
 ) -> NoiseBudget | None:
     """The same bounds for the coeff-batch layout (one ciphertext per feature).
 
@@ -145,37 +161,105 @@ def _batch_budget(
     per_row = z * SEAL_NOISE_SIGMA * np.sqrt((w**2).sum(axis=1)) + 0.5 * np.abs(w).sum(axis=1)
     leak = float(per_row.max())
     flood = 1 << max(1, math.ceil(math.log2(leak * 2.0**FLOODING_BITS)))
-    return _moduli(value_bound, leak, flood, z, degree, eta_target)
+    return _moduli(value_bound, leak, flood, z, degree, eta_target, plain_bits)
+
+
+# Key switching in SEAL adds round(sum_i d_i * e_i / P) + rounding * s: digits d_i < q_i of c1,
+# key errors e_i. With the special prime P above every data prime (`_choose_parameters` makes
+# it so when a model offers coeff-packed) the first term is below z*sigma*sqrt(N*L/3).
+_MAX_DIGITS = 4
+
+
+def packed_budget(
+    w_int: np.ndarray,
+    b_int: np.ndarray,
+    x_max_int: int,
+    pack: Packing,
+    eta_target: float,
+) -> NoiseBudget | None:
+    """The bounds for coeff-packed (see plans/linear/packed.py).
+
+    Every output is multiplied by m = 2^levels by the tree, so the plaintext modulus needs
+    levels more bits and the client may lose eta_target * m in those units. The client's view
+    of an output's noise is m times rowpack's (e_x * W_g and the scaling rounding, W_g the
+    group's whole weight polynomial) plus each key switch's noise (a function of W through
+    c1's digits), at most m - 1 of them, doubled at every later level: below m * ks. Flooding
+    is 2^40 above their sum (rounded up to a power of two: exact uniform sampling).
+    """
+    degree = pack.degree
+    m = 1 << pack.levels
+    value_bound = m * float(np.max(np.abs(w_int).sum(axis=1) * x_max_int + np.abs(b_int)))
+    z = _tail_factor(FLOODING_BITS, degree)
+    leak_row = 0.0
+    for block in pack.blocks:
+        for rows in block:
+            w = w_int[rows].astype(np.float64)
+            gaussian = z * SEAL_NOISE_SIGMA * float(np.sqrt((w**2).sum()))
+            leak_row = max(leak_row, gaussian + 0.5 * float(np.abs(w).sum(axis=1).max()))
+    ks = z * SEAL_NOISE_SIGMA * math.sqrt(degree * _MAX_DIGITS / 3) + z * math.sqrt(degree / 18) + 1
+    leak = m * (leak_row + ks)
+    flood = 1 << max(1, math.ceil(math.log2(leak * 2.0**FLOODING_BITS)))
+    return _moduli(value_bound, leak, flood, z, degree, eta_target * m)
 
 
 def _choose_parameters(
-    w_int: np.ndarray, b_int: np.ndarray, x_max_int: int, eta_target: float
-) -> tuple[BFVParameters, _Groups, NoiseBudget, NoiseBudget]:
-    """One parameter set (one key) whose moduli satisfy both layouts' budgets."""
+    w_int: np.ndarray, b_int: np.ndarray, x_max_int: int, eta_target: float, packed: bool = False
+) -> tuple[BFVParameters, _Groups, NoiseBudget, NoiseBudget, tuple[Packing, NoiseBudget] | None]:
+    """One parameter set (one key) whose moduli satisfy every offered layout's budget."""
     n = w_int.shape[1]
     for degree in _RING_DEGREES:
         if degree < n:
             continue
+        pack = packing(w_int.shape[0], n, degree) if packed else None
+        extra = None
+        plain_bits = 0
+        if pack is not None:
+            extra = packed_budget(w_int, b_int, x_max_int, pack, eta_target)
+            if extra is None:
+                continue
+            plain_bits = extra.plain_bits
+        elif packed:
+            continue
         groups = _group_rows(w_int.shape[0], n, degree)
-        budget = _budget(w_int, b_int, x_max_int, groups, degree, eta_target)
-        batch = _batch_budget(w_int, b_int, x_max_int, degree, eta_target)
+        budget = _budget(w_int, b_int, x_max_int, groups, degree, eta_target, plain_bits)
+        batch = _batch_budget(w_int, b_int, x_max_int, degree, eta_target, plain_bits)
         if budget is None or batch is None:
             continue
-        data_bits = max(budget.data_bits, batch.data_bits)
-        result_prime_bits = max(budget.result_prime_bits, batch.result_prime_bits)
+        budgets = [budget, batch] + ([extra] if extra is not None else [])
+        data_bits = max(b.data_bits for b in budgets)
+        result_prime_bits = max(b.result_prime_bits for b in budgets)
         rest = data_bits - result_prime_bits
         n_rest = max(1, math.ceil(rest / _MAX_PRIME_BITS))
         rest_bits = [rest // n_rest + (1 if i < rest % n_rest else 0) for i in range(n_rest)]
         special = min(_SPECIAL_PRIME_BITS, max_log_q(degree) - data_bits)
+        if pack is not None:  # key switching noise stays small only with P above every q_i
+            special = max(result_prime_bits, *rest_bits) + 1
+            if special > _MAX_PRIME_BITS or data_bits + special > max_log_q(degree):
+                continue
         if special < _MIN_SPECIAL_PRIME_BITS or min(rest_bits) < 20:
             continue
         primes = find_ntt_primes(degree, [result_prime_bits, *rest_bits, special])
         params = BFVParameters(degree, primes, 1 << budget.plain_bits)
-        return params, groups, budget, batch
+        packed_part = None if extra is None or pack is None else (pack, extra)
+        return params, groups, budget, batch, packed_part
     raise ParameterMismatchError(
         f"no 128-bit BFV parameters up to N=32768 fit a linear layer with {n} features; "
         "reduce input_bits or weight_bits"
     )
+
+
+def _packed_weight_bits(coef: np.ndarray, low: float, high: float, step: float) -> int:
+    """Fewest weight bits (>= 12) whose rounding moves a score by at most a quarter of what
+    the input's rounding moves it (3-sigma of each): more bits only cost modulus, and in
+    coeff-packed modulus is key bytes."""
+    x_norm = max(abs(low), abs(high)) * math.sqrt(coef.shape[1])
+    w_norm = float(np.sqrt((coef**2).sum(axis=1)).max()) or 1.0
+    max_weight = float(np.max(np.abs(coef))) or 1.0
+    for bits in range(12, _MAX_WEIGHT_BITS + 1):
+        weight_step = max_weight / ((1 << (bits - 1)) - 1)
+        if weight_step * x_norm <= step * w_norm / 4:
+            return bits
+    return _MAX_WEIGHT_BITS
 
 
 def _quantize(
@@ -228,6 +312,43 @@ def _batch_layout(
     }
 
 
+def _packed_layout(
+    pack: Packing, scale: float, budget: NoiseBudget, data_bits: int, result_prime_bits: int
+) -> dict[str, Any]:
+    return {
+        "kind": PACKED_LAYOUT_KIND,
+        "stride": pack.stride,
+        "levels": pack.levels,
+        "galois_elements": pack.elements,
+        "blocks": pack.blocks,
+        "results": [
+            {"outputs": pack.outputs(i), "coefficients": pack.coefficients(i)}
+            for i in range(len(pack.blocks))
+        ],
+        "result_prime_bits": result_prime_bits,  # the last prime's: max over the layouts
+        "output_scale": scale,
+        "flood_bound": str(budget.flood_bound),
+        "noise": budget.summary(data_bits),
+        "encoding": (
+            "request: as coeff-rowpack (one seeded ciphertext per sample), frame HEP1 + u32 count "
+            "+ fixed-size records; keys: public + Galois keys for galois_elements (seed + k0 "
+            "of every component bit-packed per key-level prime, uniform halves = SHAKE-128("
+            "b'heinfer/galois-key/a/v1' || seed || u32le(i) || u8(j)))"
+        ),
+        "response": (
+            "HRP1 + u32 count; per sample, per result: c1 (N coefficients) then c0 at "
+            "`coefficients`, bit-packed at result_prime_bits; decrypted value / 2^levels / "
+            "output_scale is the score of `outputs`"
+        ),
+        "privacy": (
+            "one fresh public-key encryption of zero per result ciphertext; uniform masks at "
+            "every non-output coefficient; uniform flooding in [-flood_bound, flood_bound) >= "
+            "2^40 x leak_bound (2^levels x (e_x*W + rounding) plus key switching noise) at "
+            "each output; only c1 and the output coefficients are sent"
+        ),
+    }
+
+
 def compile_linear(
     coef: np.ndarray,
     intercept: np.ndarray,
@@ -240,8 +361,18 @@ def compile_linear(
     input_bits: int = 8,
     weight_bits: int | None = None,
     max_batch: int = 4096,
+    input_choice: str | None = None,
+    client_side: list[str] | None = None,
+    layout: str | None = None,
 ) -> LinearPlan:
-    """Quantize, choose 128-bit parameters for the noise budget, lay out rows, build the plan."""
+    """Quantize, choose 128-bit parameters for the noise budget, lay out rows, build the plan.
+
+    `layout`: None lets the cost model (`costs.pick`) choose between rowpack alone and rowpack
+    plus coeff-packed (which changes the parameters: one key serves every offered layout);
+    `coeff-rowpack` or `coeff-packed` forces one.
+    """
+    if layout not in (None, LAYOUT_KIND, PACKED_LAYOUT_KIND):
+        raise ShapeError(f"unknown linear layout {layout!r}: {LAYOUT_KIND} or {PACKED_LAYOUT_KIND}")
     coef = np.asarray(coef, dtype=np.float64)
     intercept = np.asarray(intercept, dtype=np.float64)
     low, high = float(input_range[0]), float(input_range[1])
@@ -252,26 +383,63 @@ def compile_linear(
     n_rows, n_features = coef.shape
     # HE noise may cost at most a small fraction of the rounding error already made.
     eta_target = max(4.0, levels * math.sqrt(n_features) / 4.0)
-    candidates = [weight_bits] if weight_bits else list(range(_MAX_WEIGHT_BITS, 11, -1))
-    best: tuple[int, int] | None = None
-    for bits in candidates:
-        quantized = _quantize(coef, intercept, low, step, bits)
-        try:
-            params, groups, budget, batch = _choose_parameters(
-                quantized[0], quantized[1], levels, eta_target
-            )
-        except ParameterMismatchError:
+
+    def search(packed: bool) -> tuple[Any, ...] | None:
+        candidates = [weight_bits] if weight_bits else list(range(_MAX_WEIGHT_BITS, 11, -1))
+        if packed and not weight_bits:
+            first = _packed_weight_bits(coef, low, high, step)
+            candidates = list(range(first, 7, -1))
+        best: tuple[int, int] | None = None
+        found = None
+        for bits in candidates:
+            quantized = _quantize(coef, intercept, low, step, bits)
+            try:
+                params, groups, budget, batch, extra = _choose_parameters(
+                    quantized[0], quantized[1], levels, eta_target, packed
+                )
+            except ParameterMismatchError:
+                continue
+            # Smallest ring first (it sets request size and speed), then the most weight bits;
+            # coeff-packed: the fewest bits that do not add to the input's rounding error.
+            if best is None or params.poly_modulus_degree < best[0]:
+                best = (params.poly_modulus_degree, bits)
+                found = (quantized, params, groups, budget, batch, extra)
+                if packed:
+                    break
+        return found
+
+    options: dict[str, dict[str, Any]] = {}
+    found: dict[str, tuple[Any, ...]] = {}
+    for kind in (LAYOUT_KIND, PACKED_LAYOUT_KIND):
+        if layout not in (None, kind):
             continue
-        # Smallest ring first (it sets request size and speed), then the most weight bits.
-        if best is None or params.poly_modulus_degree < best[0]:
-            best = (params.poly_modulus_degree, bits)
-            chosen = (quantized, params, groups, budget, batch)
-    if best is None:
+        if kind == PACKED_LAYOUT_KIND and layout is None and n_rows * n_features <= 4096:
+            continue  # one group at N = 4096: nothing to pack
+        result = search(kind == PACKED_LAYOUT_KIND)
+        if result is None:
+            continue
+        found[kind] = result
+        params_k, groups_k, extra_k = result[1], result[2], result[5]
+        bits_k = params_k.coeff_modulus[0].bit_length()
+        options[kind] = estimate(
+            params_k, len(groups_k.groups), bits_k, None if extra_k is None else extra_k[0], n_rows
+        )
+    if not options:
         raise ParameterMismatchError(
             f"no 128-bit BFV parameters up to N=32768 fit a linear layer with {n_features} "
             "features; reduce input_bits or weight_bits"
         )
-    (w_int, b_int, weight_scale, scale), params, groups, budget, batch = chosen
+    picked = layout or pick(options)
+    choice = {
+        "picked": picked,
+        "forced": layout is not None,
+        "rule": (
+            f"least key bytes + {REQUESTS} x (request + response bytes + server ms x "
+            f"{BYTES_PER_MS} B/ms); estimates per single-sample request"
+        ),
+        "options": options,
+    }
+    (w_int, b_int, weight_scale, scale), params, groups, budget, batch, extra = found[picked]
     result_prime_bits = params.coeff_modulus[0].bit_length()  # max over both layouts
     data_bits = sum(q.bit_length() for q in params.data_primes)
 
@@ -302,6 +470,7 @@ def compile_linear(
                 "x_int[i] = round((x[i] - low) / (high - low) * (2**bits - 1)) at plaintext "
                 "coefficient i; one seeded symmetric BFV ciphertext per sample"
             ),
+            client_side=client_side or [],
         ),
         output=OutputSpec(shape=[n_rows], classes=classes),
         scheme=params.to_dict(),
@@ -313,12 +482,29 @@ def compile_linear(
             "flood_bound": str(budget.flood_bound),
             "noise": budget.summary(data_bits),
             "batch": _batch_layout(params, n_features, max_batch, scale, batch, data_bits),
+            **(
+                {}
+                if extra is None
+                else {
+                    "packed": _packed_layout(
+                        extra[0], scale, extra[1], data_bits, result_prime_bits
+                    )
+                }
+            ),
+            "choice": choice,
         },
-        keys=KeysSpec(public=True, relin=False, galois_steps=[]),
+        keys=KeysSpec(
+            public=True,
+            relin=False,
+            galois_steps=[],
+            galois_elements=[] if extra is None else extra[0].elements,
+        ),
         precision=PrecisionSpec(
             max_abs_error=max_error,
             expected_abs_error=typical,
             noise_abs_error=(eta_target + 1.0) / scale,
+            input_abs_error=input_error(coef, low, high, input_bits),
+            input_choice=input_choice,
         ),
         privacy=PrivacySpec(
             rerandomized=True,

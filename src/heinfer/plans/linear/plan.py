@@ -108,8 +108,22 @@ class LinearPlan(Plan):
                 f"public key must be {expected} bytes for these parameters, "
                 f"got {len(parts['public'])}"
             )
+        if "galois" in parts:  # coeff-packed: exact size, no SEAL call
+            from heinfer.he.galois import galois_key_bytes
+
+            size = galois_key_bytes(self.context, self.manifest.keys.galois_elements)
+            if len(parts["galois"]) != size:
+                raise MalformedPayloadError(
+                    f"Galois keys must be {size} bytes for this model, got {len(parts['galois'])}"
+                )
 
     def _load_key_parts(self, parts: dict[str, bytes]) -> Keys:
+        if "galois" in parts:
+            from heinfer.he.galois import GaloisEvaluationKey
+
+            return GaloisEvaluationKey.from_parts(
+                self.context, parts["public"], parts["galois"], self.manifest.keys.galois_elements
+            )
         return self.context.load_evaluation_key(parts["public"])
 
     def warm_up(self) -> None:
