@@ -54,6 +54,7 @@ __all__ = [
     "check_seeded",
     "galois_element",
     "select_parameters",
+    "unwrap",
 ]
 
 # HomomorphicEncryption.org Security Standard (Albrecht et al., Nov 2018), Table 1,
