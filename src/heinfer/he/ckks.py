@@ -51,8 +51,10 @@ __all__ = [
     "CkksParameters",
     "ClientKeys",
     "ServerKeys",
+    "check_seeded",
     "galois_element",
     "select_parameters",
+    "unwrap",
 ]
 
 # HomomorphicEncryption.org Security Standard (Albrecht et al., Nov 2018), Table 1,
@@ -170,6 +172,54 @@ def select_parameters(
         if params.total_log_q <= HE_STANDARD_MAX_LOG_Q[n]:
             return params
     raise ValueError(f"no ring degree up to 32768 fits {total} bits of modulus at 128-bit security")
+
+
+def unwrap(
+    fingerprint_expected: bytes, kind: int, data: bytes, max_bytes: int = _MAX_OBJECT_BYTES
+) -> bytes:
+    """The SEAL bytes inside one of our envelopes, after checking magic, version, kind,
+    parameter fingerprint and SEAL header."""
+    what = _KIND_NAMES.get(kind, "object")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise MalformedPayloadError(f"{what}: expected bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) < _ENVELOPE.size + fmt.HEADER.size:
+        raise MalformedPayloadError(f"{what}: {len(data)} bytes is too short")
+    if len(data) > max_bytes:
+        raise MalformedPayloadError(f"{what}: {len(data)} bytes exceeds {max_bytes}")
+    magic, version, got_kind, fingerprint = _ENVELOPE.unpack_from(data)
+    if magic != MAGIC:
+        raise MalformedPayloadError(f"{what}: not a heinfer CKKS object (bad magic)")
+    if version != VERSION:
+        raise ParameterMismatchError(f"{what}: envelope version {version}, expected {VERSION}")
+    if got_kind != kind:
+        raise MalformedPayloadError(
+            f"expected {what}, got {_KIND_NAMES.get(got_kind, f'kind {got_kind}')}"
+        )
+    if fingerprint != fingerprint_expected:
+        raise ParameterMismatchError(
+            f"{what} was made for other encryption parameters than this model's"
+        )
+    body = data[_ENVELOPE.size :]
+    fmt.check_header(body, what, max_bytes)
+    return body
+
+
+def check_seeded(params: CkksParameters, kind: int, data: bytes) -> None:
+    """Refuse a public, relinearization or Galois key not in SEAL's seeded form, without SEAL
+    (the HTTP process calls this before storing a key; the loaders call it again)."""
+    what = _KIND_NAMES[kind]
+    body = unwrap(params.fingerprint, kind, data)
+    n, levels = params.poly_modulus_degree, len(params.primes)
+    try:
+        if kind == KIND_PUBLIC:
+            fmt.check_seeded_key(fmt.seal_payload(body, _MAX_OBJECT_BYTES), n, levels, what)
+        elif kind in (KIND_RELIN, KIND_GALOIS):
+            fmt.check_seeded_kswitch_keys(body, n, levels, what, _MAX_OBJECT_BYTES)
+        else:
+            raise MalformedPayloadError(f"{what} is not a key a server receives")
+    except struct.error as exc:
+        raise MalformedPayloadError(f"{what}: truncated ({exc})") from exc
 
 
 # -- context -------------------------------------------------------------------------------------
@@ -299,30 +349,7 @@ class CkksContext:
         return _ENVELOPE.pack(MAGIC, VERSION, kind, self.fingerprint) + seal_bytes
 
     def unwrap(self, kind: int, data: bytes, *, max_bytes: int = _MAX_OBJECT_BYTES) -> bytes:
-        what = _KIND_NAMES.get(kind, "object")
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise MalformedPayloadError(f"{what}: expected bytes, got {type(data).__name__}")
-        data = bytes(data)
-        if len(data) < _ENVELOPE.size + fmt.HEADER.size:
-            raise MalformedPayloadError(f"{what}: {len(data)} bytes is too short")
-        if len(data) > max_bytes:
-            raise MalformedPayloadError(f"{what}: {len(data)} bytes exceeds {max_bytes}")
-        magic, version, got_kind, fingerprint = _ENVELOPE.unpack_from(data)
-        if magic != MAGIC:
-            raise MalformedPayloadError(f"{what}: not a heinfer CKKS object (bad magic)")
-        if version != VERSION:
-            raise ParameterMismatchError(f"{what}: envelope version {version}, expected {VERSION}")
-        if got_kind != kind:
-            raise MalformedPayloadError(
-                f"expected {what}, got {_KIND_NAMES.get(got_kind, f'kind {got_kind}')}"
-            )
-        if fingerprint != self.fingerprint:
-            raise ParameterMismatchError(
-                f"{what} was made for other encryption parameters than this model's"
-            )
-        body = data[_ENVELOPE.size :]
-        fmt.check_header(body, what, max_bytes)
-        return body
+        return unwrap(self.fingerprint, kind, data, max_bytes)
 
     def _load(self, kind: int, obj: Any, data: bytes, max_bytes: int = _MAX_OBJECT_BYTES) -> Any:
         body = self.unwrap(kind, data, max_bytes=max_bytes)
@@ -360,13 +387,19 @@ class CkksContext:
             )
         return ct
 
+    def check_seeded(self, kind: int, data: bytes) -> None:
+        check_seeded(self.params, kind, data)
+
     def load_public_key(self, data: bytes) -> Any:
+        self.check_seeded(KIND_PUBLIC, data)
         return self._load(KIND_PUBLIC, seal.PublicKey(), data)
 
     def load_relin_keys(self, data: bytes) -> Any:
+        self.check_seeded(KIND_RELIN, data)
         return self._load(KIND_RELIN, seal.RelinKeys(), data)
 
     def load_galois_keys(self, data: bytes, steps: Sequence[int]) -> Any:
+        self.check_seeded(KIND_GALOIS, data)
         keys = self._load(KIND_GALOIS, seal.GaloisKeys(), data)
         missing = [s for s in steps if not keys.has_key(galois_element(s, self.n))]
         if missing:
@@ -511,4 +544,3 @@ class ServerKeys:
 
 def _ciphertext_bytes(ct: Any) -> int:
     return int(ct.size()) * int(ct.poly_modulus_degree()) * int(ct.coeff_modulus_size()) * 8
-

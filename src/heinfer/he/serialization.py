@@ -38,6 +38,8 @@ __all__ = [
     "PRNG_BLAKE2XB",
     "PRNG_SEED_BYTES",
     "check_header",
+    "check_seeded_key",
+    "check_seeded_kswitch_keys",
     "ciphertext_arrays",
     "ciphertext_prefix",
     "compose_ciphertext",
@@ -200,6 +202,74 @@ def seeded_key_body(body: bytes, k0: np.ndarray, seed: bytes) -> bytes:
     SEAL's loader expands the uniform half."""
     data = _COUNT.pack(k0.size) + np.ascontiguousarray(k0, dtype="<u8").tobytes()
     return body[: CT_META.size] + seal_object(data) + seal_object(bytes([PRNG_BLAKE2XB]) + seed)
+
+
+SEEDED_FORM = (
+    "SEAL's seeded form: the first polynomial only, the uniform half as a PRNG seed that the "
+    "server expands (what SEAL's Serializable keys and heinfer's key generation write)"
+)
+
+
+def check_seeded_key(body: bytes, degree: int, levels: int, what: str) -> None:
+    """Refuse a public-key or key-switching-key payload that is not in seeded form.
+
+    Why: the uniform half of a key must come from a seed the server expands, never from the
+    client's bytes; a key such as (0, 0) would otherwise make the re-randomizing encryption of
+    zero a no-op. The form is exact: the ciphertext metadata (2 polynomials, NTT form, N, the
+    key level's prime count), a nested array holding only k0 (N * L values), then a nested
+    object of one PRNG-type byte and the 64-byte seed, and nothing after it.
+    """
+    bad = MalformedPayloadError(f"{what} is not in {SEEDED_FORM}")
+    if len(body) < CT_META.size + HEADER.size:
+        raise bad
+    meta = CT_META.unpack_from(body)
+    if (meta[4], meta[5], meta[6], meta[7]) != (1, 2, degree, levels):
+        raise MalformedPayloadError(
+            f"{what}: expected a 2-polynomial NTT-form key with N={degree} and {levels} primes"
+        )
+    offset = CT_META.size
+    data_size = HEADER.unpack_from(body, offset)[6]
+    data = body[offset + HEADER.size : offset + data_size] if data_size <= len(body) else b""
+    if len(data) < _COUNT.size or _COUNT.unpack_from(data)[0] != degree * levels:
+        raise bad
+    offset += data_size
+    if len(body) - offset != HEADER.size + 1 + PRNG_SEED_BYTES:
+        raise bad
+    if HEADER.unpack_from(body, offset)[6] != HEADER.size + 1 + PRNG_SEED_BYTES:
+        raise bad
+
+
+def check_seeded_kswitch_keys(
+    serialized: bytes, degree: int, levels: int, what: str, max_bytes: int = MAX_DECOMPRESSED
+) -> int:
+    """`check_seeded_key` for every component of a serialized KSwitchKeys (relinearization or
+    Galois keys); returns the number of components."""
+    payload = seal_payload(serialized, max_bytes)
+    count, offset = 0, 32  # after the parms_id
+    try:
+        (lists,) = _COUNT.unpack_from(payload, offset)
+        offset += 8
+        if lists > len(payload):
+            raise MalformedPayloadError(f"{what}: corrupt key-switching key layout")
+        for _ in range(lists):
+            (keys,) = _COUNT.unpack_from(payload, offset)
+            offset += 8
+            if keys > len(payload):
+                raise MalformedPayloadError(f"{what}: corrupt key-switching key layout")
+            for _ in range(keys):
+                size = HEADER.unpack_from(payload, offset)[6]
+                if size < HEADER.size or offset + size > len(payload):
+                    raise MalformedPayloadError(f"{what}: corrupt key-switching key layout")
+                check_seeded_key(
+                    seal_payload(payload[offset : offset + size], max_bytes), degree, levels, what
+                )
+                offset += size
+                count += 1
+    except struct.error as exc:
+        raise MalformedPayloadError(f"{what}: truncated key-switching keys") from exc
+    if offset != len(payload):
+        raise MalformedPayloadError(f"{what}: trailing bytes after the key-switching keys")
+    return count
 
 
 def map_kswitch_keys(

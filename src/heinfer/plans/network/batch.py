@@ -96,7 +96,9 @@ class BatchServer(ServerLayout):
     def _finalize(self, ct: Any, images: int, bias: float, keys: Any) -> Any:
         """Bias in the input slots, masks in the slots no input occupies, flooding, fresh
         re-randomization."""
-        return self.plan.mask_and_flood(ct, np.full(images, bias), images, keys)
+        return self.plan.mask_and_flood(
+            ct, np.full(images, bias), images, keys, self.plan.flood_std(BATCH_LAYOUT)
+        )
 
 
 class BatchClient(ClientLayout):

@@ -81,12 +81,16 @@ def compile_network(
     *,
     estimator: str = "network",
     input_range: tuple[float, float] = (0.0, 1.0),
+    statistical_security_bits: float | None = None,
 ) -> NetworkPlan:
     """Compile a NetworkSpec into a server-side NetworkPlan (parameters chosen from depth).
 
     `calibration` (optional (n, n_features) inputs) tightens the value bounds used to normalise
     the layers; without it worst-case interval bounds over inputs in `input_range` are used.
     `estimator` names the model's origin in the manifest (e.g. "torch.Sequential").
+    `statistical_security_bits` (s): size each layout's flooding to 2^s times the bound on the
+    weight-dependent evaluation error (`bound.py`); refused when that flood would swamp the
+    scores. Without it the default width is used and the manifest states the s it reaches.
     """
     from heinfer.he.ckks import select_parameters
 
@@ -230,8 +234,41 @@ def compile_network(
         arrays[f"h{k}_meta"] = np.array([hy.rows, hy.n_out, hy.B], dtype=np.int64)
         arrays[f"h{k}_bias"] = extra[k][0]
         arrays[f"h{k}_c"] = extra[k][1]
+    if statistical_security_bits is not None:
+        arrays["flood_std"] = _flood_for(
+            params, arrays, n_act, n_features, (low, high), float(statistical_security_bits)
+        )
     network = build_plan_manifest(name, params, arrays, n_act, n_features, (low, high))
     return NetworkPlan(common_manifest(network, estimator, spec.parameter_count), arrays, spec)
+
+
+def _flood_for(
+    params: object,
+    arrays: dict[str, np.ndarray],
+    n_act: int,
+    n_features: int,
+    input_range: tuple[float, float],
+    bits: float,
+) -> np.ndarray:
+    """Flooding std per layout (score units) 2^bits above its error bound, or refuse: a flood
+    wider than a tenth of the largest score leaves no score worth serving."""
+    from heinfer.plans.network.manifest import layout_error_bound
+
+    out_bound = float(arrays["scales"][1])
+    widths = []
+    for layout in ("single", "batch"):
+        bound = layout_error_bound(params, arrays, n_act, n_features, input_range, layout)
+        std = 2.0**bits * bound.max_abs
+        if std > out_bound / 10:
+            reach = math.log2(out_bound / 10 / bound.max_abs)
+            raise UnsupportedModelError(
+                f"{bits:g} bits of statistical security need a flooding std of {std:.3g} in the "
+                f"{layout} layout (evaluation error bound {bound.max_abs:.3g}), more than a tenth "
+                f"of the scores' bound {out_bound:.3g}; this model reaches {reach:.1f} bits at "
+                "most with these parameters"
+            )
+        widths.append(std)
+    return np.array(widths)
 
 
 def _first_shifts(M: np.ndarray, out_slots: np.ndarray, dim: int) -> np.ndarray:

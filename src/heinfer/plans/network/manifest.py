@@ -31,7 +31,6 @@ from heinfer.plans.network.scales import (
     LOG_INPUT_SCALE,
     MASK_RANGE,
     OUTPUT_PRIMES,
-    STAT_SECURITY_BITS,
     flood_sigma,
     galois_steps,
     noise_model,
@@ -47,7 +46,10 @@ __all__ = [
     "SUPPORTED_FORMAT_VERSIONS",
     "build_plan_manifest",
     "common_manifest",
+    "default_flood_std",
+    "flood_widths",
     "has_batch",
+    "layout_error_bound",
     "plan_manifest",
 ]
 
@@ -83,10 +85,10 @@ def build_plan_manifest(
     input_range: tuple[float, float],
 ) -> dict[str, Any]:
     S = params.slots
-    n = params.poly_modulus_degree
     log_df = float(arrays["scales"][0])
-    bound, sigma = flood_sigma(n)
-    slot_std = sigma * math.sqrt(n / 2) / 2.0**log_df
+    flood_std = flood_widths(params, arrays)
+    privacy = _privacy(params, arrays, n_act, n_features, input_range, "single", flood_std[0])
+    slot_std = flood_std[0]
     n_out = int(arrays[f"h{n_act - 1}_meta"][1])
     copies = int(arrays["first_meta"][1])
     manifest: dict[str, Any] = {
@@ -125,18 +127,86 @@ def build_plan_manifest(
             "flood_noise_std": float(slot_std),
         },
         "privacy": {
-            "statistical_security_bits": STAT_SECURITY_BITS,
-            "flood_noise_l2_bound_log2": math.log2(bound),
-            "flood_sigma_log2": math.log2(sigma),
+            **privacy,
             "rerandomized": True,
-            "masked_slots": f"all but output.slots (uniform in +-{MASK_RANGE:g})",
-            "not_covered": "CKKS approximation error of earlier layers (~2^-12 relative)",
+            "masked_slots": (
+                f"real parts of all but output.slots, imaginary parts of all slots "
+                f"(uniform in +-{MASK_RANGE:g})"
+            ),
+            "not_covered": NOT_COVERED,
         },
         "activations": n_act,
     }
     if _has_batch_arrays(arrays):
-        manifest["batch"] = _batch_manifest(params, arrays, n_act, n_features, slot_std)
+        manifest["batch"] = _batch_manifest(params, arrays, n_act, n_features, flood_std[1])
+        manifest["batch"]["privacy"] = _privacy(
+            params, arrays, n_act, n_features, input_range, "batch", flood_std[1]
+        )
     return manifest
+
+
+NOT_COVERED = (
+    "nothing of the evaluation error beyond the stated statistical distance; the served model "
+    "is the network with its weights as SEAL encodes them"
+)
+
+
+def default_flood_std(params: Any, log_df: float) -> float:
+    """The flooding width (score units, per slot part) of models compiled without a security
+    target: the width of earlier releases, sized for precision, not for a stated security."""
+    n = params.poly_modulus_degree
+    return flood_sigma(n)[1] * math.sqrt(n / 2) / 2.0**log_df
+
+
+def flood_widths(params: Any, arrays: Mapping[str, np.ndarray]) -> tuple[float, float]:
+    """(single, batched) flooding standard deviations per slot part, in score units: the
+    compiler's choice (`flood_std` array), or the default width."""
+    if "flood_std" in arrays:
+        single, batch = (float(v) for v in np.asarray(arrays["flood_std"]).reshape(2))
+        return single, batch
+    default = default_flood_std(params, float(arrays["scales"][0]))
+    return default, default
+
+
+def layout_error_bound(
+    params: Any,
+    arrays: Mapping[str, np.ndarray],
+    n_act: int,
+    n_features: int,
+    input_range: tuple[float, float],
+    layout: str,
+) -> Any:
+    """`bound.error_bound` of one layout's response (score units)."""
+    from heinfer.plans.network.bound import error_bound
+
+    sc = scale_plan([int(p) for p in params.primes], n_act, float(arrays["scales"][0]))
+    return error_bound(params, arrays, sc, n_act, n_features, input_range, layout)
+
+
+def _privacy(
+    params: Any,
+    arrays: Mapping[str, np.ndarray],
+    n_act: int,
+    n_features: int,
+    input_range: tuple[float, float],
+    layout: str,
+    flood_std: float,
+) -> dict[str, Any]:
+    """What the flooding reaches, computed (bound.py): s = log2(flood std / error bound) per
+    slot part, so averaging k repeats resolves the error only when k ~ 2^(2s); the statistical
+    distance per slot part is at most 2^-s / sqrt(2 pi) + 2^-TAIL_BITS, and over a whole
+    response (Pinsker over every slot part) 2^-s_response."""
+    from heinfer.plans.network.bound import TAIL_BITS
+
+    bound = layout_error_bound(params, arrays, n_act, n_features, input_range, layout)
+    return {
+        "statistical_security_bits": round(math.log2(flood_std / bound.max_abs), 2),
+        "response_statistical_security_bits": round(math.log2(2 * flood_std / bound.l2), 2),
+        "evaluation_error_bound": bound.max_abs,
+        "evaluation_error_l2_bound": bound.l2,
+        "flood_noise_std": flood_std,
+        "tail_probability_log2": -TAIL_BITS,
+    }
 
 
 def _batch_precision(
@@ -218,6 +288,14 @@ def _batch_manifest(
     }
 
 
+def _stated_bits(network: dict[str, Any]) -> int:
+    """The common manifest's integer: the weakest layout, rounded down, never below 0."""
+    bits = [float(network["privacy"]["statistical_security_bits"])]
+    if "privacy" in network.get("batch", {}):
+        bits.append(float(network["batch"]["privacy"]["statistical_security_bits"]))
+    return max(0, math.floor(min(bits)))
+
+
 def common_manifest(
     network: dict[str, Any], estimator: str, parameters: int | None = None
 ) -> Manifest:
@@ -251,7 +329,7 @@ def common_manifest(
         privacy=PrivacySpec(
             rerandomized=bool(privacy["rerandomized"]),
             masked=True,
-            flooding_statistical_bits=int(privacy["statistical_security_bits"]),
+            flooding_statistical_bits=_stated_bits(network),
             notes=f"masked: {privacy['masked_slots']}; not covered: {privacy['not_covered']}",
             extraction=None if parameters is None else extraction_spec(
                 parameters, int(network["output"]["shape"][0]), linear=False

@@ -2,20 +2,19 @@
 executor of its schedules, and the model privacy treatment of every response.
 
 Model privacy of responses (same contract as the linear plans): after the last rescale the
-server adds a fresh public-key encryption of a plaintext that holds the last-layer bias in the
-output slots, uniform random values in all other slots (they hold replicas of the scores or the
-network applied to zeros: model values), and Gaussian flooding noise of the width `scales.py`
-derives (statistical distance 2^-40). In slots that is a real-part standard deviation
-sigma*sqrt(N/2)/2^68 ~ 0.0045 on the scores. What flooding cannot hide is the CKKS
-approximation error of the earlier layers (about 2^-12 relative), which is part of the
-decrypted value; the manifest says so under `privacy`.
+server adds a fresh public-key encryption (re-randomization) of a plaintext that holds the
+last-layer bias in the real parts of the output slots, uniform random values in the real parts
+of all other slots (they hold replicas of the scores or the network applied to zeros) and in
+the imaginary parts of every slot, and Gaussian flooding noise in every slot part. The flood's
+width is the layout's `flood_noise_std` in the manifest's privacy section, which also states
+what it reaches against the bound on the weight-dependent evaluation error (`bound.py`):
+`statistical_security_bits`, computed, not configured.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -34,7 +33,7 @@ from heinfer.plans.network.manifest import (
     common_manifest,
     plan_manifest,
 )
-from heinfer.plans.network.scales import MASK_RANGE, OUTPUT_PRIMES, flood_sigma, scale_plan
+from heinfer.plans.network.scales import MASK_RANGE, OUTPUT_PRIMES, scale_plan
 from heinfer.plans.network.schedule import (
     BatchSchedule,
     SingleSchedule,
@@ -154,6 +153,23 @@ class NetworkPlan(Plan):
     def key_fingerprint(self) -> bytes:
         return network_key_fingerprint(self.network)
 
+    def _check_part_sizes(self, parts: dict[str, bytes]) -> None:
+        """Every key part in SEAL's seeded form (the server expands each uniform half from the
+        client's seed), checked in the HTTP process before a key is stored."""
+        from heinfer.he.ckks import (
+            KIND_GALOIS,
+            KIND_PUBLIC,
+            KIND_RELIN,
+            CkksParameters,
+            check_seeded,
+        )
+
+        params = CkksParameters.from_dict(self.network["params"])
+        kinds = {"public": KIND_PUBLIC, "relin": KIND_RELIN, "galois": KIND_GALOIS}
+        for name, data in parts.items():
+            if name in kinds:
+                check_seeded(params, kinds[name], data)
+
     def _load_key_parts(self, parts: dict[str, bytes]) -> Any:
         """SEAL-validated keys; a batch-only upload (no Galois part) loads without Galois keys
         and single-image requests then refuse it."""
@@ -185,6 +201,8 @@ class NetworkPlan(Plan):
         try:
             n_act = int(network["activations"])
             need = _array_names(n_act, version == FORMAT_VERSION)
+            if "flood_std" in arrays:
+                need.append("flood_std")
             missing = [k for k in need if k not in arrays]
             if missing:
                 raise ModelFormatError(f"network arrays missing: {missing}")
@@ -271,21 +289,28 @@ class NetworkPlan(Plan):
         return self._arrays["final_bias"]
 
     # -- the final treatment of every response ciphertext ----------------------------------------
-    def mask_and_flood(self, ct: Any, values: np.ndarray, used: int, keys: Any) -> Any:
-        """Add one fresh public-key encryption of `values` in the first `used` slots, uniform
-        masks from the OS CSPRNG in the others, and flooding noise (module docstring)."""
+    def flood_std(self, layout: str) -> float:
+        """The layout's flooding std per slot part, in score units (the manifest's)."""
+        if layout == SINGLE_LAYOUT:
+            return float(self.network["privacy"]["flood_noise_std"])
+        return float(self.network["batch"]["privacy"]["flood_noise_std"])
+
+    def mask_and_flood(
+        self, ct: Any, values: np.ndarray, used: int, keys: Any, flood_std: float
+    ) -> Any:
+        """Add one fresh public-key encryption of `values` in the real parts of the first
+        `used` slots, uniform masks from the OS CSPRNG in the real parts of the others and the
+        imaginary parts of all, and Gaussian flooding of std `flood_std` (score units) in every
+        slot part (module docstring)."""
         from heinfer.rlwe.sampling import os_random_normal, os_random_uniform
 
         ctx = self.ctx
-        S, n = ctx.slots, ctx.n
+        S = ctx.slots
         plain_values = np.empty(S, dtype=np.complex128)
         plain_values[:used] = values
         plain_values[used:] = (2.0 * os_random_uniform(S - used) - 1.0) * MASK_RANGE
-        _bound, sigma = flood_sigma(n)
-        # slots z with iid complex Gaussian parts of std s give coefficients of std
-        # scale*s*sqrt(2/N); we want sigma (in units of the ciphertext modulus) -> s below.
-        s = sigma * math.sqrt(n / 2) / ct.scale
-        noise = os_random_normal(2 * S).reshape(2, S) * s
+        plain_values += 1j * (2.0 * os_random_uniform(S) - 1.0) * MASK_RANGE
+        noise = os_random_normal(2 * S).reshape(2, S) * flood_std
         plain_values += noise[0] + 1j * noise[1]
         plain = ctx.encode(plain_values, ct.scale, OUTPUT_PRIMES)
         ctx.add_inplace(ct, ctx.encrypt_public(keys.encryptor, plain))

@@ -8,11 +8,13 @@ last-layer weights at 2^50 so that product/qc = 2^68 after the last rescale. The
 the lowest level that can hold 2^68 * scores plus flooding noise: the two 39-bit primes. Both
 layouts use these scales, so their scores end at the same level and scale.
 
-Flooding (see docs/architecture.md for the argument): the ring noise left by the last rescale
-has, by Hoeffding, every coefficient below sqrt(N*61*ln2/2) except with probability N*2^-60, so
-its l2 norm is at most B = sqrt(N)*(sqrt(N*61*ln2/2) + 1/2); Gaussian flooding with
-sigma = 2^40 * B / sqrt(2*pi) puts the flooded noise within statistical distance 2^-40 of a
-noise-free one.
+Flooding: `flood_sigma` is the default width, kept from earlier releases: it covers only the
+rounding noise of the last rescale (by Hoeffding, every coefficient below sqrt(N*61*ln2/2)
+except with probability N*2^-60; l2 norm at most B = sqrt(N)*(sqrt(N*61*ln2/2) + 1/2); sigma =
+2^40 * B / sqrt(2*pi)). It is *not* a statement about the whole evaluation error: that is
+bounded in `bound.py`, and the manifest states the security the flood actually reaches against
+it (`manifest._privacy`); the compiler sizes the flood to a target when asked
+(`compile_network(statistical_security_bits=...)`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ __all__ = [
     "MASK_RANGE",
     "OUTPUT_PRIMES",
     "SPECIAL_PRIME_BITS",
-    "STAT_SECURITY_BITS",
     "flood_sigma",
     "fold_steps",
     "galois_steps",
@@ -50,7 +51,7 @@ ACT_PRIME_BITS = [56, 60]
 SPECIAL_PRIME_BITS = 60
 MASK_RANGE = 256.0
 FOLD_RADIX = 4
-STAT_SECURITY_BITS = 40
+_LAST_RESCALE_BITS = 40  # what the default width is 2^x above (the last rescale only)
 
 
 def scale_plan(primes: list[int], n_act: int, log_df: float) -> dict[str, Any]:
@@ -77,7 +78,9 @@ def scale_plan(primes: list[int], n_act: int, log_df: float) -> dict[str, Any]:
 def noise_model(params: Any) -> dict[str, float]:
     """Slot-domain noise standard deviations (before dividing by the scale) of each operation:
     plaintext rounding, fresh encryption, key switching, rescaling (rs3: rescaling a product
-    that is not relinearized yet, whose rounding error also meets s^2)."""
+    that is not relinearized yet, whose rounding error also meets s^2), and the server's
+    public-key encryption (pk: e0 + u*e + e1*s, u and s ternary with 2N/3 nonzeros, e of
+    variance 10.5)."""
     n = params.poly_modulus_degree
     q_max = max(params.data_primes)
     P = params.primes[-1]
@@ -87,13 +90,15 @@ def noise_model(params: Any) -> dict[str, float]:
         "ks": 2.0**11 * (1 + 16 * q_max / P),
         "rs": math.sqrt(n / 2) * math.sqrt(n / 18),
         "rs3": math.sqrt(n / 2) * math.sqrt(n / 18 + n * n / 27),
+        "pk": math.sqrt(n / 2 * 10.5 * (1 + 4 * n / 3)),
     }
 
 
 def flood_sigma(n: int) -> tuple[float, float]:
-    """(noise l2 bound B, coefficient sigma) for 2^-40 statistical distance (module docstring)."""
+    """(last-rescale noise l2 bound B, coefficient sigma 2^40 above it): the default flooding
+    width (module docstring)."""
     bound = math.sqrt(n) * (math.sqrt(n * 61 * math.log(2) / 2) + 0.5)
-    sigma = 2.0**STAT_SECURITY_BITS * bound / math.sqrt(2 * math.pi)
+    sigma = 2.0**_LAST_RESCALE_BITS * bound / math.sqrt(2 * math.pi)
     return bound, sigma
 
 

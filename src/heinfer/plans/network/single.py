@@ -102,7 +102,9 @@ class SingleServer(ServerLayout):
     def _finalize(self, ct: Any, keys: Any) -> Any:
         """The final bias in the output slots, masks in all others, flooding, re-randomization."""
         bias = self.plan.final_bias
-        return self.plan.mask_and_flood(ct, bias, len(bias), keys)
+        return self.plan.mask_and_flood(
+            ct, bias, len(bias), keys, self.plan.flood_std(SINGLE_LAYOUT)
+        )
 
 
 class SingleClient(ClientLayout):
