@@ -346,7 +346,21 @@ def convert_v1_network(
         n_features = int(network["input"]["shape"][0])
         shape = (1, 28, 28) if first in ("conv2d", "avgpool") else (n_features,)
         spec = NetworkSpec.from_layers(layers, arrays, shape)
-        manifest = common_manifest(network, str(header.get("estimator") or "network"))
+        # The stored claims (flooding, precision) are recomputed by this release's rules from
+        # the arrays: the service states what its own code guarantees, not what an older one did.
+        from heinfer.he.ckks import CkksParameters
+
+        rebuilt = build_plan_manifest(
+            network["name"],
+            CkksParameters.from_dict(network["params"]),
+            plan_arrays,
+            int(network["activations"]),
+            n_features,
+            (float(network["input"]["range"][0]), float(network["input"]["range"][1])),
+        )
+        manifest = common_manifest(
+            rebuilt, str(header.get("estimator") or "network"), spec.parameter_count
+        )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         if isinstance(exc, ModelFormatError):
             raise
