@@ -41,3 +41,19 @@ def test_a_v1_network_file_loads_and_serves_both_layouts(mnist: dict[str, np.nda
         scores = codec.decrypt(secret, plan.evaluate(codec.encrypt(secret, X, layout), keys))
         assert np.array_equal(scores.argmax(1), reference.argmax(1)), layout
         assert np.abs(scores - reference).max() <= claim, layout
+
+
+def test_a_v1_linear_file_loads_and_serves_both_layouts(mnist: dict[str, np.ndarray]) -> None:
+    """`tests/data/v1-linear.heinfer`: a LogisticRegression saved by release 8bbfa1e."""
+    model = heinfer.load_model(Path(__file__).parent / "data" / "v1-linear.heinfer")
+    plan = model.plan
+    assert plan.manifest.format_version == 1
+    codec = codec_for(plan.manifest)
+    secret = codec.keygen()
+    keys = plan.load_keys(codec.key_upload(secret))
+    X = mnist["X_test"][:20]
+    reference = model.predict_plain(X)
+    for layout in ("coeff-rowpack", "coeff-batch"):
+        scores = codec.decrypt(secret, plan.evaluate(codec.encrypt(secret, X, layout), keys))
+        assert np.array_equal(scores.argmax(1), reference.argmax(1)), layout
+        assert np.abs(scores - reference).max() <= plan.manifest.precision.max_abs_error
