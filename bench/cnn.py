@@ -1,16 +1,19 @@
 """Encrypted CNN on MNIST: heinfer's packed CKKS plan vs a TenSEAL tutorial-style CNN.
 
     PYTHONPATH=src python bench/cnn.py [--retrain] [--agree-seconds 120] [--tenseal-images 10]
-                                       [--batch-images 4096] [--skip-tenseal]
+                                       [--batch-images 4096] [--skip-tenseal] [--quick]
 
 Trains (or loads bench/results/cnn_spec.npz) the default `heinfer.nn.he_friendly_cnn`, reports
-plaintext accuracy, encrypted latency (median of ~20 single images, warm key cache), key /
-request / response bytes, agreement of encrypted argmax with the plaintext network on as many
+plaintext accuracy, encrypted latency (median of ~20 single images, keys parsed once with
+`plan.load_keys`, as a worker's key cache holds them), key parse time, key / request / response
+bytes, agreement of encrypted argmax with the plaintext network on as many
 test digits as fit in the time budget, and the same for TenSEAL's "Encrypted convolution on
 MNIST" tutorial model (ts.ckks_vector, im2col_encoding, conv2d_im2col, square, mm) in the same
 run. The batched layout (one ciphertext per pixel, image i in slot i) is timed on one request
-of `--batch-images` test digits: server time, images/s, batch-only key bytes, request and
-response bytes per image, agreement and max error against the manifest's batched claim.
+of `--batch-images` test digits: server time (key parse and evaluation apart), images/s,
+batch-only key bytes, request and response bytes per image, agreement and max error against the
+manifest's batched claim. `--quick` (a smoke run: 3 latency images, 10 s of agreement, a
+64-image batch, no TenSEAL) checks the script still runs.
 Writes bench/results/cnn.json. Needs torch (CPU build: pip install torch==2.13.0).
 """
 
@@ -40,6 +43,8 @@ from heinfer.plans.network import (  # noqa: E402
     compile_network,
     import_torch,
 )
+from heinfer.plans.network.manifest import plan_manifest  # noqa: E402
+from heinfer.plans.network.simulate import simulate  # noqa: E402
 
 DATA = Path(os.environ.get("HEINFER_MNIST", "/work/shared/data/mnist"))
 RESULTS = ROOT / "bench" / "results"
@@ -89,35 +94,59 @@ def load_spec(path: Path) -> NetworkSpec:
     return NetworkSpec(layers)
 
 
+def small_cnn(
+    Xtr: np.ndarray, ytr: np.ndarray, *, retrain: bool = False, seed: int = 0
+) -> tuple[NetworkSpec, float | None]:
+    """The default CNN trained on 1,500 digits for 3 epochs (as tests/e2e does): the same
+    architecture, so the same keys and HE work per request, in well under a minute. Cached in
+    bench/results/cnn_spec_small.npz; returns (spec, training seconds or None if cached)."""
+    cache = RESULTS / "cnn_spec_small.npz"
+    if cache.exists() and not retrain:
+        return load_spec(cache), None
+    from heinfer.nn import train_mnist_cnn
+
+    t = time.perf_counter()
+    model = train_mnist_cnn(Xtr[:1500], ytr[:1500], epochs=3, seed=seed)
+    train_s = time.perf_counter() - t
+    spec = import_torch(model)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    save_spec(spec, cache)
+    return spec, train_s
+
+
 def bench_heinfer(
     spec: NetworkSpec, Xtr: np.ndarray, Xte: np.ndarray, args: argparse.Namespace
 ) -> tuple[dict[str, Any], NetworkPlan]:
     t = time.perf_counter()
     plan = compile_network(spec, "mnist-cnn", calibration=Xtr[:2000])
     compile_s = time.perf_counter() - t
-    manifest = plan.manifest()
-    codec = NetworkCodec(manifest)
+    network = plan_manifest(plan.manifest)
+    codec = NetworkCodec(plan.manifest)
     t = time.perf_counter()
-    codec.keygen()
-    keys = codec.public_keys()
+    secret = codec.keygen()
+    parts = codec.public_keys(secret, codec.key_parts())
     keygen_s = time.perf_counter() - t
-    key_bytes = {k: len(v) for k, v in keys.items()}
+    key_bytes = {k: len(v) for k, v in parts.items()}
+    upload = codec.key_upload(secret)  # every layout's keys, as `Client.upload_keys` sends
     plain = spec.predict_plain(Xte)
-    # cold call: key load + plaintext encoding of the weights
-    req = codec.encrypt(Xte[0])
+    # cold call: key parse (once per worker) + plaintext encoding of the weights
+    req = codec.encrypt(secret, Xte[0])
+    t = time.perf_counter()
+    keys = plan.load_keys(upload)
+    load_s = time.perf_counter() - t
     t = time.perf_counter()
     resp = plan.evaluate(req, keys)
-    cold_s = time.perf_counter() - t
+    cold_s = load_s + time.perf_counter() - t
     lat, enc_t, dec_t = [], [], []
     for i in range(args.latency_images):
         t = time.perf_counter()
-        req = codec.encrypt(Xte[i])
+        req = codec.encrypt(secret, Xte[i])
         enc_t.append(time.perf_counter() - t)
         t = time.perf_counter()
         resp = plan.evaluate(req, keys)
         lat.append(time.perf_counter() - t)
         t = time.perf_counter()
-        codec.decrypt(resp)
+        codec.decrypt(secret, resp)
         dec_t.append(time.perf_counter() - t)
     req_bytes, resp_bytes = len(req), len(resp)
     # agreement on as many test digits as fit in the budget
@@ -125,20 +154,23 @@ def bench_heinfer(
     n, agree, max_err, _correct = 0, 0, 0.0, 0
     while n < len(Xte) and time.perf_counter() < deadline:
         batch = Xte[n : n + 8]
-        scores = codec.decrypt(plan.evaluate(codec.encrypt(batch), keys))
+        scores = codec.decrypt(secret, plan.evaluate(codec.encrypt(secret, batch), keys))
         ref = plain[n : n + len(batch)]
         agree += int((scores.argmax(1) == ref.argmax(1)).sum())
         max_err = max(max_err, float(np.abs(scores - ref).max()))
         n += len(batch)
-    sim = plan.simulate(Xte, np.random.default_rng(0))
+    sim = simulate(plan, Xte, np.random.default_rng(0))
     result = {
-        "params": manifest["params"],
-        "galois_steps": manifest["keys"]["galois_steps"],
-        "precision_claim": manifest["precision"]["score_abs_error"],
+        "params": network["params"],
+        "galois_steps": network["keys"]["galois_steps"],
+        "precision_claim": network["precision"]["score_abs_error"],
         "compile_s": compile_s,
         "keygen_s": keygen_s,
         "key_bytes": key_bytes,
         "key_bytes_total": sum(key_bytes.values()),
+        "key_upload_bytes": len(upload),
+        "key_parse_s": load_s,
+        "parsed_key_bytes": keys.nbytes,
         "request_bytes": req_bytes,
         "response_bytes": resp_bytes,
         "cold_first_call_s": cold_s,
@@ -157,39 +189,42 @@ def bench_heinfer(
 
 def bench_batch(spec: NetworkSpec, plan: NetworkPlan, X: np.ndarray) -> dict:
     """One batched request of len(X) images: client encrypt, server evaluate, client decrypt."""
-    manifest = plan.manifest()
-    codec = NetworkCodec(manifest)
-    codec.keygen()
-    keys = codec.public_keys(BATCH_LAYOUT)
+    batch = plan_manifest(plan.manifest)["batch"]
+    codec = NetworkCodec(plan.manifest)
+    secret = codec.keygen()
+    parts = codec.public_keys(secret, codec.key_parts([BATCH_LAYOUT]))
+    upload = codec.key_upload(secret, [BATCH_LAYOUT])
     n = len(X)
     t = time.perf_counter()
-    req = codec.encrypt(X, layout=BATCH_LAYOUT)
+    req = codec.encrypt(secret, X, BATCH_LAYOUT)
     enc_s = time.perf_counter() - t
+    t = time.perf_counter()
+    keys = plan.load_keys(upload)
+    load_s = time.perf_counter() - t
     t = time.perf_counter()
     resp = plan.evaluate(req, keys)
     eval_s = time.perf_counter() - t
-    timings = dict(plan.last_timings)
     t = time.perf_counter()
-    scores = codec.decrypt(resp)
+    scores = codec.decrypt(secret, resp)
     dec_s = time.perf_counter() - t
     ref = spec.predict_plain(X)
-    sim = plan.simulate_batch(X, np.random.default_rng(0))
-    batch = manifest["batch"]
+    sim = simulate(plan, X, np.random.default_rng(0), layout=BATCH_LAYOUT)
     return {
         "images": n,
         "work": batch["work"],
         "precision_claim": batch["precision"]["score_abs_error"],
         "precision": batch["precision"],
-        "key_bytes": {k: len(v) for k, v in keys.items()},
-        "key_bytes_total": sum(len(v) for v in keys.values()),
+        "key_bytes": {k: len(v) for k, v in parts.items()},
+        "key_bytes_total": sum(len(v) for v in parts.values()),
+        "key_upload_bytes": len(upload),
         "request_bytes": len(req),
         "response_bytes": len(resp),
         "request_bytes_per_image": len(req) / n,
         "response_bytes_per_image": len(resp) / n,
         "client_encrypt_s": enc_s,
-        "server_s": eval_s,
-        "server_load_s": timings.get("keys_load_s"),
-        "server_eval_s": timings.get("eval_s"),
+        "server_s": load_s + eval_s,
+        "server_load_s": load_s,
+        "server_eval_s": eval_s,
         "client_decrypt_s": dec_s,
         "throughput_img_per_s": n / eval_s,
         "agreement": float((scores.argmax(1) == ref.argmax(1)).mean()),
@@ -313,21 +348,33 @@ def main() -> None:
     ap.add_argument(
         "--batch-images", type=int, default=4096, help="batched-layout request size (0: skip)"
     )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: a small CNN (1,500 digits, 3 epochs, cached apart), 3 latency images, "
+        "10 s of agreement, a 64-image batch, no TenSEAL; writes cnn-quick.json",
+    )
     args = ap.parse_args()
+    if args.quick:
+        args.latency_images, args.agree_seconds, args.batch_images = 3, 10.0, 64
+        args.skip_tenseal = True
     RESULTS.mkdir(parents=True, exist_ok=True)
     Xtr, ytr, Xte, yte = load_mnist()
-    cache = RESULTS / "cnn_spec.npz"
     train_s = None
-    if cache.exists() and not args.retrain:
-        spec = load_spec(cache)
+    if args.quick:
+        spec, train_s = small_cnn(Xtr, ytr, retrain=args.retrain, seed=args.seed)
     else:
-        from heinfer.nn import train_mnist_cnn
+        cache = RESULTS / "cnn_spec.npz"
+        if cache.exists() and not args.retrain:
+            spec = load_spec(cache)
+        else:
+            from heinfer.nn import train_mnist_cnn
 
-        t = time.perf_counter()
-        model = train_mnist_cnn(Xtr, ytr, epochs=args.epochs, seed=args.seed)
-        train_s = time.perf_counter() - t
-        spec = import_torch(model)
-        save_spec(spec, cache)
+            t = time.perf_counter()
+            model = train_mnist_cnn(Xtr, ytr, epochs=args.epochs, seed=args.seed)
+            train_s = time.perf_counter() - t
+            spec = import_torch(model)
+            save_spec(spec, cache)
     plain_acc = float((spec.predict_plain(Xte).argmax(1) == yte).mean())
     print(f"plaintext accuracy {plain_acc:.4f} on {len(yte)} test digits", flush=True)
     he, plan = bench_heinfer(spec, Xtr, Xte, args)
@@ -392,6 +439,10 @@ def main() -> None:
         f"max |score error| {he['max_abs_score_error']:.4f} (claim {he['precision_claim']:.4f});"
         f" cold first call {he['cold_first_call_s']:.2f} s"
     )
+    print(
+        f"key upload {he['key_upload_bytes'] / 1e6:.2f} MB parses in {he['key_parse_s']:.2f} s "
+        f"to {he['parsed_key_bytes'] / 1e6:.1f} MB (what a worker's key cache holds per key)"
+    )
     if "batch" in he:
         b = he["batch"]
         print(
@@ -410,7 +461,9 @@ def main() -> None:
             f" (claim {b['precision_claim']:.4f}; "
             f"simulated {b['simulated_max_abs_score_error']:.4f})"
         )
-    (RESULTS / "cnn.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / ("cnn-quick.json" if args.quick else "cnn.json")).write_text(
+        json.dumps(result, indent=2)
+    )
 
 
 if __name__ == "__main__":
