@@ -35,6 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from heinfer.errors import HeinferError  # noqa: E402
 from heinfer.plans.network import (  # noqa: E402
     BATCH_LAYOUT,
     NetworkCodec,
@@ -67,31 +68,16 @@ def load_mnist() -> tuple[np.ndarray, ...]:
 
 
 def save_spec(spec: NetworkSpec, path: Path) -> None:
-    arrays: dict[str, np.ndarray] = {}
-    meta = []
-    for i, layer in enumerate(spec.layers):
-        entry = {}
-        for k, v in layer.items():
-            if isinstance(v, np.ndarray):
-                arrays[f"l{i}_{k}"] = v
-            else:
-                entry[k] = v
-        meta.append(entry)
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    np.savez(path, **cast(dict[str, Any], arrays))  # numpy's stub reads ** as allow_pickle
+    np.savez(path, **cast(dict[str, Any], spec.to_arrays()))  # numpy's stub reads ** as pickle
 
 
-def load_spec(path: Path) -> NetworkSpec:
-    with np.load(path, allow_pickle=False) as z:
-        meta = json.loads(bytes(z["meta"]).decode())
-        layers = []
-        for i, entry in enumerate(meta):
-            layer = dict(entry)
-            for key in ("weight", "bias"):
-                if f"l{i}_{key}" in z:
-                    layer[key] = z[f"l{i}_{key}"]
-            layers.append(layer)
-    return NetworkSpec(layers)
+def load_spec(path: Path) -> NetworkSpec | None:
+    """The spec saved by `save_spec`; None for a cache in another (older) format."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return NetworkSpec.from_arrays({k: z[k] for k in z.files})
+    except (HeinferError, KeyError, ValueError):
+        return None
 
 
 def small_cnn(
@@ -101,8 +87,9 @@ def small_cnn(
     architecture, so the same keys and HE work per request, in well under a minute. Cached in
     bench/results/cnn_spec_small.npz; returns (spec, training seconds or None if cached)."""
     cache = RESULTS / "cnn_spec_small.npz"
-    if cache.exists() and not retrain:
-        return load_spec(cache), None
+    spec = load_spec(cache) if cache.exists() and not retrain else None
+    if spec is not None:
+        return spec, None
     from heinfer.nn import train_mnist_cnn
 
     t = time.perf_counter()
@@ -365,8 +352,9 @@ def main() -> None:
         spec, train_s = small_cnn(Xtr, ytr, retrain=args.retrain, seed=args.seed)
     else:
         cache = RESULTS / "cnn_spec.npz"
-        if cache.exists() and not args.retrain:
-            spec = load_spec(cache)
+        cached = load_spec(cache) if cache.exists() and not args.retrain else None
+        if cached is not None:
+            spec = cached
         else:
             from heinfer.nn import train_mnist_cnn
 
