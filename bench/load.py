@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -547,6 +548,7 @@ def interleaved_scaling(
             "A": (workers, _launcher(Path(options.against).resolve() / "src")),
             "B": (workers, _launcher(here)),
         }
+        models = {"A": checkout_model(Path(options.against).resolve()), "B": model_path}
         names = {
             "A": f"{options.against} ({workers} workers)",
             "B": f"this checkout ({workers} workers)",
@@ -554,12 +556,13 @@ def interleaved_scaling(
     else:
         base, best = options.workers[0], options.workers[-1]
         arms = {"A": (base, ("-m", "heinfer")), "B": (best, ("-m", "heinfer"))}
+        models = {"A": model_path, "B": model_path}
         names = {"A": f"{base} workers", "B": f"{best} workers"}
     services: dict[str, Service] = {}
     try:
         for arm, (workers, launcher) in arms.items():
             services[arm] = Service(
-                model_path, workers, _service_cpus(workers, options), launcher=launcher
+                models[arm], workers, _service_cpus(workers, options), launcher=launcher
             )
         X, reference = data
         clients = {
@@ -684,6 +687,30 @@ def mnist_model() -> tuple[Path, np.ndarray, np.ndarray]:
         RESULTS / "mnist-load.heinfer"
     )
     return model_path, X, X @ fitted.W.T + fitted.b
+
+
+def checkout_model(checkout: Path) -> Path:
+    """The benchmark's model as the code in `checkout` compiles it: an older release may not
+    read this checkout's model format (8bbfa1e reads format 1 only), and each side of an A/B
+    should serve what its own compiler writes. Same fitted weights as `mnist_model`."""
+    import _mnist
+
+    fitted = _mnist.model()
+    weights = RESULTS / "mnist-load-weights.npz"
+    np.savez(weights, W=fitted.W, b=fitted.b)
+    out = RESULTS / "mnist-load-against.heinfer"
+    code = (
+        f"import sys; sys.path.insert(0, {str(checkout / 'src')!r})\n"
+        "import numpy as np, heinfer\n"
+        "from sklearn.linear_model import LogisticRegression\n"
+        f"w = np.load({str(weights)!r})\n"
+        "e = LogisticRegression()\n"
+        "e.coef_, e.intercept_, e.classes_ = w['W'], w['b'], np.arange(10)\n"
+        "heinfer.compile(e, name='mnist', input_range=(0.0, 1.0))"
+        f".save({str(out)!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=600)
+    return out
 
 
 def main() -> None:
