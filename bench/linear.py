@@ -229,9 +229,11 @@ class Service:
         self._keys = tempfile.TemporaryDirectory(prefix="heinfer-bench-")
         self.process = subprocess.Popen(
             [sys.executable, *launcher, "serve", str(model_path), "--port", str(self.port),
-             "--workers", str(workers), "--key-store", self._keys.name, "--log-level", "warning",
-             # a benchmark evaluates millions of samples under one tenant: no extraction budget
-             "--sample-budget", "0"],
+             "--workers", str(workers), "--key-store", self._keys.name, "--log-level", "warning"],
+            # A benchmark evaluates millions of samples under one tenant: no extraction budget
+            # unless the caller's environment sets one. An environment variable, not the
+            # --sample-budget flag, so that `load.py --against` can serve releases without it.
+            env={"HEINFER_SAMPLE_BUDGET": "0", **os.environ},
             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         )
         wait_ready(self.url, self.process, 120, "service")
