@@ -11,7 +11,8 @@ least exposed to the machine's other load: the function a worker process runs pe
 Setup, per version: `bench/load.py`'s MNIST logistic regression compiled by that version's
 compiler (`load.checkout_model`), served once by that version's `heinfer serve` just long enough
 for `--tenants` clients (this checkout's `heinfer.Client`, which speaks both versions' wire
-formats) to upload their keys and encrypt one digit each; the key store directory is kept.
+formats, through `load.bench_client`) to upload their keys and encrypt one digit each; the key
+store directory is kept.
 Then one long-lived process per version imports that version's `heinfer.server.workers`,
 initializes it as the pool would (model, key store, key cache, SCHED_BATCH, one BLAS thread),
 calls `_infer` once per tenant (keys fetched and parsed into the worker's cache), and waits.
@@ -42,9 +43,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import heinfer
 from linear import Service
-from load import RESULTS, _launcher, checkout_model, mnist_model
+from load import RESULTS, _launcher, bench_client, checkout_model, mnist_model
 
 # Run by each version's own interpreter path: reads the work, initializes that version's worker
 # module, then answers "run SECONDS" lines with one JSON line each.
@@ -87,7 +87,7 @@ def prepare(
     try:
         requests = []
         for i in range(tenants):
-            with heinfer.Client(service.url, model="mnist") as client:
+            with bench_client(service.url) as client:
                 key_id = client.upload_keys()
                 body = client.encrypt(X[i : i + 1])
                 requests.append([key_id, base64.b64encode(body).decode()])

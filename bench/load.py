@@ -106,12 +106,33 @@ class SimulatedClient:
     latencies: list[float] = field(default_factory=list)
 
 
+class _ManifestFallback(httpx.HTTPTransport):
+    """Retries a 404 on `/v2/models/{name}/manifest` at `/v2/models/{name}`, where releases
+    before the OIP routes (8bbfa1e) serve the manifest: `--against` reaches them with this
+    checkout's client, whose wire formats they read."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        path = request.url.path
+        if response.status_code == 404 and path.endswith("/manifest"):
+            response.close()
+            request.url = request.url.copy_with(path=path[: -len("/manifest")])
+            response = super().handle_request(request)
+        return response
+
+
+def bench_client(url: str, model: str = "mnist") -> heinfer.Client:
+    """`heinfer.Client` that also reads the manifest of services of earlier releases."""
+    http = httpx.Client(base_url=url, transport=_ManifestFallback(), timeout=120.0)
+    return heinfer.Client(url, model=model, http=http)
+
+
 def _prepare_clients(
     url: str, count: int, X: np.ndarray, reference: np.ndarray, batch: bool, images: int
 ) -> list[SimulatedClient]:
     clients = []
     for i in range(count):
-        client = heinfer.Client(url, model="mnist")
+        client = bench_client(url)
         key_id = client.upload_keys()
         bodies, expected = [], []
         for k in range(1 if batch else 3):
