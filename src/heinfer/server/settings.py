@@ -47,7 +47,9 @@ class ServiceSettings(BaseSettings):
     # Upper bound on one evaluation call in the pool before the caller gets 503.
     evaluation_timeout_seconds: float = Field(default=300.0, gt=0)
     retry_after_seconds: int = Field(default=1, ge=1)
-    key_cache_bytes: int = Field(default=256 << 20, ge=0)
+    # Parsed keys per worker (and key bytes in the HTTP process): sized so that 16 tenants'
+    # full CNN key sets stay parsed (docs/performance.md, "16 tenants").
+    key_cache_bytes: int = Field(default=512 << 20, ge=0)
     key_ttl_seconds: float | None = None
     # The extraction budget (server/budget.py): samples one tenant may have evaluated per
     # model per window (0: unlimited), 429 + Retry-After beyond it; rules override it per
