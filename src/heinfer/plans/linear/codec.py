@@ -9,14 +9,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from heinfer.errors import ParameterMismatchError
-from heinfer.he.backend import Context, SecretKey
+from heinfer.errors import MalformedPayloadError, ParameterMismatchError
+from heinfer.he.backend import Context, SecretKey, unpack_bits
 from heinfer.he.params import BFVParameters
 from heinfer.plans.base import Codec
 from heinfer.plans.linear.plan import FAMILY
 from heinfer.plans.manifest import Manifest
 
-__all__ = ["LinearCodec"]
+__all__ = ["LinearCodec", "decrypt_compact"]
 
 
 class LinearCodec(Codec):
@@ -63,3 +63,37 @@ class LinearCodec(Codec):
         np.maximum(scaled, 0, out=scaled)
         np.minimum(scaled, levels, out=scaled)
         return scaled.astype(np.int64)
+
+
+def decrypt_compact(
+    secret: SecretKey,
+    record: bytes,
+    params: BFVParameters,
+    results: list[dict[str, Any]],
+    bits: int,
+    n_outputs: int,
+    divisor: float,
+) -> np.ndarray:
+    """Scores from a compact result record: per result ciphertext, c1 (N coefficients) then c0
+    at its output coefficients only, bit-packed at `bits` modulo the one remaining prime.
+    Output `outputs[i]` is coefficient `coefficients[i]` divided by `divisor`."""
+    n = params.poly_modulus_degree
+    q1 = np.uint64(params.coeff_modulus[0])
+    scores = np.zeros(n_outputs, dtype=np.float64)
+    offset = 0
+    for result in results:
+        outputs, coefficients = result["outputs"], result["coefficients"]
+        c1_size = (n * bits + 7) // 8
+        c0_size = (len(coefficients) * bits + 7) // 8
+        c1 = unpack_bits(record[offset : offset + c1_size], n, bits)
+        c0_out = unpack_bits(
+            record[offset + c1_size : offset + c1_size + c0_size], len(coefficients), bits
+        )
+        offset += c1_size + c0_size
+        if np.any(c1 >= q1) or np.any(c0_out >= q1):
+            raise MalformedPayloadError("result coefficient out of range")
+        c0 = np.zeros(n, dtype=np.uint64)
+        c0[coefficients] = c0_out
+        plain = secret.decrypt_last_level(c0, c1)
+        scores[outputs] = plain[coefficients] / divisor
+    return scores

@@ -46,10 +46,10 @@ import numpy as np
 import tenseal.sealapi as seal
 
 from heinfer.errors import MalformedPayloadError, ParameterMismatchError
-from heinfer.he.backend import SecretKey, pack_bits, unpack_bits
+from heinfer.he.backend import SecretKey, pack_bits
 from heinfer.he.galois import GaloisEvaluationKey
 from heinfer.plans.base import ClientLayout, Request, ServerLayout
-from heinfer.plans.linear.codec import LinearCodec
+from heinfer.plans.linear.codec import LinearCodec, decrypt_compact
 from heinfer.plans.linear.plan import LinearPlan
 from heinfer.plans.manifest import Manifest
 
@@ -356,23 +356,8 @@ class PackedClient(ClientLayout):
         return np.stack([self.decrypt_record(secret, r) for r in records])
 
     def decrypt_record(self, secret: SecretKey, record: bytes) -> np.ndarray:
-        n = self.codec.params.poly_modulus_degree
-        q1 = self.codec.params.coeff_modulus[0]
-        scores = np.zeros(self.codec.manifest.n_outputs, dtype=np.float64)
-        offset = 0
-        for result in self._spec["results"]:
-            outputs, coefficients = result["outputs"], result["coefficients"]
-            c1_size = (n * self._bits + 7) // 8
-            c0_size = (len(coefficients) * self._bits + 7) // 8
-            c1 = unpack_bits(record[offset : offset + c1_size], n, self._bits)
-            c0_out = unpack_bits(
-                record[offset + c1_size : offset + c1_size + c0_size], len(coefficients), self._bits
-            )
-            offset += c1_size + c0_size
-            if np.any(c1 >= np.uint64(q1)) or np.any(c0_out >= np.uint64(q1)):
-                raise MalformedPayloadError("result coefficient out of range")
-            c0 = np.zeros(n, dtype=np.uint64)
-            c0[coefficients] = c0_out
-            plain = secret.decrypt_last_level(c0, c1)
-            scores[outputs] = plain[coefficients] / self._divisor
-        return scores
+        codec = self.codec
+        return decrypt_compact(
+            secret, record, codec.params, self._spec["results"], self._bits,
+            codec.manifest.n_outputs, self._divisor,
+        )

@@ -31,9 +31,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from heinfer.errors import MalformedPayloadError
-from heinfer.he.backend import EvaluationKey, SecretKey, pack_bits, unpack_bits
+from heinfer.he.backend import EvaluationKey, SecretKey, pack_bits
 from heinfer.plans.base import ClientLayout, Request, ServerLayout
-from heinfer.plans.linear.codec import LinearCodec
+from heinfer.plans.linear.codec import LinearCodec, decrypt_compact
 from heinfer.plans.linear.plan import LinearPlan
 from heinfer.plans.wire import (
     REQUEST_MAGIC,
@@ -157,27 +157,11 @@ class RowpackClient(ClientLayout):
             raise MalformedPayloadError(
                 f"result record is {len(record)} bytes, {self.record_bytes} expected"
             )
-        params = self.codec.params
-        n = params.poly_modulus_degree
-        q1 = params.coeff_modulus[0]
-        scores = np.zeros(self.codec.manifest.n_outputs, dtype=np.float64)
-        offset = 0
-        for result in self._results:
-            outputs, coefficients = result["outputs"], result["coefficients"]
-            c1_size = (n * self._bits + 7) // 8
-            c0_size = (len(coefficients) * self._bits + 7) // 8
-            c1 = unpack_bits(record[offset : offset + c1_size], n, self._bits)
-            c0_out = unpack_bits(
-                record[offset + c1_size : offset + c1_size + c0_size], len(coefficients), self._bits
-            )
-            offset += c1_size + c0_size
-            if np.any(c1 >= np.uint64(q1)) or np.any(c0_out >= np.uint64(q1)):
-                raise MalformedPayloadError("result coefficient out of range")
-            c0 = np.zeros(n, dtype=np.uint64)
-            c0[coefficients] = c0_out
-            plain = secret.decrypt_last_level(c0, c1)
-            scores[outputs] = plain[coefficients] / self._scale
-        return scores
+        codec = self.codec
+        return decrypt_compact(
+            secret, record, codec.params, self._results, self._bits,
+            codec.manifest.n_outputs, self._scale,
+        )
 
 
 def _record_bytes(layout: dict[str, Any], degree: int) -> int:
