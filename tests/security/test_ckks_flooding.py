@@ -10,6 +10,12 @@ served model exactly (scalar weights as SEAL encodes them, no rounding left) on 
 decrypted input; for the single-image layout the float64 network on the real input, so there
 the measured error also holds the vectors' encoding rounding and the client's own encryption
 noise (an over-statement of the weight-dependent part).
+
+The batched layout fills every slot (one input each, at no extra cost), so the measurement sees
+the key's worst slot: its negative control is the earlier bound, which took the mean over keys
+of the secret's per-slot factor |s(zeta_j)|^2 and is exceeded there. With today's flood that
+layout's computed s is below the target (stated, not measured: the sound bound sits well above
+what one random key shows, so no measurement separates the two floods there).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import tenseal.sealapi as seal
 from heinfer.errors import UnsupportedModelError
 from heinfer.plans.base import codec_for
 from heinfer.plans.network import NetworkSpec, compile_network
+from heinfer.plans.network.bound import error_bound
 from heinfer.plans.network.manifest import default_flood_std
 from heinfer.plans.network.schedule import run_batch, run_single
 from heinfer.plans.network.simulate import NoisyOps
@@ -75,14 +82,33 @@ def _decrypt_complex(keys, ct) -> np.ndarray:  # type: ignore[no-untyped-def]
     return np.asarray(keys.ctx.encoder.decode_complex(plain))
 
 
-def _check(errors: np.ndarray, privacy: dict, today: float) -> None:  # type: ignore[type-arg]
+def _check(errors: np.ndarray, privacy: dict) -> float:  # type: ignore[type-arg]
+    """The measured worst error, checked against the stated bound and s."""
     s = float(privacy["statistical_security_bits"])
     sigma = float(privacy["flood_noise_std"])
     assert s >= TARGET_BITS - 0.01  # the compiler reached the target it was given
     worst = float(np.abs(errors).max())
     assert worst <= float(privacy["evaluation_error_bound"])  # the bound holds
     assert worst <= 2.0**-s * sigma  # averaging needs ~2^(2s) repeats to see it
-    assert worst > 2.0**-s * today  # negative control: the earlier flood does not hide it
+    return worst
+
+
+def _mean_key_bound(plan, layout: str) -> float:  # type: ignore[no-untyped-def]
+    """The earlier bound: |s(zeta)|^2 taken at its mean over keys, 2n/3, in every slot."""
+    net = plan.network
+    n = plan.ctx.params.poly_modulus_degree
+    low, high = net["input"]["range"]
+    bound = error_bound(
+        plan.ctx.params,
+        plan._arrays,
+        plan.scales(),
+        plan.n_act,
+        plan.n_features,
+        (low, high),
+        layout,
+        secret_sq=2.0 * n / 3.0,
+    )
+    return bound.max_abs
 
 
 def test_single_layout_pre_flood_error(setup) -> None:  # type: ignore[no-untyped-def]
@@ -98,21 +124,18 @@ def test_single_layout_pre_flood_error(setup) -> None:  # type: ignore[no-untype
         ref = spec.predict_plain(x[None])[0] - plan.final_bias
         errors += [slots[: len(ref)].real - ref, slots[: len(ref)].imag]  # both parts
     today = default_flood_std(plan.ctx.params, float(plan.network["output"]["scale_log2"]))
-    _check(np.concatenate(errors), plan.network["privacy"], today)
+    worst = _check(np.concatenate(errors), plan.network["privacy"])
+    s = float(plan.network["privacy"]["statistical_security_bits"])
+    assert worst > 2.0**-s * today  # negative control: the earlier flood does not hide it
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: the batched layout's measured pre-flood error (4.5e-6) exceeds bound.py's "
-    "bound (4.4e-6) for this CNN: the noise model misses a term of that path (issue 20)",
-)
 def test_batch_layout_pre_flood_error(setup) -> None:  # type: ignore[no-untyped-def]
-    _spec, plan, codec, secret, keys, X = setup
+    _spec, plan, codec, secret, keys, X2 = setup
     client = codec.client_keys(secret)
     batch = plan.network["batch"]
     scale = 2.0 ** float(batch["input"]["scale_log2"])
-    columns = np.zeros((X.shape[1], plan.ctx.slots))
-    columns[:, : len(X)] = X.T
+    X = np.resize(X2, (plan.ctx.slots, X2.shape[1]))  # every slot: the key's worst one too
+    columns = X.T
     xs = [plan.ctx.load_ciphertext(client.encrypt(c, scale)) for c in columns]
     outs = run_batch(plan.batch_schedule(), xs, plan.seal_ops(keys))
     # reference: the served model (scalar weights as SEAL encodes them, exactly) on the
@@ -125,8 +148,11 @@ def test_batch_layout_pre_flood_error(setup) -> None:  # type: ignore[no-untyped
     ref = np.stack([o.values for o in run_batch(plan.batch_schedule(), inputs, exact)], axis=1)
     slots = np.stack([_decrypt_complex(client, o)[: len(X)] for o in outs], axis=1)
     errors = np.concatenate([(slots.real - ref).ravel(), slots.imag.ravel()])
+    worst = _check(errors, batch["privacy"])
+    assert worst > _mean_key_bound(plan, "batch")  # negative control: the earlier bound fails
+    # today's flood falls short of the target against the same (computed) bound
     today = default_flood_std(plan.ctx.params, float(plan.network["output"]["scale_log2"]))
-    _check(errors, batch["privacy"], today)
+    assert math.log2(today / float(batch["privacy"]["evaluation_error_bound"])) < TARGET_BITS
 
 
 def test_manifest_states_the_computed_security(setup) -> None:  # type: ignore[no-untyped-def]

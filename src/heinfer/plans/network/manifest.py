@@ -194,7 +194,8 @@ def _privacy(
 ) -> dict[str, Any]:
     """What the flooding reaches, computed (bound.py): s = log2(flood std / error bound) per
     slot part, so averaging k repeats resolves the error only when k ~ 2^(2s); the statistical
-    distance per slot part is at most 2^-s / sqrt(2 pi) + 2^-TAIL_BITS, and over a whole
+    distance per slot part is at most 2^-s / sqrt(2 pi) + 2^-(TAIL_BITS-1) (the bound and the
+    key bound it relies on each fail with probability 2^-TAIL_BITS), and over a whole
     response (Pinsker over every slot part) 2^-s_response."""
     from heinfer.plans.network.bound import TAIL_BITS
 
@@ -205,7 +206,7 @@ def _privacy(
         "evaluation_error_bound": bound.max_abs,
         "evaluation_error_l2_bound": bound.l2,
         "flood_noise_std": flood_std,
-        "tail_probability_log2": -TAIL_BITS,
+        "tail_probability_log2": -(TAIL_BITS - 1),
     }
 
 

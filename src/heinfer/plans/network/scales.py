@@ -38,6 +38,7 @@ __all__ = [
     "galois_steps",
     "noise_model",
     "scale_plan",
+    "secret_embedding_bound",
 ]
 
 LOG_INPUT_SCALE = 28
@@ -75,22 +76,54 @@ def scale_plan(primes: list[int], n_act: int, log_df: float) -> dict[str, Any]:
     return {"d0": d0, "w0": w0, "stage_in": stage_in, "w": wscales, "df": df, "top": top}
 
 
-def noise_model(params: Any) -> dict[str, float]:
-    """Slot-domain noise standard deviations (before dividing by the scale) of each operation:
+def secret_embedding_bound(n: int, tail_bits: float) -> float:
+    """A bound on max_j |s(zeta_j)|^2 over every slot j, for a secret s drawn as SEAL draws it
+    (coefficients uniform in {-1, 0, 1}), failing with probability at most 2^-tail_bits.
+
+    Why: in the slot domain a rescale's rounding is r0 + r1 s (+ r2 s^2 for an unrelinearized
+    product), i.e. r1(zeta_j) * s(zeta_j) at slot j. For one client's key s(zeta_j) is a fixed
+    per-slot factor, not fresh noise: averaged over keys |s(zeta)|^2 is 2n/3, but the worst
+    slot of a given key sits far above that (|s(zeta)|^2 is roughly exponential across slots),
+    so a per-slot bound must take the largest. Derivation: a uniform ternary variable is
+    sub-Gaussian with variance proxy 2/3 ((1 + 2 cosh l)/3 <= exp(l^2/3), term by term), and
+    Re s(zeta_j) = sum_i s_i cos(theta_ij) with sum_i cos^2 = n/2 (likewise Im with sin), so
+    P(|Re s(zeta_j)| >= t) <= 2 exp(-3 t^2 / (2n)). A union over the n/2 slots and both parts
+    (2n events) gives t^2 = (2n/3) (ln(2n) + tail_bits ln 2), and |s|^2 <= 2 t^2."""
+    return 4.0 * n / 3.0 * (math.log(2.0 * n) + tail_bits * math.log(2.0))
+
+
+def noise_model(params: Any, secret_sq: float | None = None) -> dict[str, float]:
+    """Slot-part noise standard deviations (before dividing by the scale) of each operation:
     plaintext rounding, fresh encryption, key switching, rescaling (rs3: rescaling a product
     that is not relinearized yet, whose rounding error also meets s^2), and the server's
-    public-key encryption (pk: e0 + u*e + e1*s, u and s ternary with 2N/3 nonzeros, e of
-    variance 10.5)."""
+    public-key encryption (pk: e0 + u*e + e1*s, u and s ternary, e of variance 10.5).
+
+    A rounding polynomial r (coefficients uniform in [-1/2, 1/2]) has slot-part variance n/24;
+    the terms that meet the secret are multiplied per slot by |s(zeta)|^2 (r1 s) or |s(zeta)|^4
+    (r2 s^2). `secret_sq` is the value taken for |s(zeta)|^2: None is its mean over keys, 2n/3
+    (with E|s|^4 = 2 (2n/3)^2, a complex Gaussian's), what a typical slot sees (the simulator's
+    and the precision claims' model); the privacy bound passes `secret_embedding_bound`, the
+    worst slot of any honestly drawn key, and takes |s|^4 <= its square. Key switching (SEAL's
+    special prime P): the key error times the decomposed c2 over P (2^15 q_max / P covers
+    sqrt(L * n^2 * 10.24 / 24) q_max / P for L <= 4 primes) plus the mod-down rounding r0 + r1 s.
+    """
     n = params.poly_modulus_degree
     q_max = max(params.data_primes)
     P = params.primes[-1]
+    r = n / 24.0
+    if secret_sq is None:
+        s2 = 2.0 * n / 3.0
+        s4 = 2.0 * s2 * s2
+    else:
+        s2 = float(secret_sq)
+        s4 = s2 * s2
     return {
         "enc": math.sqrt(n / 24),
         "fresh": 3.2 * math.sqrt(n / 2),
-        "ks": 2.0**11 * (1 + 16 * q_max / P),
-        "rs": math.sqrt(n / 2) * math.sqrt(n / 18),
-        "rs3": math.sqrt(n / 2) * math.sqrt(n / 18 + n * n / 27),
-        "pk": math.sqrt(n / 2 * 10.5 * (1 + 4 * n / 3)),
+        "ks": 2.0**15 * q_max / P + math.sqrt(r * (1.0 + s2)),
+        "rs": math.sqrt(r * (1.0 + s2)),
+        "rs3": math.sqrt(r * (1.0 + s2 + s4)),
+        "pk": math.sqrt(n / 2 * 10.5 * (1 + 2 * n / 3 + s2)),
     }
 
 
