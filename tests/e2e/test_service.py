@@ -36,7 +36,9 @@ def test_health_and_models(service) -> None:  # type: ignore[no-untyped-def]
     models = httpx.get(f"{service.url}/v2/models").json()["models"]
     assert [m["name"] for m in models] == ["mnist"]
     manifest = httpx.get(f"{service.url}/v2/models/mnist/manifest").json()
-    assert manifest["keys"] == {"public": True, "relin": False, "galois_steps": []}
+    assert manifest["keys"] == {
+        "public": True, "relin": False, "galois_steps": [], "galois_elements": []
+    }
     assert int(manifest["scheme"]["security_bits"]) >= 128
 
 
