@@ -377,7 +377,11 @@ def budget_warnings(policy: BudgetPolicy, plans: Mapping[str, Plan]) -> list[str
         if per_day >= extraction.samples:
             allowed = "no sample budget" if budget == 0 else (
                 f"a budget of {budget} samples per {policy.window:g} s")
-            verb = "suffice to extract it" if extraction.exact else "are an equation count for"
+            verb = (
+                "suffice to extract it"
+                if extraction.exact
+                else "give as many equations as it has parameters"
+            )
             lines.append(
                 f"model {name!r}: {extraction.samples} samples {verb}, and {allowed} lets one "
                 "tenant have that many within a day; the budget slows extraction, it does "
