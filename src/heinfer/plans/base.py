@@ -56,6 +56,7 @@ __all__ = [
     "plan_from_arrays",
     "register_family",
     "register_layout",
+    "split_evenly",
 ]
 
 
@@ -153,6 +154,12 @@ class ClientLayout(abc.ABC):
         """Scores (n, n_outputs) from a response body of this layout."""
 
 
+def split_evenly(items: Sequence[Any], ways: int) -> list[Sequence[Any]]:
+    """`items` in at most `ways` consecutive runs of (nearly) equal length, in order."""
+    size = max(1, -(-len(items) // max(1, ways)))
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
 # -- one compiled model --------------------------------------------------------------------------
 
 
@@ -197,6 +204,8 @@ class Plan(abc.ABC):
         return self.layout(body).check(body)
 
     def split(self, request: Request, ways: int) -> list[bytes | memoryview]:
+        if request.samples <= 1 or ways <= 1:  # nothing to share out: no second parse
+            return [request.body]
         return self.layout(request.body).split(request, ways)
 
     def join(self, request: Request, responses: Sequence[bytes]) -> bytes:

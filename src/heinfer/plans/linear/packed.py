@@ -48,7 +48,7 @@ import tenseal.sealapi as seal
 from heinfer.errors import MalformedPayloadError, ParameterMismatchError
 from heinfer.he.backend import SecretKey, pack_bits
 from heinfer.he.galois import GaloisEvaluationKey
-from heinfer.plans.base import ClientLayout, Request, ServerLayout
+from heinfer.plans.base import ClientLayout, Request, ServerLayout, split_evenly
 from heinfer.plans.linear.codec import LinearCodec, decrypt_compact
 from heinfer.plans.linear.plan import LinearPlan
 from heinfer.plans.manifest import Manifest
@@ -228,11 +228,10 @@ class PackedServer(ServerLayout):
         return records
 
     def split(self, request: Request, ways: int) -> list[bytes | memoryview]:
-        records = self.records(request.body)
-        size = max(1, math.ceil(len(records) / max(1, ways)))
-        if size >= len(records):
+        parts = split_evenly(self.records(request.body), ways)
+        if len(parts) == 1:
             return [request.body]
-        return [_frame(REQUEST_MAGIC, records[i : i + size]) for i in range(0, len(records), size)]
+        return [_frame(REQUEST_MAGIC, list(part)) for part in parts]
 
     def join(self, responses: Sequence[bytes]) -> bytes:
         if len(responses) == 1:

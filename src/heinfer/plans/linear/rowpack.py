@@ -24,7 +24,6 @@ fixed-size result records. A request of many records splits into independent req
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -32,7 +31,7 @@ import numpy as np
 
 from heinfer.errors import MalformedPayloadError
 from heinfer.he.backend import EvaluationKey, SecretKey, pack_bits
-from heinfer.plans.base import ClientLayout, Request, ServerLayout
+from heinfer.plans.base import ClientLayout, Request, ServerLayout, split_evenly
 from heinfer.plans.linear.codec import LinearCodec, decrypt_compact
 from heinfer.plans.linear.plan import LinearPlan
 from heinfer.plans.wire import (
@@ -81,11 +80,10 @@ class RowpackServer(ServerLayout):
         return Request(self.kind, len(self.records(body)), body)
 
     def split(self, request: Request, ways: int) -> list[bytes | memoryview]:
-        records = self.records(request.body)
-        size = max(1, math.ceil(len(records) / max(1, ways)))
-        if size >= len(records):
+        parts = split_evenly(self.records(request.body), ways)
+        if len(parts) == 1:
             return [request.body]
-        return [encode_request(records[i : i + size]) for i in range(0, len(records), size)]
+        return [encode_request(list(part)) for part in parts]
 
     def join(self, responses: Sequence[bytes]) -> bytes:
         if len(responses) == 1:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from heinfer.errors import BadInputError, ParameterMismatchError
-from heinfer.plans.base import ClientLayout, Request, ServerLayout
+from heinfer.plans.base import ClientLayout, Request, ServerLayout, split_evenly
 from heinfer.plans.network.frames import (
     BATCH_REQUEST_MAGIC,
     MAX_IMAGES_PER_REQUEST,
@@ -62,13 +62,10 @@ class SingleServer(ServerLayout):
 
     def split(self, request: Request, ways: int) -> list[bytes | memoryview]:
         """Images are independent: up to `ways` bodies of consecutive images."""
-        blobs = self._records(request.body)
-        size = -(-len(blobs) // max(1, min(ways, len(blobs))))
-        if size >= len(blobs):
+        parts = split_evenly(self._records(request.body), ways)
+        if len(parts) == 1:
             return [request.body]
-        return [
-            encode_frames(REQUEST_MAGIC, blobs[i : i + size]) for i in range(0, len(blobs), size)
-        ]
+        return [encode_frames(REQUEST_MAGIC, list(part)) for part in parts]
 
     def join(self, responses: Sequence[bytes]) -> bytes:
         blobs: list[memoryview] = []
