@@ -62,6 +62,29 @@ def test_single_vector_and_classify(client: heinfer.Client, mnist: dict[str, np.
     assert client.classify(mnist["X_test"][:3]).shape == (3,)
 
 
+def test_new_user_predicts_one_image_then_chunks_in_order(
+    service, mnist: dict[str, np.ndarray], mnist_model: heinfer.EncryptedModel
+) -> None:  # type: ignore[no-untyped-def]
+    """As the README's new user calls it: no explicit key upload, one image per call (answered
+    in the calling thread), then several chunks one after another with `concurrency=1`."""
+    X = mnist["X_test"][:7]
+    reference = mnist_model.predict_plain(X)
+    with heinfer.Client(service.url, model="mnist") as fresh:
+        first = fresh.predict(X[0])
+        key_id = fresh.key_id
+        assert key_id is not None  # uploaded by the first call, and only then
+        second = fresh.predict(X[1])
+        assert fresh.key_id == key_id
+        seen: list[int] = []
+        chunked = fresh.predict(X, batch_size=3, concurrency=1, progress=seen.append)
+        fresh.delete_keys()
+    assert seen == [3, 3, 1]
+    scores = np.concatenate([first, second])
+    assert np.abs(scores - reference[:2]).max() <= 1e-3
+    assert np.abs(chunked - reference).max() <= 1e-3
+    assert (chunked.argmax(1) == reference.argmax(1)).all()
+
+
 def _post_infer(
     service, client: heinfer.Client, body: bytes, key_id: str | None = None
 ) -> httpx.Response:  # type: ignore[no-untyped-def]
