@@ -3,7 +3,8 @@
     python bench/load.py [--duration 20] [--clients 1 8 32] [--workers 1 2]
                          [--images-per-request 1] [--loadgen raw|httpx] [--batch] [--ray]
                          [--pin] [--rounds 1] [--pairs K [--pair-seconds 6]
-                         [--against CHECKOUT]]
+                         [--against CHECKOUT] [--single-turns 4]]
+                         [--predict-calls 200]
 
 For each worker count it starts a real `heinfer serve` on loopback, gives every simulated
 client its own key (uploaded once), pre-encrypts a few request bodies per client (so the load
@@ -17,7 +18,11 @@ With `--rounds R` the worker configurations run R times in alternating order (1,
 and the scaling ratio is the median over rounds. `--pairs K` measures only that ratio, at the
 top client level, from K pairs of adjacent windows with both services up at once (less exposed
 to the VM's drift than restarting a service per configuration); with `--against CHECKOUT` the
-pairs compare two versions of the code instead, at the same worker count. Each round also
+pairs compare two versions of the code instead, at the same worker count, and are followed by
+one-client turns in A B B A order: the service's round trip, and `Client.predict` of one image
+as a user calls it (encrypt, HTTP, decrypt; each arm timed with its own checkout's client, in a
+fresh interpreter), every answer checked (`--predict-calls`, `--single-turns`); without
+`--pairs`, the `Client.predict` figures follow each service's levels. Each round also
 measures the compute-only ceiling: evaluations/s of 1 and N independent processes with no
 service at all. Writes bench/results/load*.json and a plot. Everything is bounded in time and
 loopback-only.
@@ -59,6 +64,7 @@ from linear import Service, linear_plan, rowpack_client, rowpack_server
 RESULTS = Path(__file__).resolve().parent / "results"
 KEY_HEADER = "X-Heinfer-Key-Id"
 INFER_PATH = "/v2/models/mnist/infer"
+SRC = Path(__file__).resolve().parents[1] / "src"  # this checkout's package
 T = TypeVar("T")
 
 
@@ -307,6 +313,67 @@ def _verify(clients: list[SimulatedClient]) -> dict[str, int]:
     return {"images_checked": checked, "images_agreeing": agreed}
 
 
+# Run in a fresh interpreter with one checkout's `src` first on the path, so that each side of an
+# A/B is timed with its own `heinfer.Client`, called as a new user calls it.
+_PREDICT_SCRIPT = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+import heinfer
+url, calls, warmup = sys.argv[2], int(sys.argv[4]), int(sys.argv[5])
+data = np.load(sys.argv[3])
+X, expected = data["X"], data["expected"]
+with heinfer.Client(url, model="mnist") as client:
+    for i in range(warmup):
+        client.predict(X[i % len(X)])
+    latencies, cpu, agreeing = [], [], 0
+    for i in range(calls):
+        wall, own = time.perf_counter(), time.process_time()
+        scores = client.predict(X[i % len(X)])
+        latencies.append((time.perf_counter() - wall) * 1e3)
+        cpu.append((time.process_time() - own) * 1e3)
+        agreeing += int(scores.shape == (1, 10) and scores[0].argmax() == expected[i % len(X)])
+    client.delete_keys()
+print(json.dumps({"latencies_ms": latencies, "client_cpu_ms": cpu, "agreeing": agreeing}))
+"""
+
+
+def predict_latency(
+    url: str, src: Path, data: tuple[np.ndarray, np.ndarray], calls: int, warmup: int = 10
+) -> dict[str, Any]:
+    """`heinfer.Client(url).predict(one image)` end to end (encrypt, HTTP, decrypt), `calls`
+    times in a row after `warmup` calls (the first uploads the key), with the client of the
+    code in `src`; every answer's argmax is checked against the plaintext model."""
+    X, reference = data
+    digits = RESULTS / "predict-digits.npz"
+    np.savez(digits, X=X[:64], expected=reference[:64].argmax(axis=1))
+    out = subprocess.run(
+        [sys.executable, "-c", _PREDICT_SCRIPT, str(src), url, str(digits), str(calls),
+         str(warmup)],
+        capture_output=True, text=True, check=True, timeout=600,
+    ).stdout
+    found = json.loads(out.strip().splitlines()[-1])
+    latencies, cpu = np.asarray(found["latencies_ms"]), np.asarray(found["client_cpu_ms"])
+    return {
+        "calls": calls,
+        "latencies_ms": [round(float(v), 3) for v in latencies],
+        "p50_ms": float(np.percentile(latencies, 50)),
+        "p95_ms": float(np.percentile(latencies, 95)),
+        "client_cpu_ms_p50": float(np.percentile(cpu, 50)),
+        "images_checked": calls,
+        "images_agreeing": int(found["agreeing"]),
+    }
+
+
+def _print_predict(label: str, r: dict[str, Any]) -> None:
+    print(
+        f"{label}: Client.predict(one image) p50 {r['p50_ms']:.2f} ms, p95 {r['p95_ms']:.2f} ms, "
+        f"client CPU p50 {r['client_cpu_ms_p50']:.2f} ms over {r['calls']} calls; argmax "
+        f"{r['images_agreeing']}/{r['images_checked']}",
+        flush=True,
+    )
+
+
 def _run_loop(main: Coroutine[Any, Any, T]) -> T:
     """On uvloop where installed (uvicorn[standard] brings it): the load generator then costs
     about 0.10 ms of CPU per request instead of 0.16-0.20 ms on asyncio's loop (measured here),
@@ -529,13 +596,20 @@ def run(
                 f"{cpu['load_generator']:.2f}; argmax {r['images_agreeing']}/{r['images_checked']}",
                 flush=True,
             )
+        predict = None
+        if options.predict_calls and not options.batch:
+            predict = predict_latency(service.url, SRC, data, options.predict_calls)
+            _print_predict(label, predict)
         pid = service.process.pid
         memory = {"service_mib": _rss_mib(pid), "worker_mib": [_rss_mib(c) for c in _children(pid)]}
         for sim in clients:
             sim.client.close()
         if ray_env is not None:  # replicas live in Ray's processes, not under this pid
             memory = {}
-        return {"workers": workers, "ray": ray_env is not None, "levels": results, "memory": memory}
+        return {
+            "workers": workers, "ray": ray_env is not None, "levels": results, "memory": memory,
+            "predict_one_image": predict,
+        }
     finally:
         service.stop()
 
@@ -564,12 +638,12 @@ def interleaved_scaling(
     count = max(options.clients)
     if options.against is not None:
         workers = options.workers[-1]
-        here = Path(__file__).resolve().parents[1] / "src"
         arms = {
             "A": (workers, _launcher(Path(options.against).resolve() / "src")),
-            "B": (workers, _launcher(here)),
+            "B": (workers, _launcher(SRC)),
         }
         models = {"A": checkout_model(Path(options.against).resolve()), "B": model_path}
+        sources = {"A": Path(options.against).resolve() / "src", "B": SRC}
         names = {
             "A": f"{options.against} ({workers} workers)",
             "B": f"this checkout ({workers} workers)",
@@ -578,6 +652,7 @@ def interleaved_scaling(
         base, best = options.workers[0], options.workers[-1]
         arms = {"A": (base, ("-m", "heinfer")), "B": (best, ("-m", "heinfer"))}
         models = {"A": model_path, "B": model_path}
+        sources = {"A": SRC, "B": SRC}
         names = {"A": f"{base} workers", "B": f"{best} workers"}
     services: dict[str, Service] = {}
     try:
@@ -608,6 +683,7 @@ def interleaved_scaling(
                 f"ratio {ratios[-1]:.3f}",
                 flush=True,
             )
+        single = _single_image_windows(services, clients, sources, data, options)
         for sims in clients.values():
             for sim in sims:
                 sim.client.close()
@@ -624,9 +700,34 @@ def interleaved_scaling(
         f"{float(np.mean(ratios)):.3f}, quartiles {q1:.3f}-{q3:.3f}, range "
         f"{min(ratios):.3f}-{max(ratios):.3f}); errors {errors}; argmax {agreeing}/{checked}"
     )
+    for arm in ("A", "B"):
+        cpu = {
+            part: float(np.median([w["cpu_ms_per_request"][part] for w in windows[arm]]))
+            for part in ("http_process", "workers", "load_generator")
+        }
+        print(
+            f"{arm} = {names[arm]}, {count} clients: service CPU ms/request (median of "
+            f"{len(windows[arm])} windows) {cpu['http_process'] + cpu['workers']:.2f} (HTTP "
+            f"process {cpu['http_process']:.2f}, workers {cpu['workers']:.2f}); load generator "
+            f"{cpu['load_generator']:.2f}",
+            flush=True,
+        )
+        one = single[arm]
+        if one["round_trip_p50_ms"]:
+            print(
+                f"{arm} = {names[arm]}, 1 client: round trip p50 "
+                f"{float(np.median(one['round_trip_p50_ms'])):.2f} ms (median of "
+                f"{len(one['round_trip_p50_ms'])} windows), service CPU ms/request "
+                f"{float(np.median(one['service_cpu_ms'])):.2f}, errors {one['errors']}, argmax "
+                f"{one['images_agreeing']}/{one['images_checked']}",
+                flush=True,
+            )
+        if one["predict_one_image"] is not None:
+            _print_predict(f"{arm} = {names[arm]}", one["predict_one_image"])
     return {
         "clients": count,
         "arms": names,
+        "single_image": single,
         "workers": [arms["A"][0], arms["B"][0]],
         "pinned": options.pin,
         "pair_seconds": options.pair_seconds,
@@ -644,6 +745,56 @@ def interleaved_scaling(
             arm: [r["cpu_ms_per_request"] for r in runs] for arm, runs in windows.items()
         },
     }
+
+
+def _single_image_windows(
+    services: dict[str, Service],
+    clients: dict[str, list[SimulatedClient]],
+    sources: dict[str, Path],
+    data: tuple[np.ndarray, np.ndarray],
+    options: argparse.Namespace,
+) -> dict[str, dict[str, Any]]:
+    """One client at a time, A B B A: the service's round trip (pre-encrypted bodies, one
+    `--pair-seconds` window per arm and turn) and `Client.predict` of one image as a user calls
+    it (`--predict-calls` calls per arm in all, half per turn, each arm's own client code)."""
+    found: dict[str, dict[str, Any]] = {
+        arm: {"round_trip_p50_ms": [], "service_cpu_ms": [], "errors": 0, "images_checked": 0,
+              "images_agreeing": 0, "predict_one_image": None, "predict_turns": []}
+        for arm in ("A", "B")
+    }
+    if options.single_turns <= 0:
+        return found
+    for index in range(options.single_turns):
+        for arm in ("A", "B") if index % 2 == 0 else ("B", "A"):
+            level = measure_level(
+                services[arm], clients[arm][:1], options.pair_seconds, 1.0, options.loadgen,
+                options.images_per_request,
+            )
+            one = found[arm]
+            one["round_trip_p50_ms"].append(level["p50_ms"])
+            cpu = level["cpu_ms_per_request"]
+            one["service_cpu_ms"].append(cpu["http_process"] + cpu["workers"])
+            one["errors"] += sum(level["errors"].values())
+            one["images_checked"] += level["images_checked"]
+            one["images_agreeing"] += level["images_agreeing"]
+            if options.predict_calls:
+                turn = max(1, options.predict_calls // options.single_turns * 2)
+                one["predict_turns"].append(
+                    predict_latency(services[arm].url, sources[arm], data, turn)
+                )
+    for one in found.values():
+        turns = one["predict_turns"]
+        if turns:
+            latencies = np.asarray([v for t in turns for v in t["latencies_ms"]])
+            one["predict_one_image"] = {
+                "calls": len(latencies),
+                "p50_ms": float(np.percentile(latencies, 50)),
+                "p95_ms": float(np.percentile(latencies, 95)),
+                "client_cpu_ms_p50": float(np.median([t["client_cpu_ms_p50"] for t in turns])),
+                "images_checked": sum(t["images_checked"] for t in turns),
+                "images_agreeing": sum(t["images_agreeing"] for t in turns),
+            }
+    return found
 
 
 def _plot(report: list[dict[str, Any]], path: Path, unit: str) -> None:
@@ -773,6 +924,20 @@ def main() -> None:
         "pairs of adjacent windows, both services running at once (see interleaved_scaling)",
     )
     parser.add_argument("--pair-seconds", type=float, default=6.0)
+    parser.add_argument(
+        "--predict-calls",
+        type=int,
+        default=200,
+        help="Client.predict of one image, end to end as a user calls it, this many times per "
+        "service (with --pairs: per arm, spread over the single-image turns); 0: skip",
+    )
+    parser.add_argument(
+        "--single-turns",
+        type=int,
+        default=4,
+        help="with --pairs: turns of one client at a time, A B B A (1-client round trip over "
+        "--pair-seconds, then the arm's share of --predict-calls); 0: skip",
+    )
     parser.add_argument(
         "--against",
         metavar="CHECKOUT",
