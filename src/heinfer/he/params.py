@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 __all__ = [
@@ -117,9 +118,11 @@ class BFVParameters:
         except (KeyError, TypeError) as exc:
             raise ValueError(f"incomplete BFV parameters: {exc}") from exc
 
-    @property
+    @cached_property
     def fingerprint(self) -> bytes:
-        """32 bytes naming this exact parameter set; keys and ciphertexts carry it."""
+        """32 bytes naming this exact parameter set; keys and ciphertexts carry it. Computed
+        once: every request's parameter tag is compared with it (a JSON dump and a SHA-256
+        per request before)."""
         canonical = json.dumps(
             [self.scheme, self.poly_modulus_degree, self.coeff_modulus, self.plain_modulus],
             separators=(",", ":"),
