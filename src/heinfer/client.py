@@ -192,7 +192,8 @@ class Client:
         X is sent in chunks, one request each: by default full batch-layout requests while
         enough samples remain, the rest per-sample (`Codec.chunks`). `batch_size` fixes the
         chunk size instead. Up to `concurrency` requests are in flight at once (one service
-        worker each); `progress(k)` is called, in order, with the number of samples each
+        worker each; one chunk, e.g. one image, is sent from the calling thread, with no thread
+        pool); `progress(k)` is called, in order, with the number of samples each
         finished chunk held. `layout` forces one layout for every chunk; keys are then
         uploaded for that layout only.
         """
