@@ -756,7 +756,7 @@ def _single_image_windows(
 ) -> dict[str, dict[str, Any]]:
     """One client at a time, A B B A: the service's round trip (pre-encrypted bodies, one
     `--pair-seconds` window per arm and turn) and `Client.predict` of one image as a user calls
-    it (`--predict-calls` calls per arm in all, half per turn, each arm's own client code)."""
+    it (`--predict-calls` calls per arm in all, an equal share per turn, each arm's own client)."""
     found: dict[str, dict[str, Any]] = {
         arm: {"round_trip_p50_ms": [], "service_cpu_ms": [], "errors": 0, "images_checked": 0,
               "images_agreeing": 0, "predict_one_image": None, "predict_turns": []}
@@ -778,7 +778,7 @@ def _single_image_windows(
             one["images_checked"] += level["images_checked"]
             one["images_agreeing"] += level["images_agreeing"]
             if options.predict_calls:
-                turn = max(1, options.predict_calls // options.single_turns * 2)
+                turn = max(1, options.predict_calls // options.single_turns)
                 one["predict_turns"].append(
                     predict_latency(services[arm].url, sources[arm], data, turn)
                 )
