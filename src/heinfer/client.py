@@ -207,8 +207,9 @@ class Client:
             return self.decrypt(self.infer(self.encrypt(data[start:stop], layout=chosen)))
 
         if len(chunks) == 1 or concurrency <= 1:
-            # In this thread: a thread pool per call cost a single image ~1.2 ms to start its
-            # thread and ~2.7 ms more in encryption and decryption (docs/performance.md).
+            # In this thread: a thread pool per call cost a single image ~1.2 ms to start and
+            # join its thread, and its encryption and decryption ran slower in that fresh
+            # thread (docs/performance.md).
             out = []
             for chunk in chunks:
                 out.append(round_trip(*chunk))
