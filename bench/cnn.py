@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import math
 import os
 import platform
 import statistics
@@ -323,6 +324,40 @@ def tenseal_tutorial(
     }
 
 
+def bench_repeated_query(plan: NetworkPlan, X: np.ndarray, layouts: list[str]) -> dict:
+    """The repeated-query attack's target, measured with the secret key: the weight-dependent
+    part E of the pre-flood result (every slot part; single: one request per image of X,
+    batch: every slot filled from X) against the manifest's bound and 2^-s * flood std."""
+    from heinfer.plans.network.bound import measured_error
+
+    network = plan_manifest(plan.manifest)
+    codec = NetworkCodec(plan.manifest)
+    secret = codec.keygen()
+    keys = plan.load_keys(codec.key_upload(secret))
+    client = codec.client_keys(secret)
+    out = {}
+    for layout in layouts:
+        privacy = network["privacy"] if layout == "single" else network["batch"]["privacy"]
+        inputs = X if layout == "single" else np.resize(X, (plan.ctx.slots, X.shape[1]))
+        t = time.perf_counter()
+        errors = measured_error(plan, client, keys, inputs, layout)
+        worst = float(np.abs(errors).max())
+        allowed = 2.0 ** -privacy["statistical_security_bits"] * privacy["flood_noise_std"]
+        out[layout] = {
+            "requests": len(X) if layout == "single" else 1,
+            "slot_parts": int(errors.size),
+            "measured_max_abs": worst,
+            "measured_rms": float(np.sqrt(np.mean(errors**2))),
+            "bound": privacy["evaluation_error_bound"],
+            "bound_over_measured_log2": math.log2(privacy["evaluation_error_bound"] / worst),
+            "statistical_security_bits": privacy["statistical_security_bits"],
+            "flood_noise_std": privacy["flood_noise_std"],
+            "holds": worst <= allowed,
+            "seconds": time.perf_counter() - t,
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--retrain", action="store_true")
@@ -334,6 +369,13 @@ def main() -> None:
     ap.add_argument("--skip-tenseal", action="store_true")
     ap.add_argument(
         "--batch-images", type=int, default=4096, help="batched-layout request size (0: skip)"
+    )
+    ap.add_argument(
+        "--privacy-images",
+        type=int,
+        default=3,
+        help="measure the repeated-query attack's target E with the secret key on this many "
+        "single-image requests and one full batch (0: skip; --quick: single images only)",
     )
     ap.add_argument(
         "--quick",
@@ -375,6 +417,9 @@ def main() -> None:
         X = np.concatenate([Xte[: args.batch_images], Xtr[len(Xtr) - extra :]])
         he["batch"] = bench_batch(spec, plan, X)
         he["batch"]["digits"] = {"test": len(X) - extra, "train": extra}
+    if args.privacy_images:
+        layouts = ["single"] if args.quick else ["single", "batch"]
+        he["repeated_query"] = bench_repeated_query(plan, Xte[: args.privacy_images], layouts)
     ts_res = None if args.skip_tenseal else tenseal_tutorial(Xtr, ytr, Xte, yte, args)
     result = {
         "machine": {
@@ -448,6 +493,14 @@ def main() -> None:
             f"  agreement {b['agreement']:.4f}, max |score error| {b['max_abs_score_error']:.4f}"
             f" (claim {b['precision_claim']:.4f}; "
             f"simulated {b['simulated_max_abs_score_error']:.4f})"
+        )
+    for layout, r in he.get("repeated_query", {}).items():
+        print(
+            f"repeated-query target E ({layout}, {r['slot_parts']} slot parts): max "
+            f"{r['measured_max_abs']:.3g}, bound {r['bound']:.3g} "
+            f"(2^{r['bound_over_measured_log2']:.1f} above), s = "
+            f"{r['statistical_security_bits']:.2f} bits against a flood std of "
+            f"{r['flood_noise_std']:.3g}: {'holds' if r['holds'] else 'FAILS'}"
         )
     (RESULTS / ("cnn-quick.json" if args.quick else "cnn.json")).write_text(
         json.dumps(result, indent=2)

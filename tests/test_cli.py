@@ -81,6 +81,23 @@ def test_serve_refuses_public_host_without_auth(mnist_model_path: Path) -> None:
     assert "--auth-file" in result.stdout + result.stderr
 
 
+def test_serve_warns_that_anonymous_callers_share_one_budget(mnist_model_path: Path) -> None:
+    """Without --auth-file every caller is tenant 'public'. The port is taken, so the service
+    stops after start-up."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        shared = run("serve", str(mnist_model_path), "--port", port, timeout=120)
+        unlimited = run(
+            "serve", str(mnist_model_path), "--port", port, "--sample-budget", "0", timeout=120
+        )
+    assert "share one sample budget" in " ".join((shared.stdout + shared.stderr).split())
+    assert "share one sample budget" not in unlimited.stdout + unlimited.stderr
+
+
 @pytest.mark.cnn
 @pytest.mark.parametrize("arch", ["cnn", "mlp"])
 def test_train_mnist_network(tmp_path: Path, arch: str) -> None:

@@ -306,6 +306,12 @@ def serve(
             )
             raise typer.Exit(2)
         console.print(f"[yellow]warning: serving on {host} without authentication[/yellow]")
+    if auth_file is None and sample_budget != 0:
+        console.print(
+            "[yellow]warning: without --auth-file every caller is the one tenant 'public' and "
+            "all share one sample budget, which one caller can use up for everyone "
+            "(SECURITY.md, 'Model extraction')[/yellow]"
+        )
     if auth_file is not None:
         try:
             tenants = TokenRegistry.from_file(auth_file).tenants
@@ -563,6 +569,14 @@ def inspect(
     )
     if manifest.input.client_side:
         notes.print(f"client-side steps: {', '.join(manifest.input.client_side)}")
+    from heinfer.server.budget import repeated_query_lines
+    from heinfer.server.settings import ServiceSettings
+
+    defaults = ServiceSettings.model_fields
+    samples = int(defaults["sample_budget"].default)
+    window = float(defaults["sample_budget_window_seconds"].default)
+    for _reachable, line in repeated_query_lines(manifest.name, manifest, samples, window):
+        notes.print(f"repeated queries, at heinfer serve's default budget: {line}")
     extraction = manifest.privacy.extraction
     if extraction is None:
         notes.print("extraction: not stated (compiled before manifest version 2)")

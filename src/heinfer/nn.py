@@ -68,7 +68,7 @@ def he_friendly_cnn(filters: int = 5, kernel: int = 5, pool: int = 2, poly: bool
 
     Unflatten(784 -> 1x28x28) -> Conv2d(1, filters, kernel, stride 1) -> Square (or PolyAct)
     -> AvgPool2d(pool) -> Flatten -> Linear(-> 10). With 5 filters the input is replicated 5
-    times (5 x 784 <= 4096 slots at N=8192); conv + pooling + dense cost 8 + 18 rotations.
+    times (5 x 784 <= 4096 slots at N=8192); conv + pooling + dense cost 24 + 18 rotations.
     """
     torch = _torch()
     nn = torch.nn

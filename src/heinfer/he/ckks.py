@@ -286,6 +286,10 @@ class CkksContext:
     def decode(self, plain: Any) -> np.ndarray:
         return np.asarray(self.encoder.decode_double(plain), dtype=np.float64)
 
+    def decode_complex(self, plain: Any) -> np.ndarray:
+        """Real and imaginary parts of every slot (the imaginary parts carry error too)."""
+        return np.asarray(self.encoder.decode_complex(plain), dtype=np.complex128)
+
     # evaluator (thin wrappers so plans never touch the binding) -------------------------------
     def rotate(self, ct: Any, step: int, galois: Any) -> Any:
         out = seal.Ciphertext()
@@ -470,6 +474,12 @@ class ClientKeys:
 
     def decrypt(self, data: bytes, *, prime_count: int | None = None) -> np.ndarray:
         return self.decrypt_ciphertext(self.ctx.load_ciphertext(data, prime_count=prime_count))
+
+    def decrypt_complex(self, ct: Any) -> np.ndarray:
+        """Every slot of a loaded ciphertext, imaginary parts included (error measurements)."""
+        plain = seal.Plaintext()
+        self._decryptor.decrypt(ct, plain)
+        return self.ctx.decode_complex(plain)
 
 
 class _KeySeeder:

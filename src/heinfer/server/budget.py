@@ -48,6 +48,7 @@ from heinfer.errors import (
     ServiceUnavailableError,
 )
 from heinfer.plans.base import Plan, Request, layout_kinds
+from heinfer.plans.manifest import Manifest
 
 __all__ = [
     "ANY",
@@ -62,6 +63,7 @@ __all__ = [
     "RayStore",
     "budget_warnings",
     "open_budget_store",
+    "repeated_query_lines",
 ]
 
 ANY = "*"
@@ -362,17 +364,57 @@ class _Charge:
             await self._budget.store.give_back(key, self._request.samples, self._limit)
 
 
+# The repeated-query attack is flagged when the budget lets one tenant make the repeats it
+# needs within this many days.
+REPEATS_HORIZON_DAYS = 365.0
+
+
+def repeated_query_lines(
+    name: str, manifest: Manifest, samples: int, window: float
+) -> list[tuple[bool, str]]:
+    """Per CKKS layout: whether a budget of `samples` per `window` seconds (0: none) lets one
+    tenant make the ~2^(2s) repeats of one request that resolve the weight-dependent error
+    within `REPEATS_HORIZON_DAYS`, and a line saying so, computed from the manifest's s.
+
+    Each repeat is one evaluated sample (a batched request of n copies is n repeats), so the
+    sample budget bounds the attack's speed: 2^(2s) / (samples per day) days at best."""
+    from heinfer.plans.network.manifest import repeated_query_bits
+
+    out = []
+    per_day = math.inf if samples == 0 else samples * 86400 / window
+    allowed = "no sample budget" if samples == 0 else f"{samples} samples per {window:g} s"
+    for kind, bits in sorted(repeated_query_bits(manifest).items()):
+        repeats_log2 = 2.0 * bits
+        days = 2.0**repeats_log2 / per_day
+        reachable = days <= REPEATS_HORIZON_DAYS
+        verdict = "nothing bounds how fast" if samples == 0 else (
+            f"that is {days:.3g} days" if days < 3650 else f"that is {days / 365:.3g} years")
+        out.append((reachable, (
+            f"model {name!r}, layout {kind}: resolving the weight-dependent error by averaging "
+            f"repeats needs about 2^{repeats_log2:.1f} of them (s = {bits:g} bits); {allowed} "
+            f"allows {per_day:.3g} per day per tenant: {verdict}"
+        )))
+    return out
+
+
 def budget_warnings(policy: BudgetPolicy, plans: Mapping[str, Plan]) -> list[str]:
     """One line per model whose budget lets one tenant take enough samples to extract it
-    within a day, or that states no extraction cost (compiled before manifest version 2)."""
+    within a day, or that states no extraction cost (compiled before manifest version 2),
+    and one per CKKS layout whose budget lets one tenant make the repeats that resolve its
+    weight-dependent error within `REPEATS_HORIZON_DAYS` (`repeated_query_lines`)."""
     lines = []
     for name, plan in sorted(plans.items()):
+        budget = policy.most_generous(name)
+        lines += [
+            line
+            for reachable, line in repeated_query_lines(name, plan.manifest, budget, policy.window)
+            if reachable
+        ]
         extraction = plan.manifest.privacy.extraction
         if extraction is None:
             lines.append(f"model {name!r} states no extraction cost (compiled before heinfer "
                          "manifest version 2); recompile it to have it checked")
             continue
-        budget = policy.most_generous(name)
         per_day = math.inf if budget == 0 else budget * 86400 / policy.window
         if per_day >= extraction.samples:
             allowed = "no sample budget" if budget == 0 else (

@@ -18,7 +18,7 @@ calibration set) and the error as two parts:
   SEAL's special-prime key switching, rescale rounding by the secret) propagated linearly,
   different operations' noises adding in quadrature (they are sums of many independent
   rounding and error terms: the usual canonical-embedding heuristic for CKKS noise, checked
-  against SEAL in `tests/security/test_ckks_flooding.py`). The rounding terms that meet the
+  against SEAL in `tests/security/test_repeated_query.py`). The rounding terms that meet the
   secret (r1 s, r2 s^2) are not fresh per slot: for one key slot j carries the fixed factor
   |s(zeta_j)|^2 or |s(zeta_j)|^4, heavy-tailed across slots (measured: the worst of 4096
   slots ~20 mean-key standard deviations). So the bound takes the worst slot of any honestly
@@ -56,7 +56,15 @@ from heinfer.plans.network.schedule import (
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["TAIL_BITS", "BoundOps", "BoundValue", "ErrorBound", "error_bound", "tail_factor"]
+__all__ = [
+    "TAIL_BITS",
+    "BoundOps",
+    "BoundValue",
+    "ErrorBound",
+    "error_bound",
+    "measured_error",
+    "tail_factor",
+]
 
 # Each slot part's error exceeds its bound with probability at most 2^-TAIL_BITS in all.
 TAIL_BITS = 64
@@ -221,3 +229,46 @@ def error_bound(
         std, det = np.repeat(std, S), np.repeat(det, S)
     per_slot = z * std + det
     return ErrorBound(float(per_slot.max()), _l2(std, det))
+
+
+def measured_error(plan: Any, client: Any, keys: Any, X: np.ndarray, layout: str) -> np.ndarray:
+    """The quantity `error_bound` bounds, measured with the secret key: every slot part of the
+    pre-flood result of each input (single: one request per row of X, all slots; batch: one
+    request with row i in slot i, as many rows as slots) minus the served model exactly
+    (`simulate.ExactOps`: SEAL's encodings of the weights, on the client's decrypted input).
+
+    `client` holds the secret key (`codec.client_keys(secret)`), `keys` the server's parsed
+    keys. This is what averaging repeated answers converges to beyond f~(x~); the tests and
+    bench/cnn.py compare it with the bound and with the flood."""
+    from heinfer.plans.network.simulate import ExactOps
+
+    ctx = plan.ctx
+    top = ctx.top_count
+    errors = []
+    if layout == "single":
+        schedule, plains = plan.single_schedule()
+        ops = plan.seal_ops(keys, plains)
+        exact = ExactOps(ctx.params, decoded=[ctx.decode_complex(p) for p in plains])
+        stride = int(plan.network["input"]["layout"]["stride"])
+        for x in X:
+            v = np.zeros(ctx.slots)
+            for c in range(schedule.copies):
+                v[c * stride : c * stride + len(x)] = x
+            ct = ctx.load_ciphertext(client.encrypt(v, schedule.input_scale))
+            seen = exact.fresh(client.decrypt_complex(ct), schedule.input_scale, top)
+            reference = run_single(schedule, seen, exact).values
+            errors.append(client.decrypt_complex(run_single(schedule, ct, ops)) - reference)
+    else:
+        batch = plan.batch_schedule()
+        exact = ExactOps(ctx.params, width=ctx.slots)
+        columns = np.zeros((X.shape[1], ctx.slots))
+        columns[:, : len(X)] = X.T
+        cts = [ctx.load_ciphertext(client.encrypt(c, batch.input_scale)) for c in columns]
+        inputs = [exact.fresh(client.decrypt_complex(ct), batch.input_scale, top) for ct in cts]
+        references = run_batch(batch, inputs, exact)
+        outs = run_batch(batch, cts, plan.seal_ops(keys))
+        del cts
+        for out, served in zip(outs, references, strict=True):
+            errors.append(client.decrypt_complex(out) - served.values)
+    e = np.stack(errors)
+    return np.concatenate([e.real.ravel(), e.imag.ravel()])

@@ -24,6 +24,7 @@ from heinfer.plans.network.scales import (
     LOG_FINAL_SCALE,
     SPECIAL_PRIME_BITS,
     fold_steps,
+    schedule_options,
 )
 from heinfer.plans.network.spec import NetworkSpec, as_batch
 
@@ -221,6 +222,7 @@ def compile_network(
         "first_meta": np.array([first_B, copies], dtype=np.int64),
         "final_bias": bs[-1].copy(),
         "scales": np.array([float(log_df), float(out_bound)]),
+        "schedule": schedule_options(n_act, len(T)),
     }
     for k, M in enumerate(Ms):
         ptr, col, val = _csr(M)

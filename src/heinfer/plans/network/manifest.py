@@ -28,13 +28,12 @@ from heinfer.plans.network.frames import (
     MAX_IMAGES_PER_REQUEST,
 )
 from heinfer.plans.network.scales import (
-    LOG_INPUT_SCALE,
     MASK_RANGE,
     OUTPUT_PRIMES,
     flood_sigma,
     galois_steps,
     noise_model,
-    scale_plan,
+    plan_scales,
 )
 from heinfer.plans.network.schedule import batch_blocks, batch_schedule, quantize
 
@@ -51,6 +50,7 @@ __all__ = [
     "has_batch",
     "layout_error_bound",
     "plan_manifest",
+    "repeated_query_bits",
 ]
 
 FAMILY = "ckks-network"  # the common manifest's layout.kind
@@ -72,6 +72,22 @@ def has_batch(manifest: Manifest) -> bool:
     return "batch" in manifest.layout.get("plan_manifest", {})
 
 
+def repeated_query_bits(manifest: Manifest) -> dict[str, float]:
+    """Per layout of a network model, the statistical security s its flooding reaches against
+    the repeated-query attack (averaging resolves the weight-dependent error after about
+    2^(2s) repeats, each one evaluated sample); empty for other families and for models whose
+    manifest states none."""
+    network = manifest.layout.get("plan_manifest")
+    if manifest.layout.get("kind") != FAMILY or not isinstance(network, dict):
+        return {}
+    found = {}
+    for kind, section in ((SINGLE_LAYOUT, network), (BATCH_LAYOUT, network.get("batch", {}))):
+        bits = section.get("privacy", {}).get("statistical_security_bits")
+        if bits is not None:
+            found[kind] = float(bits)
+    return found
+
+
 def _has_batch_arrays(arrays: Mapping[str, np.ndarray]) -> bool:
     return "bt0_ptr" in arrays
 
@@ -86,6 +102,7 @@ def build_plan_manifest(
 ) -> dict[str, Any]:
     S = params.slots
     log_df = float(arrays["scales"][0])
+    log_input = round(math.log2(plan_scales([int(p) for p in params.primes], n_act, arrays)["d0"]))
     flood_std = flood_widths(params, arrays)
     privacy = _privacy(params, arrays, n_act, n_features, input_range, "single", flood_std[0])
     slot_std = flood_std[0]
@@ -101,7 +118,7 @@ def build_plan_manifest(
             "range": [float(input_range[0]), float(input_range[1])],
             "encoding": "ckks-real",
             "layout": {"type": "copies", "copies": copies, "stride": n_features, "slots": S},
-            "scale_log2": LOG_INPUT_SCALE,
+            "scale_log2": log_input,
             "level": "top",
             "encryption": "seeded-symmetric",
             "images_per_ciphertext": 1,
@@ -116,7 +133,7 @@ def build_plan_manifest(
         },
         "scheme": "ckks",
         "params": params.to_dict(),
-        "scale_log2": {"input": LOG_INPUT_SCALE, "output": log_df},
+        "scale_log2": {"input": log_input, "output": log_df},
         "keys": {
             "public": True,
             "relin": True,
@@ -179,7 +196,7 @@ def layout_error_bound(
     """`bound.error_bound` of one layout's response (score units)."""
     from heinfer.plans.network.bound import error_bound
 
-    sc = scale_plan([int(p) for p in params.primes], n_act, float(arrays["scales"][0]))
+    sc = plan_scales([int(p) for p in params.primes], n_act, arrays)
     return error_bound(params, arrays, sc, n_act, n_features, input_range, layout)
 
 
@@ -193,7 +210,8 @@ def _privacy(
     flood_std: float,
 ) -> dict[str, Any]:
     """What the flooding reaches, computed (bound.py): s = log2(flood std / error bound) per
-    slot part, so averaging k repeats resolves the error only when k ~ 2^(2s); the statistical
+    slot part, so averaging k repeats resolves the error only when k ~ 2^(2s) (the service
+    compares that with its sample budget, `server.budget.repeated_query_lines`); the statistical
     distance per slot part is at most 2^-s / sqrt(2 pi) + 2^-(TAIL_BITS-1) (the bound and the
     key bound it relies on each fail with probability 2^-TAIL_BITS), and over a whole
     response (Pinsker over every slot part) 2^-s_response."""
@@ -232,7 +250,12 @@ def _batch_precision(
             break
         prod_scale = sc["d0"] * sc["w0"] if k == 0 else sc["stage_in"][k - 1] * wscale
         gain = 8.0 + np.abs(blk.c)
-        std = np.hypot(gain * std_u, noise["rs3"] / sc["stage_in"][k])
+        if sc["relinearize_groups"]:  # key switching at the product's scale, then a rescale
+            q = float(params.data_primes[sc["top"] - 1 - k])
+            rescale = math.hypot(noise["rs"], noise["ks"] / q)
+        else:
+            rescale = noise["rs3"]
+        std = np.hypot(gain * std_u, rescale / sc["stage_in"][k])
         rnd = gain * (rnd_u + 1.0 / prod_scale)
         vmax = 4.0 * (4.0 + np.abs(blk.c))
     final_prod = sc["stage_in"][-1] * sc["w"][-1]
@@ -253,7 +276,7 @@ def _batch_manifest(
 ) -> dict[str, Any]:
     blocks = batch_blocks(arrays, n_act, n_features)
     n_out = blocks[-1].rows
-    sc = scale_plan([int(p) for p in params.primes], n_act, float(arrays["scales"][0]))
+    sc = plan_scales([int(p) for p in params.primes], n_act, arrays)
     schedule = batch_schedule(blocks, sc, n_act)
     groups = [block.groups for block in schedule.blocks]
     return {
@@ -264,7 +287,7 @@ def _batch_manifest(
         "request_magic": BATCH_REQUEST_MAGIC.decode(),
         "response_magic": BATCH_RESPONSE_MAGIC.decode(),
         "input": {
-            "scale_log2": LOG_INPUT_SCALE,
+            "scale_log2": round(math.log2(sc["d0"])),
             "level": "top",
             "encryption": "seeded-symmetric",
         },
@@ -284,7 +307,10 @@ def _batch_manifest(
                 len(m) for block_groups in groups for m, _t in block_groups
             ),
             "rescales": sum(map(len, groups)) + n_out,
-            "relinearizations": sum(b.rows for b in blocks[1:]),
+            "relinearizations": (
+                sum(map(len, groups)) if schedule.relinearize_groups
+                else sum(b.rows for b in blocks[1:])
+            ),
         },
     }
 

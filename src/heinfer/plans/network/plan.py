@@ -33,7 +33,7 @@ from heinfer.plans.network.manifest import (
     common_manifest,
     plan_manifest,
 )
-from heinfer.plans.network.scales import MASK_RANGE, OUTPUT_PRIMES, scale_plan
+from heinfer.plans.network.scales import MASK_RANGE, OUTPUT_PRIMES, plan_scales
 from heinfer.plans.network.schedule import (
     BatchSchedule,
     SingleSchedule,
@@ -201,8 +201,7 @@ class NetworkPlan(Plan):
         try:
             n_act = int(network["activations"])
             need = _array_names(n_act, version == FORMAT_VERSION)
-            if "flood_std" in arrays:
-                need.append("flood_std")
+            need += [k for k in ("flood_std", "schedule") if k in arrays]
             missing = [k for k in need if k not in arrays]
             if missing:
                 raise ModelFormatError(f"network arrays missing: {missing}")
@@ -260,7 +259,7 @@ class NetworkPlan(Plan):
     def scales(self) -> dict[str, Any]:
         """Exact scales per stage (SEAL divides by the exact primes)."""
         primes = [int(p) for p in self.network["params"]["coeff_modulus"]]
-        return scale_plan(primes, self.n_act, float(self._arrays["scales"][0]))
+        return plan_scales(primes, self.n_act, self._arrays)
 
     def single_schedule(self) -> tuple[SingleSchedule, list[Any]]:
         """The single-image schedule and the SEAL encodings of its vectors, built once."""

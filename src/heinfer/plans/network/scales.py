@@ -3,10 +3,21 @@ each stage, the noise of each CKKS operation, the flooding width, and the rotati
 
 Scales / levels (one activation; the chain is [q0 39, q1 39, qc 20, qa 56 | P 60] bits, 214 of
 the 218 bits that the HE standard allows at N=8192 for 128-bit security, see he/ckks.py):
-input at 2^28, first-layer weights at 2^19, product 2^47, square 2^94, rescale by qa -> 2^38;
-last-layer weights at 2^50 so that product/qc = 2^68 after the last rescale. The response sits at
-the lowest level that can hold 2^68 * scores plus flooding noise: the two 39-bit primes. Both
-layouts use these scales, so their scores end at the same level and scale.
+input at 2^38, first-layer weights at 2^19, product 2^57, square 2^114 (of the top level's 154
+bits), rescale by qa -> 2^58; last-layer weights at about 2^29 so that product/qc = 2^67 after
+the last rescale. The response sits at the lowest level that can hold 2^67 * scores plus
+flooding noise: the two 39-bit primes. Both layouts use these scales, so their scores end at the
+same level and scale.
+
+Why the input sits this high: every key switch and rescale adds an error of fixed size (about
+2^14 in SEAL's integer domain for the worst slot of an honestly drawn key, `noise_model`), so its
+share of a value is 2^14 / scale, and it is weight-dependent (`bound.py`). Raising the product
+scale from 2^47 (earlier releases, still used for two activations, whose second square would not
+fit) to 2^57 moves the activation's rescale and every later rotation from 2^38 to 2^58: 2^20
+less weight-dependent error in the batched layout. The single-image layout's first layer
+multiplies before it rotates (`schedule.MatVec.rotate_products`), so no rotation touches the
+2^38 input. The schedule a model was compiled with is stored with it (`schedule` array,
+`schedule_options`); models without one use the earlier schedule (`LEGACY_SCHEDULE`).
 
 Flooding: `flood_sigma` is the default width, kept from earlier releases: it covers only the
 rounding noise of the last rescale (by Hoeffding, every coefficient below sqrt(N*61*ln2/2)
@@ -28,6 +39,7 @@ __all__ = [
     "ACT_PRIME_BITS",
     "CLEAN_PRIME_BITS",
     "FINAL_PRIME_BITS",
+    "LEGACY_SCHEDULE",
     "LOG_FINAL_SCALE",
     "LOG_INPUT_SCALE",
     "MASK_RANGE",
@@ -37,12 +49,20 @@ __all__ = [
     "fold_steps",
     "galois_steps",
     "noise_model",
+    "plan_scales",
     "scale_plan",
+    "schedule_options",
     "secret_embedding_bound",
 ]
 
-LOG_INPUT_SCALE = 28
-LOG_FIRST_PRODUCT = 47
+LOG_INPUT_SCALE = 38
+LOG_FIRST_PRODUCT = 57
+# (input scale, first product scale, rotate products, relinearize groups): models stored
+# without a `schedule` array, and the scales networks with two activations keep
+LEGACY_SCHEDULE = (28.0, 47.0, 0.0, 0.0)
+# Rotating after the products costs one rotation per first-layer diagonal instead of about two
+# square roots of their number (25 vs 8 for a 5x5 convolution); beyond this many it is not done.
+MAX_ROTATED_PRODUCTS = 64
 LOG_MID_WEIGHT = 19
 LOG_FINAL_SCALE = 68
 FINAL_PRIME_BITS = [39, 39]
@@ -55,12 +75,30 @@ FOLD_RADIX = 4
 _LAST_RESCALE_BITS = 40  # what the default width is 2^x above (the last rescale only)
 
 
-def scale_plan(primes: list[int], n_act: int, log_df: float) -> dict[str, Any]:
-    """Exact scales per stage for both layouts (SEAL divides by the exact primes)."""
+def schedule_options(n_act: int, first_diagonals: int) -> np.ndarray:
+    """The `schedule` array a compiled model stores: (log2 input scale, log2 first product
+    scale, 1 if the single-image first layer rotates its products, 1 if the batched layout
+    relinearizes every group before its rescale)."""
+    log_input, log_first = (
+        (LOG_INPUT_SCALE, LOG_FIRST_PRODUCT) if n_act == 1 else LEGACY_SCHEDULE[:2]
+    )
+    rotate = 1.0 if first_diagonals <= MAX_ROTATED_PRODUCTS else 0.0
+    return np.array([float(log_input), float(log_first), rotate, 1.0])
+
+
+def scale_plan(
+    primes: list[int],
+    n_act: int,
+    log_df: float,
+    schedule: tuple[float, ...] | np.ndarray = LEGACY_SCHEDULE,
+) -> dict[str, Any]:
+    """Exact scales per stage for both layouts (SEAL divides by the exact primes), and the
+    schedule's two options (`schedule_options`)."""
+    log_input, log_first, rotate, relin = (float(v) for v in schedule)
     data = primes[:-1]
     top = len(data)
-    d0 = 2.0**LOG_INPUT_SCALE
-    w0 = 2.0**LOG_FIRST_PRODUCT / d0
+    d0 = 2.0**log_input
+    w0 = 2.0**log_first / d0
     prod = d0 * w0
     stage_in = []  # scale of each later block's input ciphertext
     for k in range(n_act):
@@ -73,7 +111,22 @@ def scale_plan(primes: list[int], n_act: int, log_df: float) -> dict[str, Any]:
     q_clean = float(data[2])
     wf = df * q_clean / stage_in[-1]
     wscales = [2.0**LOG_MID_WEIGHT] * (n_act - 1) + [wf]
-    return {"d0": d0, "w0": w0, "stage_in": stage_in, "w": wscales, "df": df, "top": top}
+    return {
+        "d0": d0,
+        "w0": w0,
+        "stage_in": stage_in,
+        "w": wscales,
+        "df": df,
+        "top": top,
+        "rotate_products": rotate == 1.0,
+        "relinearize_groups": relin == 1.0,
+    }
+
+
+def plan_scales(primes: list[int], n_act: int, arrays: Any) -> dict[str, Any]:
+    """`scale_plan` of a compiled model's arrays (its `schedule`, or the earlier one)."""
+    schedule = arrays.get("schedule", LEGACY_SCHEDULE)
+    return scale_plan(primes, n_act, float(arrays["scales"][0]), np.asarray(schedule))
 
 
 def secret_embedding_bound(n: int, tail_bits: float) -> float:

@@ -71,12 +71,20 @@ class Vector:
 
 @dataclass(frozen=True)
 class MatVec:
-    """sum over diagonals of diag * rot(x, giant*g + b): babies rot(x, 1..babies), giants by
-    Horner in `giant`; groups[g] holds (b, diagonal pre-rotated by giant*g)."""
+    """sum over diagonals of diag * rot(x, giant*g + b), giants by Horner in `giant`.
+
+    Baby steps either rotate the input (rot(x, 1..babies); groups[g] holds (b, diagonal
+    pre-rotated by giant*g)) or, with `rotate_products`, rotate the products (Horner in steps of
+    1 inside each group; the diagonal pre-rotated by giant*g + b). The second costs one rotation
+    per diagonal instead of babies + giants, but no rotation then meets the input at its own
+    (lower) scale, so the key-switching error it adds is 2^w smaller against the values (w:
+    the weights' scale bits), which is what keeps the first layer's rotations from dominating
+    the weight-dependent error (`bound.py`)."""
 
     groups: tuple[tuple[tuple[int, Vector], ...], ...]
     giant: int
     babies: int
+    rotate_products: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,17 +136,26 @@ class _Table:
 
 
 def _matvec(
-    table: _Table, diags: np.ndarray, shifts: np.ndarray, giant: int, scale: float, level: int
+    table: _Table,
+    diags: np.ndarray,
+    shifts: np.ndarray,
+    giant: int,
+    scale: float,
+    level: int,
+    rotate_products: bool = False,
 ) -> MatVec:
     groups: dict[int, list[tuple[int, Vector]]] = {}
     for diag, shift in zip(diags, shifts.tolist(), strict=True):
         g, b = divmod(int(shift), giant)
-        vector, zero = table.add(np.roll(diag, g * giant), scale, level)
+        roll = g * giant + (b if rotate_products else 0)
+        vector, zero = table.add(np.roll(diag, roll), scale, level)
         if not zero:  # weights below the encoding scale: nothing to multiply (SEAL refuses 0)
             groups.setdefault(g, []).append((b, vector))
     top = max(groups, default=-1)
     babies = int((shifts % giant).max()) if shifts.size else 0
-    return MatVec(tuple(tuple(groups.get(g, [])) for g in range(top + 1)), giant, babies)
+    return MatVec(
+        tuple(tuple(groups.get(g, [])) for g in range(top + 1)), giant, babies, rotate_products
+    )
 
 
 def single_schedule(
@@ -150,7 +167,15 @@ def single_schedule(
     prod = sc["d0"] * sc["w0"]
     first_c = a["first_c"]
     stages: list[Stage] = [
-        _matvec(table, a["first_diag"], a["first_shifts"], int(a["first_meta"][0]), sc["w0"], top),
+        _matvec(
+            table,
+            a["first_diag"],
+            a["first_shifts"],
+            int(a["first_meta"][0]),
+            sc["w0"],
+            top,
+            bool(sc.get("rotate_products", False)),
+        ),
         Activate(
             table.add(a["first_bias"], prod, top)[0],
             table.add(a["first_bias"] + first_c, prod, top)[0] if np.any(first_c) else None,
@@ -274,6 +299,7 @@ class BatchSchedule:
     output_scale: float  # scale and level of the last block's accumulators
     output_level: int
     final_bias: np.ndarray
+    relinearize_groups: bool = False  # before their rescale: s^2 never meets the rounding
 
 
 def batch_schedule(blocks: list[_Block], sc: dict[str, Any], n_act: int) -> BatchSchedule:
@@ -314,6 +340,7 @@ def batch_schedule(blocks: list[_Block], sc: dict[str, Any], n_act: int) -> Batc
         unit_scales[n_act],
         top - n_act,
         blocks[-1].bias,
+        bool(sc.get("relinearize_groups", False)),
     )
 
 
@@ -344,6 +371,8 @@ def _accumulate(ops: Ops[V], total: V | None, term: V) -> V:
 
 
 def _run_matvec(x: V, stage: MatVec, ops: Ops[V]) -> V:
+    if stage.rotate_products:
+        return _run_rotated_products(x, stage, ops)
     babies = [x]
     for _ in range(stage.babies):
         babies.append(ops.rotate(babies[-1], 1))
@@ -353,6 +382,27 @@ def _run_matvec(x: V, stage: MatVec, ops: Ops[V]) -> V:
             acc = ops.rotate(acc, stage.giant)
         for b, diag in stage.groups[g]:
             acc = _accumulate(ops, acc, ops.multiply_vector(babies[b], diag))
+    if acc is None:
+        raise ModelFormatError("a layer of this network has no weight above the encoding scale")
+    return acc
+
+
+def _run_rotated_products(x: V, stage: MatVec, ops: Ops[V]) -> V:
+    """The same sum with every rotation after a product: inside group g, Horner in b
+    (rot(rot(d_B x, 1) + d_{B-1} x, 1) + ...), then Horner in the giant step over groups."""
+    acc: V | None = None
+    for g in range(len(stage.groups) - 1, -1, -1):
+        if acc is not None:
+            acc = ops.rotate(acc, stage.giant)
+        by_baby = dict(stage.groups[g])
+        inner: V | None = None
+        for b in range(max(by_baby, default=-1), -1, -1):
+            if inner is not None:
+                inner = ops.rotate(inner, 1)
+            if b in by_baby:
+                inner = _accumulate(ops, inner, ops.multiply_vector(x, by_baby[b]))
+        if inner is not None:
+            acc = _accumulate(ops, acc, inner)
     if acc is None:
         raise ModelFormatError("a layer of this network has no weight above the encoding scale")
     return acc
@@ -416,6 +466,8 @@ def run_batch(schedule: BatchSchedule, xs: list[V], ops: Ops[V]) -> list[V]:
                     ops, total, activate(acc, float(block.bias[i]), float(block.c[i]))
                 )
             assert total is not None
+            if schedule.relinearize_groups:
+                ops.relinearize(total)
             ops.rescale(total)
             for i, w in targets:
                 accs[i] = _accumulate(

@@ -21,7 +21,7 @@ from heinfer.plans.network.spec import as_batch
 if TYPE_CHECKING:
     from heinfer.plans.network.plan import NetworkPlan
 
-__all__ = ["NoisyOps", "SimValue", "simulate"]
+__all__ = ["ExactOps", "NoisyOps", "SimValue", "simulate"]
 
 
 @dataclass
@@ -114,6 +114,34 @@ class NoisyOps:
 
     def level(self, v: SimValue) -> int:
         return v.level
+
+
+class ExactOps(NoisyOps):
+    """The served model exactly: every operation without noise, each vector as SEAL encoded it
+    (`decoded[vector.index]`: the plan's plaintexts decoded, imaginary parts included; the
+    schedule's own values when None, which is exact for the batched layout's scalars). Walked on
+    a client's decrypted input it gives f~(x~), what the client is entitled to (`bound.py`), so
+    an encrypted result minus it is the evaluation's weight-dependent error."""
+
+    def __init__(self, params: Any, width: int = 1, decoded: list[np.ndarray] | None = None):
+        super().__init__(params, np.random.default_rng(0), width)
+        self.noise = dict.fromkeys(self.noise, 0.0)
+        self.decoded = decoded
+
+    def _noisy(self, values: np.ndarray, std: float) -> np.ndarray:
+        return values
+
+    def _values(self, w: Vector) -> np.ndarray:
+        return w.values if self.decoded is None else self.decoded[w.index]
+
+    def multiply_vector(self, v: SimValue, w: Vector) -> SimValue:
+        if v.level != w.level:
+            raise AssertionError(f"weights at level {w.level} meet a value at {v.level}")
+        return SimValue(v.values * self._values(w), v.scale * w.scale, v.level, v.size)
+
+    def add_vector(self, v: SimValue, w: Vector) -> SimValue:
+        self._same(v, w)
+        return SimValue(v.values + self._values(w), v.scale, v.level, v.size)
 
 
 def simulate(
