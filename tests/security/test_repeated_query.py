@@ -186,4 +186,4 @@ def test_budget_states_whether_the_repeats_fit(setup) -> None:  # type: ignore[n
     assert all(reachable for reachable, _ in repeated_query_lines("m", plan.manifest, 0, 3600.0))
     earlier = _earlier_schedule(plan)
     warned = budget_warnings(BudgetPolicy(1_000_000, 3600.0, []), {"m": earlier})
-    assert any("ckks-network," in line and "averaging" in line for line in warned)
+    assert any("layout ckks-network:" in line and "averaging" in line for line in warned)
