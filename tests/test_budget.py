@@ -60,6 +60,18 @@ def test_rules_naming_unknown_models_or_layouts_are_refused(
         BudgetPolicy(1, 1.0, [BudgetRule(disabled_layouts=["coeff-btach"])]).check_against(plans)
 
 
+def test_layouts_a_tenant_may_use(mnist_model: heinfer.EncryptedModel) -> None:
+    offered = sorted(layout.kind for layout in mnist_model.plan.layouts.values())
+    assert "coeff-batch" in offered
+    policy = BudgetPolicy(
+        1, 1.0, [BudgetRule(tenant="t", model="mnist", disabled_layouts=["coeff-batch"])]
+    )
+    assert policy.layouts_for("t", "mnist", mnist_model.plan) == [
+        kind for kind in offered if kind != "coeff-batch"
+    ]
+    assert policy.layouts_for("u", "mnist", mnist_model.plan) == offered  # the control
+
+
 def test_manifest_states_extraction_and_serve_warns(mnist_model: heinfer.EncryptedModel) -> None:
     extraction = mnist_model.manifest.privacy.extraction
     assert extraction is not None and extraction.exact

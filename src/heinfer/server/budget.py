@@ -143,6 +143,14 @@ class BudgetPolicy:
                 disabled = frozenset(rule.disabled_layouts)
         return Limit(samples, self.window, disabled)
 
+    def layouts_for(self, tenant: str, model: str, plan: Plan) -> list[str]:
+        """The layouts `plan` serves that no rule switches off for `tenant`: what the manifest
+        endpoint can state to a caller so that its client picks among them instead of meeting
+        a 403 (`layout_disabled`)."""
+        disabled = self.limit(tenant, model).disabled
+        served = (layout.kind for layout in plan.layouts.values())
+        return sorted(kind for kind in served if kind not in disabled)
+
     def most_generous(self, model: str) -> int:
         """The largest budget any tenant may get for `model` (0: some tenant is unlimited)."""
         budgets = [self.limit(ANY, model).samples]
