@@ -25,7 +25,7 @@ import math
 import numpy as np
 import pytest
 
-from heinfer.errors import UnsupportedModelError
+from heinfer.errors import ModelFormatError, UnsupportedModelError
 from heinfer.plans.base import codec_for
 from heinfer.plans.network import NetworkPlan, NetworkSpec, compile_network
 from heinfer.plans.network.bound import error_bound, measured_error
@@ -187,3 +187,13 @@ def test_budget_states_whether_the_repeats_fit(setup) -> None:  # type: ignore[n
     earlier = _earlier_schedule(plan)
     warned = budget_warnings(BudgetPolicy(1_000_000, 3600.0, []), {"m": earlier})
     assert any("layout ckks-network:" in line and "averaging" in line for line in warned)
+
+
+def test_model_files_state_their_schedule(setup) -> None:  # type: ignore[no-untyped-def]
+    """The schedule travels with the model; one this release does not write is refused."""
+    plan, *_ = setup
+    arrays = plan.to_arrays()
+    assert NetworkPlan.from_arrays(plan.manifest, arrays).scales() == plan.scales()  # control
+    arrays["schedule"] = np.array([48.0, 67.0, 1.0, 1.0])
+    with pytest.raises(ModelFormatError, match="schedule"):
+        NetworkPlan.from_arrays(plan.manifest, arrays)

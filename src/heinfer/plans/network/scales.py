@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from heinfer.errors import ModelFormatError
+
 __all__ = [
     "ACT_PRIME_BITS",
     "CLEAN_PRIME_BITS",
@@ -124,9 +126,17 @@ def scale_plan(
 
 
 def plan_scales(primes: list[int], n_act: int, arrays: Any) -> dict[str, Any]:
-    """`scale_plan` of a compiled model's arrays (its `schedule`, or the earlier one)."""
-    schedule = arrays.get("schedule", LEGACY_SCHEDULE)
-    return scale_plan(primes, n_act, float(arrays["scales"][0]), np.asarray(schedule))
+    """`scale_plan` of a compiled model's arrays (its `schedule`, or the earlier one); a
+    schedule this release does not write is refused."""
+    schedule = np.asarray(arrays.get("schedule", LEGACY_SCHEDULE), dtype=np.float64)
+    known = {(LOG_INPUT_SCALE, LOG_FIRST_PRODUCT), LEGACY_SCHEDULE[:2]}
+    if (
+        schedule.shape != (4,)
+        or (float(schedule[0]), float(schedule[1])) not in known
+        or not set(schedule[2:].tolist()) <= {0.0, 1.0}
+    ):
+        raise ModelFormatError("the network's schedule array is not one this heinfer writes")
+    return scale_plan(primes, n_act, float(arrays["scales"][0]), schedule)
 
 
 def secret_embedding_bound(n: int, tail_bits: float) -> float:

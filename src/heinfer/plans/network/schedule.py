@@ -12,7 +12,9 @@ Single-image packing (one ciphertext per input, N=8192 -> 4096 slots for one act
 
 * Input: `copies` copies of the n features at offsets 0, n, 2n, ... For a conv layer, output
   channel f lives in copy f at the slot of its window's top-left pixel, so the first layer is
-  `sum_t P_t * rot(x, t)` over the kernel offsets t, evaluated baby-step/giant-step (`MatVec`).
+  `sum_t P_t * rot(x, t)` over the kernel offsets t, evaluated baby-step/giant-step (`MatVec`),
+  or, in models compiled with `rotate_products` (the default for up to 64 offsets), as
+  `sum_t rot(P'_t * x, t)` by Horner, so that no rotation meets the input's lower scale.
   Any other first layer falls back to a generic diagonal decomposition.
 * Later blocks: hybrid diagonal method (Juvekar et al., GAZELLE) with R = next power of two >=
   outputs rows: R diagonals (BSGS), then a `Fold` (rotate-and-sum over the S/R blocks, radix 4).
