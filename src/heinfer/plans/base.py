@@ -233,10 +233,15 @@ class Plan(abc.ABC):
     def load_keys(self, upload: bytes) -> Keys:
         """Parse and validate a key upload with the HE library's loaders (once per worker)."""
         fingerprint, parts = decode_keys(upload)
-        self._check_key_parts(fingerprint, parts)
+        self._check_key_parts(fingerprint, parts, part_sizes=False)
         return self._load_key_parts(parts)
 
-    def _check_key_parts(self, fingerprint: bytes, parts: dict[str, bytes]) -> None:
+    def _check_key_parts(
+        self, fingerprint: bytes, parts: dict[str, bytes], *, part_sizes: bool = True
+    ) -> None:
+        """Parameters and the set of parts; with `part_sizes`, also `_check_part_sizes`, which
+        the workers skip because every `_load_key_parts` loader checks sizes and seeded forms
+        itself (running both cost a CKKS key-cache miss about 20 ms of its ~110 ms)."""
         if fingerprint != self.key_fingerprint:
             raise ParameterMismatchError(
                 f"these keys were made for other encryption parameters than model "
@@ -249,7 +254,8 @@ class Plan(abc.ABC):
                 f"model {self.manifest.name!r} needs exactly one of these sets of key parts: "
                 f"{options}"
             )
-        self._check_part_sizes(parts)
+        if part_sizes:
+            self._check_part_sizes(parts)
 
     @property
     def all_key_parts(self) -> frozenset[str]:
@@ -268,7 +274,8 @@ class Plan(abc.ABC):
 
     @abc.abstractmethod
     def _load_key_parts(self, parts: dict[str, bytes]) -> Keys:
-        """Key parts (already checked for set and sizes) -> parsed keys."""
+        """Key parts (parameters and set checked) -> parsed keys; the loaders check sizes and
+        seeded forms themselves, since workers call this without `_check_part_sizes`."""
 
     @abc.abstractmethod
     def predict_plain(self, X: np.ndarray) -> np.ndarray:
