@@ -17,8 +17,8 @@ from heinfer.errors import ParameterMismatchError, ShapeError
 from heinfer.he.backend import find_ntt_primes
 from heinfer.he.params import BFVParameters, max_log_q
 from heinfer.plans.linear.batch import BATCH_LAYOUT_KIND
-from heinfer.plans.linear.costs import BYTES_PER_MS, REQUESTS, estimate, pick
-from heinfer.plans.linear.packed import PACKED_LAYOUT_KIND, Packing, packing
+from heinfer.plans.linear.costs import BYTES_PER_MS, REQUESTS, estimate, pick, score
+from heinfer.plans.linear.packed import PACKED_LAYOUT_KIND, Packing, leak_bound, packing
 from heinfer.plans.linear.plan import LinearPlan
 from heinfer.plans.linear.precision import input_error
 from heinfer.plans.linear.rowpack import LAYOUT_KIND
@@ -33,7 +33,13 @@ from heinfer.plans.manifest import (
 )
 from heinfer.rlwe.sampling import CBD_VARIANCE
 
-__all__ = ["FLOODING_BITS", "NoiseBudget", "compile_linear", "packed_budget"]
+__all__ = [
+    "FLOODING_BITS",
+    "NoiseBudget",
+    "compile_linear",
+    "packed_budget",
+    "packed_tail_bound",
+]
 FLOODING_BITS = 40
 # The client's encryption error, in both layouts: SEAL 4.1's default centered binomial (21 + 21
 # bits; the batch layout samples the same in numpy), sub-Gaussian with variance proxy 21/2
@@ -164,10 +170,16 @@ def _batch_budget(
     return _moduli(value_bound, leak, flood, z, degree, eta_target, plain_bits)
 
 
-# Key switching in SEAL adds round(sum_i d_i * e_i / P) + rounding * s: digits d_i < q_i of c1,
-# key errors e_i. With the special prime P above every data prime (`_choose_parameters` makes
-# it so when a model offers coeff-packed) the first term is below z*sigma*sqrt(N*L/3).
+# Key switching's decomposition: at most this many data primes (digits); see packed.leak_bound.
 _MAX_DIGITS = 4
+# Client levels of the packing tree the compiler tries (2^r ciphertexts per request).
+_CLIENT_LEVELS = (0, 1, 2, 3)
+
+
+def packed_tail_bound(w_int: np.ndarray, pack: Packing) -> float:
+    """`packed.leak_bound` with this compiler's error model and statistical target."""
+    z = _tail_factor(FLOODING_BITS, w_int.shape[0])
+    return leak_bound(w_int, pack, z, SEAL_NOISE_SIGMA, _MAX_DIGITS)
 
 
 def packed_budget(
@@ -180,37 +192,33 @@ def packed_budget(
     """The bounds for coeff-packed (see plans/linear/packed.py).
 
     Every output is multiplied by m = 2^levels by the tree, so the plaintext modulus needs
-    levels more bits and the client may lose eta_target * m in those units. The client's view
-    of an output's noise is m times rowpack's (e_x * W_g and the scaling rounding, W_g the
-    group's whole weight polynomial) plus each key switch's noise (a function of W through
-    c1's digits), at most m - 1 of them, doubled at every later level: below m * ks. Flooding
-    is 2^40 above their sum (rounded up to a power of two: exact uniform sampling).
+    levels more bits and the client may lose eta_target * m in those units. The leak (what
+    the client could know about an output's noise, a function of W) is `packed.leak_bound`;
+    flooding is 2^40 above it (rounded up to a power of two: exact uniform sampling).
     """
     degree = pack.degree
     m = 1 << pack.levels
     value_bound = m * float(np.max(np.abs(w_int).sum(axis=1) * x_max_int + np.abs(b_int)))
-    z = _tail_factor(FLOODING_BITS, degree)
-    leak_row = 0.0
-    for block in pack.blocks:
-        for rows in block:
-            w = w_int[rows].astype(np.float64)
-            gaussian = z * SEAL_NOISE_SIGMA * float(np.sqrt((w**2).sum()))
-            leak_row = max(leak_row, gaussian + 0.5 * float(np.abs(w).sum(axis=1).max()))
-    ks = z * SEAL_NOISE_SIGMA * math.sqrt(degree * _MAX_DIGITS / 3) + z * math.sqrt(degree / 18) + 1
-    leak = m * (leak_row + ks)
+    z = _tail_factor(FLOODING_BITS, w_int.shape[0])
+    leak = packed_tail_bound(w_int, pack)
     flood = 1 << max(1, math.ceil(math.log2(leak * 2.0**FLOODING_BITS)))
     return _moduli(value_bound, leak, flood, z, degree, eta_target * m)
 
 
 def _choose_parameters(
-    w_int: np.ndarray, b_int: np.ndarray, x_max_int: int, eta_target: float, packed: bool = False
+    w_int: np.ndarray,
+    b_int: np.ndarray,
+    x_max_int: int,
+    eta_target: float,
+    packed: bool = False,
+    client_levels: int = 0,
 ) -> tuple[BFVParameters, _Groups, NoiseBudget, NoiseBudget, tuple[Packing, NoiseBudget] | None]:
     """One parameter set (one key) whose moduli satisfy every offered layout's budget."""
     n = w_int.shape[1]
     for degree in _RING_DEGREES:
         if degree < n:
             continue
-        pack = packing(w_int.shape[0], n, degree) if packed else None
+        pack = packing(w_int.shape[0], n, degree, client_levels) if packed else None
         extra = None
         plain_bits = 0
         if pack is not None:
@@ -319,6 +327,8 @@ def _packed_layout(
         "kind": PACKED_LAYOUT_KIND,
         "stride": pack.stride,
         "levels": pack.levels,
+        "client_levels": pack.client_levels,
+        "images": pack.image_elements,
         "galois_elements": pack.elements,
         "blocks": pack.blocks,
         "results": [
@@ -330,9 +340,10 @@ def _packed_layout(
         "flood_bound": str(budget.flood_bound),
         "noise": budget.summary(data_bits),
         "encoding": (
-            "request: as coeff-rowpack (one seeded ciphertext per sample), frame HEP1 + u32 count "
-            "+ fixed-size records; keys: public + Galois keys for galois_elements (seed + k0 "
-            "of every component bit-packed per key-level prime, uniform halves = SHAKE-128("
+            "request: frame HEP1 + u32 count + one record per sample: for each element e of "
+            "`images`, a coeff-rowpack ciphertext of x(X^e) mod X^N + 1 (x itself first); "
+            "keys: public + Galois keys for galois_elements (seed + k0 of every component "
+            "bit-packed per key-level prime, uniform halves = SHAKE-128("
             "b'heinfer/galois-key/a/v1' || seed || u32le(i) || u8(j)))"
         ),
         "response": (
@@ -384,7 +395,7 @@ def compile_linear(
     # HE noise may cost at most a small fraction of the rounding error already made.
     eta_target = max(4.0, levels * math.sqrt(n_features) / 4.0)
 
-    def search(packed: bool) -> tuple[Any, ...] | None:
+    def search(packed: bool, client_levels: int = 0) -> tuple[Any, ...] | None:
         candidates = [weight_bits] if weight_bits else list(range(_MAX_WEIGHT_BITS, 11, -1))
         if packed and not weight_bits:
             first = _packed_weight_bits(coef, low, high, step)
@@ -395,7 +406,7 @@ def compile_linear(
             quantized = _quantize(coef, intercept, low, step, bits)
             try:
                 params, groups, budget, batch, extra = _choose_parameters(
-                    quantized[0], quantized[1], levels, eta_target, packed
+                    quantized[0], quantized[1], levels, eta_target, packed, client_levels
                 )
             except ParameterMismatchError:
                 continue
@@ -415,15 +426,34 @@ def compile_linear(
             continue
         if kind == PACKED_LAYOUT_KIND and layout is None and n_rows * n_features <= 4096:
             continue  # one group at N = 4096: nothing to pack
-        result = search(kind == PACKED_LAYOUT_KIND)
-        if result is None:
+        # coeff-packed: as many tree levels on the client as the cost model likes best
+        tried: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+        for client_levels in _CLIENT_LEVELS if kind == PACKED_LAYOUT_KIND else (0,):
+            result = search(kind == PACKED_LAYOUT_KIND, client_levels)
+            if result is None:
+                continue
+            params_k, groups_k, extra_k = result[1], result[2], result[5]
+            if extra_k is not None and extra_k[0].client_levels != client_levels:
+                continue  # capped at the tree's depth: the same as a smaller r already tried
+            bits_k = params_k.coeff_modulus[0].bit_length()
+            tried[client_levels] = (
+                result,
+                estimate(
+                    params_k,
+                    len(groups_k.groups),
+                    bits_k,
+                    None if extra_k is None else extra_k[0],
+                    n_rows,
+                ),
+            )
+        if not tried:
             continue
-        found[kind] = result
-        params_k, groups_k, extra_k = result[1], result[2], result[5]
-        bits_k = params_k.coeff_modulus[0].bit_length()
-        options[kind] = estimate(
-            params_k, len(groups_k.groups), bits_k, None if extra_k is None else extra_k[0], n_rows
-        )
+        best = min(tried, key=lambda r: score(tried[r][1]))
+        found[kind], options[kind] = tried[best]
+        if kind == PACKED_LAYOUT_KIND:
+            options[kind]["client_levels_scores"] = {
+                str(r): round(score(cost)) for r, (_, cost) in tried.items()
+            }
     if not options:
         raise ParameterMismatchError(
             f"no 128-bit BFV parameters up to N=32768 fit a linear layer with {n_features} "

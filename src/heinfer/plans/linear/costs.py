@@ -6,9 +6,12 @@ N over one prime, times a per-operation count, calibrated on this repository's C
 (bench/sizes.py prints the measured numbers next to these; docs/performance.md):
 - coeff-rowpack, per group: one product and its inverse NTTs, a fresh encryption of zero,
   a mask and a switch to the last prime, plus the glue between SEAL and numpy: ~60 NTTs;
-- coeff-packed, per group: one product and its inverse NTTs (~4 NTTs plus glue, ~10); per
-  tree node: one key switch (L(L+1) + 2(L+1) NTTs plus glue, ~L(L+1) + 2(L+1) + 6); once per
-  result ciphertext the rowpack treatment (~60).
+- coeff-packed: per client image one forward NTT (2L); per group one NTT-form product (~L);
+  per node of the server's tree one inverse NTT (2L plus glue, ~2L + 2) and, but for one node
+  a block, one key switch (L(L+1) + 2(L+1) NTTs plus glue, ~L(L+1) + 2(L+1) + 10); once per
+  result ciphertext the rowpack treatment (~60 L). The request is 2^client_levels
+  ciphertexts: moving tree levels to the client trades request bytes for key switches and
+  Galois keys, and the pick weighs that too.
 
 The pick minimizes one number, "bytes a client pays over its first 100 requests":
 key bytes + 100 x (request + response) + 100 x server ms x 12,500 (100 Mbit/s: a millisecond
@@ -58,18 +61,23 @@ def estimate(
             "response_bytes": groups * polynomial + (n_outputs * result_bits + 7) // 8,
             "server_ms": round(groups * 60 * levels * ntt, 2),
         }
-    switch = levels * (levels + 1) + 2 * (levels + 1) + 6
+    switch = levels * (levels + 1) + 2 * (levels + 1) + 10
     blocks = len(pack.blocks)
+    units = (
+        pack.images * 2 * levels
+        + pack.groups * levels
+        + pack.nodes * (2 * levels + 2)
+        + pack.key_switches * switch
+        + blocks * 60 * levels
+    )
     return {
         "key_bytes": context.public_key_bytes + galois_key_bytes(context, pack.elements),
-        "request_bytes": context.request_bytes,
+        "request_bytes": pack.images * context.request_bytes,
         "response_bytes": blocks * polynomial + (n_outputs * result_bits + 7) // 8,
-        "server_ms": round(
-            (pack.groups * 10 * levels + (pack.groups - blocks) * switch + blocks * 60 * levels)
-            * ntt,
-            2,
-        ),
+        "server_ms": round(units * ntt, 2),
         "galois_keys": len(pack.elements),
+        "client_levels": pack.client_levels,
+        "key_switches": pack.key_switches,
     }
 
 
