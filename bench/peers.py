@@ -166,10 +166,12 @@ def _per_image(
     serve: Callable[[Payload], Payload],
     decrypt: Callable[[Payload], Sequence[float]],
     into: _PerImage | None = None,
+    outputs: int = N_CLASSES,
 ) -> _PerImage:
     """Run client→server→client once per image, timing each side separately.
 
-    ``into`` lets a caller keep partial measurements if a later image raises.
+    ``into`` lets a caller keep partial measurements if a later image raises; ``outputs``
+    is how many leading decrypted values are scores (the rest is padding).
     """
     m = into or _PerImage([], [], [], [], [], [])
     clock = time.perf_counter_ns
@@ -184,7 +186,7 @@ def _per_image(
         t2 = clock()
         m.server_ms.append((t2 - t1) / 1e6)
         m.response_bytes.append(_nbytes(resp))
-        scores = np.asarray(decrypt(resp), dtype=np.float64)[:N_CLASSES]
+        scores = np.asarray(decrypt(resp), dtype=np.float64)[:outputs]
         m.decrypt_ms.append((clock() - t2) / 1e6)
         m.scores.append(scores)
     return m
@@ -392,7 +394,7 @@ def measure_tenseal_mm(W: np.ndarray, b: np.ndarray, X: np.ndarray, n: int = 5) 
         assert isinstance(resp, bytes)
         return ts.ckks_vector_from(ctx, resp).decrypt()
 
-    m = _per_image(X, encrypt, serve, decrypt)
+    m = _per_image(X, encrypt, serve, decrypt, outputs=len(bias))
     return _row_from(
         "TenSEAL 0.3.18 enc_x.mm (tutorial)",
         m,
@@ -748,3 +750,66 @@ def measure_encrypted_inference(W: np.ndarray, b: np.ndarray, X: np.ndarray, n: 
         "libeisdk.so into its own site-packages folder"
     )
     return _row_from(system, m, key_bytes, ref, "; ".join(facts))
+
+
+_CML_KEYS: dict[str, tuple[Any, Any, bytes]] = {}  # crypto parameters -> (secret, key, bytes)
+CML_INPUT_BITS = 8
+
+
+def measure_concrete_ml_extensions(
+    W: np.ndarray, b: np.ndarray, X: np.ndarray, n: int = 1
+) -> Result:
+    """Zama's concrete-ml-extensions (the GLWE matrix product behind concrete-ml's hybrid
+    models), on the CPU, used as concrete-ml's ``GLWELinearLayerExecutor`` uses it: default
+    crypto parameters (27 bits for the accumulator), x quantized to 8 bits over [0, 1] (the
+    inputs' range here), W symmetric-quantized to as many bits as keep |W_q x_q| < 2^26,
+    ``encrypt_matrix`` -> ``matrix_multiplication`` (server) -> ``decrypt_matrix``. The bias
+    and the dequantization are done by the client in clear after decryption (concrete-ml puts
+    the bias in the output quantizer). The compression key is made once per process.
+    """
+    fhext = _import("concrete_ml_extensions", "concrete-ml-extensions>=0.2,<0.3")
+    X = np.asarray(X, dtype=np.float64)[:n]
+    ref = _reference(W, b, X)
+    params = fhext.default_params()
+    if params not in _CML_KEYS:
+        crypto = fhext.MatmulCryptoParameters.deserialize(params)
+        secret, key = fhext.create_private_key(crypto)
+        _CML_KEYS[params] = (crypto, secret, key.serialize())
+    crypto, secret, key_bytes = _CML_KEYS[params]
+    key = fhext.deserialize_compression_key(key_bytes)
+    bits = json.loads(params)["bits_reserved_for_computation"]
+    x_max = (1 << CML_INPUT_BITS) - 1
+    w_max = min(127, ((1 << (bits - 1)) - 1) // (x_max * W.shape[1]))
+    w_scale = w_max / float(np.abs(W).max())
+    Wq = np.ascontiguousarray(np.rint(W * w_scale).astype(np.int64).T.astype(np.uint64))
+    poly = json.loads(params)["packing_ks_polynomial_size"]
+    valid = W.shape[0] % poly or poly
+
+    def encrypt(x: np.ndarray) -> bytes:
+        xq = np.rint(np.clip(x, 0.0, 1.0) * x_max).astype(np.uint64).reshape(1, -1)
+        return bytes(fhext.encrypt_matrix(pkey=secret, crypto_params=crypto, data=xq).serialize())
+
+    def serve(req: Payload) -> bytes:
+        assert isinstance(req, bytes)
+        matrix = fhext.EncryptedMatrix.deserialize(req)
+        result = fhext.matrix_multiplication(
+            encrypted_matrix=matrix, data=Wq, compression_key=key
+        )
+        return bytes(result.serialize())
+
+    def decrypt(resp: Payload) -> list[float]:
+        assert isinstance(resp, bytes)
+        result = fhext.CompressedResultEncryptedMatrix.deserialize(resp)
+        q = fhext.decrypt_matrix(result, secret, crypto, valid).astype(np.int64).ravel()
+        return list(q / (x_max * w_scale) + b)
+
+    m = _per_image(X, encrypt, serve, decrypt, outputs=W.shape[0])
+    version = importlib.import_module("concrete_ml_extensions").__version__
+    return _row_from(
+        f"concrete-ml-extensions {version} (CPU)",
+        m,
+        len(key_bytes),
+        ref,
+        f"GLWE, default parameters ({bits}-bit accumulator), 8-bit inputs, "
+        f"{int(np.ceil(np.log2(w_max + 1))) + 1}-bit weights; bias added by the client",
+    )

@@ -114,3 +114,36 @@ def test_train_mnist_network(tmp_path: Path, arch: str) -> None:
     assert result.returncode == 0, result.stderr
     model = heinfer.load_model(out)
     assert model.name == f"mnist-{arch}" and model.manifest.layout["kind"] == "ckks-network"
+
+
+def test_compile_forces_a_layout_and_inspect_shows_it(tmp_path: Path) -> None:
+    """`heinfer compile --layout` recompiles a saved linear model with the layout forced; the
+    cost model's own pick for this small model is coeff-rowpack."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    estimator = LogisticRegression()
+    estimator.coef_ = rng.normal(0, 0.05, (20, 300))
+    estimator.intercept_ = np.zeros(20)
+    estimator.classes_ = np.arange(20)
+    source = heinfer.compile(estimator, name="wide", input_range=(0.0, 1.0))
+    assert source.manifest.layout["choice"]["picked"] == "coeff-rowpack"
+    source.save(tmp_path / "wide.heinfer")
+    out = tmp_path / "packed.heinfer"
+    result = run("compile", str(tmp_path / "wide.heinfer"), "--out", str(out),
+                 "--layout", "coeff-packed")
+    assert result.returncode == 0, result.stderr
+    assert "coeff-packed (forced)" in result.stdout
+    model = heinfer.load_model(out)
+    choice = model.manifest.layout["choice"]
+    assert choice["picked"] == "coeff-packed" and choice["forced"]
+    assert model.manifest.keys.galois_elements
+    X = rng.uniform(0, 1, (3, 300))
+    assert np.allclose(model.predict_plain(X), source.predict_plain(X))
+    shown = run("inspect", "--summary", str(out), env={"COLUMNS": "200"})
+    assert shown.returncode == 0, shown.stderr
+    assert "forced" in shown.stderr and "Galois keys" in shown.stderr
+    refused = run("compile", str(tmp_path / "wide.heinfer"), "--out", str(out),
+                  "--layout", "diagonal")
+    assert refused.returncode != 0 and "unknown layout" in refused.stderr

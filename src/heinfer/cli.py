@@ -528,6 +528,57 @@ def _train_network(
     return float((model.predict_plain(X).argmax(1) == labels).mean())
 
 
+LINEAR_LAYOUTS = ("coeff-rowpack", "coeff-packed")
+
+
+@app.command("compile")
+def compile_layout(
+    model_path: Annotated[Path, typer.Argument(help="a compiled linear model (.heinfer)")],
+    out: Annotated[Path, typer.Option(help="model file to write")],
+    layout: Annotated[
+        str | None,
+        typer.Option(
+            help="force this linear layout: coeff-rowpack or coeff-packed "
+            "(default: the cost model's pick)"
+        ),
+    ] = None,
+) -> None:
+    """Compile a linear model again from its saved weights, with the same input grid, classes
+    and name, forcing a layout (`heinfer inspect` then shows it as forced); clients need the
+    new manifest and new keys."""
+    from heinfer.models import EncryptedModel, load_model
+    from heinfer.plans.linear import LinearPlan, compile_linear
+
+    if layout is not None and layout not in LINEAR_LAYOUTS:
+        raise typer.BadParameter(
+            f"unknown layout {layout!r}: one of {', '.join(LINEAR_LAYOUTS)}", param_hint="--layout"
+        )
+    plan = load_model(model_path).plan
+    if not isinstance(plan, LinearPlan):
+        raise typer.BadParameter(f"{model_path} is not a linear model: layouts apply to linear "
+                                 "models only", param_hint="MODEL_PATH")
+    manifest = plan.manifest
+    assert manifest.input.bits is not None
+    recompiled = compile_linear(
+        plan.arrays["coef"],
+        plan.arrays["intercept"],
+        name=manifest.name,
+        task=manifest.task,
+        estimator=manifest.estimator,
+        classes=manifest.output.classes,
+        input_range=(manifest.input.low, manifest.input.high),
+        input_bits=manifest.input.bits,
+        max_batch=manifest.max_batch,
+        input_choice=f"kept from {model_path.name}: {manifest.precision.input_choice or 'fixed'}",
+        client_side=manifest.input.client_side,
+        layout=layout,
+    )
+    EncryptedModel(recompiled).save(out)
+    choice = recompiled.manifest.layout["choice"]
+    how = "forced" if choice["forced"] else "picked by the cost model"
+    console.print(f"wrote {out}: layout {choice['picked']} ({how})")
+
+
 @app.command()
 def inspect(
     model_path: Annotated[Path, typer.Argument()],
@@ -547,16 +598,24 @@ def inspect(
     choice = manifest.layout.get("choice")
     if choice:
         table = Table(title=f"layouts of {manifest.name} ({choice['rule']})")
-        for column in ("layout", "keys", "request", "response", "server ms (est.)", ""):
+        columns = ("layout", "keys", "request", "response", "server ms (est.)", "tree", "")
+        for column in columns:
             table.add_column(column)
         for kind, cost in choice["options"].items():
             mark = ("forced" if choice["forced"] else "picked") if kind == choice["picked"] else ""
+            tree = ""
+            if "galois_keys" in cost:
+                tree = (
+                    f"{cost['galois_keys']} Galois keys, {cost.get('key_switches', '?')} key "
+                    f"switches, {cost.get('client_levels', 0)} level(s) on the client"
+                )
             table.add_row(
                 kind,
                 f"{cost['key_bytes']:,} B",
                 f"{cost['request_bytes']:,} B",
                 f"{cost['response_bytes']:,} B",
                 f"{cost['server_ms']:.1f}",
+                tree,
                 mark,
             )
         notes.print(table)
