@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "app",
+    "compile_layout",
     "demo",
     "inspect",
     "main",
@@ -528,7 +529,7 @@ def _train_network(
     return float((model.predict_plain(X).argmax(1) == labels).mean())
 
 
-LINEAR_LAYOUTS = ("coeff-rowpack", "coeff-packed")
+_LINEAR_LAYOUTS = ("coeff-rowpack", "coeff-packed")
 
 
 @app.command("compile")
@@ -549,9 +550,9 @@ def compile_layout(
     from heinfer.models import EncryptedModel, load_model
     from heinfer.plans.linear import LinearPlan, compile_linear
 
-    if layout is not None and layout not in LINEAR_LAYOUTS:
+    if layout is not None and layout not in _LINEAR_LAYOUTS:
         raise typer.BadParameter(
-            f"unknown layout {layout!r}: one of {', '.join(LINEAR_LAYOUTS)}", param_hint="--layout"
+            f"unknown layout {layout!r}: one of {', '.join(_LINEAR_LAYOUTS)}", param_hint="--layout"
         )
     plan = load_model(model_path).plan
     if not isinstance(plan, LinearPlan):

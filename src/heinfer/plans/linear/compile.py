@@ -354,8 +354,10 @@ def _packed_layout(
         "privacy": (
             "one fresh public-key encryption of zero per result ciphertext; uniform masks at "
             "every non-output coefficient; uniform flooding in [-flood_bound, flood_bound) >= "
-            "2^40 x leak_bound (2^levels x (e_x*W + rounding) plus key switching noise) at "
-            "each output; only c1 and the output coefficients are sent"
+            "2^40 x leak_bound at each output (the client's errors and roundings times the "
+            "weights, doubled by every server level, plus the key switches on the output's "
+            "path: heinfer.plans.linear.packed.leak_bound); only c1 and the output "
+            "coefficients are sent"
         ),
     }
 
