@@ -105,6 +105,31 @@ def test_server_only_tree_matches_plaintext() -> None:
     assert np.abs(scores - plan.predict_plain(X)).max() <= plan.manifest.precision.max_abs_error
 
 
+def test_whole_tree_on_the_client_needs_no_galois_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """client_levels = levels: 4 images, no key switch, an empty set of Galois keys."""
+    monkeypatch.setattr(compile_module, "_CLIENT_LEVELS", (2,))
+    rng = np.random.default_rng(7)
+    plan = compile_linear(
+        rng.normal(0, 1, (20, 700)),
+        rng.normal(0, 1, 20),
+        name="packed2",
+        task="classification",
+        estimator="t",
+        classes=None,
+        input_range=(0.0, 1.0),
+        layout="coeff-packed",
+    )
+    spec = plan.manifest.layout["packed"]
+    assert spec["client_levels"] == spec["levels"] == 2
+    assert plan.manifest.keys.galois_elements == []
+    codec = codec_for(plan.manifest)
+    secret = codec.keygen()
+    keys = plan.load_keys(codec.key_upload(secret, ["coeff-packed"]))
+    X = rng.uniform(0, 1, (2, 700))
+    scores = codec.decrypt(secret, plan.evaluate(codec.encrypt(secret, X, "coeff-packed"), keys))
+    assert np.abs(scores - plan.predict_plain(X)).max() <= plan.manifest.precision.max_abs_error
+
+
 def test_automorphism_matches_seal(setup: dict[str, Any]) -> None:
     """x(X^e) in numpy equals SEAL's apply_galois on an encryption of x, for every Galois key
     of the tree; negative control: the permutation without the negacyclic sign does not."""
