@@ -359,6 +359,7 @@ class PackedServer(ServerLayout):
         self._weights: list[list[Any]] | None = None
         self._biases: list[Any] = []
         self._shifts: list[Any] = []
+        self.check_flood()
 
     def _prepare(self) -> list[list[list[Any]]]:
         """Per block, per node of the server's tree: one NTT-form weight plaintext per client
@@ -366,7 +367,6 @@ class PackedServer(ServerLayout):
         if self._weights is None:
             context, pack = self.plan.context, self.pack
             w_int, b_int = self.plan.arrays["w_int"], self.plan.arrays["b_int"]
-            self.check_flood()
             weights = []
             for index, block in enumerate(pack.blocks):
                 polys = [_weight_polynomial(w_int, pack, rows) for rows in block]
@@ -389,7 +389,8 @@ class PackedServer(ServerLayout):
 
     def check_flood(self) -> None:
         """Recompute the leak bound from the weights (`leak_bound`) and check the manifest's
-        flood against it, before the first request is answered."""
+        flood against it when the layout is built: a model whose flood is too small is refused
+        when it is loaded, before `heinfer serve` answers anything."""
         from heinfer.plans.linear.compile import FLOODING_BITS, packed_tail_bound
 
         leak = packed_tail_bound(self.plan.arrays["w_int"], self.pack)
