@@ -9,8 +9,6 @@ carry bytes of the page's secret key. Debian's chromium, driven by Playwright fr
 
 from __future__ import annotations
 
-import io
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,18 +16,17 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
+from page_helpers import leaks, png, secret_needles
 
 import heinfer
 from heinfer.web import CONTENT_SECURITY_POLICY
 from service_helpers import RunningService
 
 torch = pytest.importorskip("torch")
-sync_api = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("playwright.sync_api")
 
 pytestmark = [pytest.mark.web, pytest.mark.e2e, pytest.mark.cnn]
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DIGITS = 50
 
 
@@ -74,11 +71,9 @@ class PageRun:
 
     def predict(self, image: np.ndarray, run: int) -> dict[str, Any]:
         """Drop `image` (28x28 uint8) as a PNG file, press the button, read the result."""
-        buffer = io.BytesIO()
-        Image.fromarray(image.reshape(28, 28).astype(np.uint8)).save(buffer, "PNG")
         self.page.set_input_files(
             "#photo", files=[{"name": f"{run}.png", "mimeType": "image/png",
-                              "buffer": buffer.getvalue()}]
+                              "buffer": png(image)}]
         )
         self.page.wait_for_selector(f"#pad[data-image='{run}']", state="attached")
         self.page.click("#go")
@@ -97,24 +92,6 @@ class PageRun:
             "(m) => Array.from(window.heinferClients.get(m).secretBytes())", model
         )
         return bytes(values)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield launched
-        launched.close()
-
-
-def secret_needles(secret: bytes) -> list[bytes]:
-    """16-byte pieces of the secret key's coefficient data (its last N*L*8 bytes)."""
-    data = secret[len(secret) // 4 :]
-    return [data[i : i + 16] for i in range(0, len(data) - 16, 512)]
-
-
-def leaks(needles: list[bytes], bodies: list[bytes]) -> int:
-    return sum(needle in body for needle in needles for body in bodies)
 
 
 def test_page_predicts_like_the_plaintext_models(

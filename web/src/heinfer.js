@@ -45,6 +45,8 @@ export * from './formats.js';
 export const SERVICE_SEAL_MINOR = 3;
 export const KEY_ID_HEADER = 'X-Heinfer-Key-Id';
 const FINGERPRINT_TAG_BYTES = 8;
+export const BATCH_LAYOUT = 'coeff-batch';
+const BATCH_GROUP = 16; // SEAL's largest ciphertext size: polynomials per composed ciphertext
 const CT_META_BYTES = 73;
 const NONE = 0;
 
@@ -207,9 +209,14 @@ export class LinearCodec {
     );
     this.nFeatures = Number(manifest.input.shape[0]);
     this.nOutputs = Number(manifest.output.shape[0]);
+    const batch = manifest.layout.batch;
+    /** the coeff-batch layout's part of the manifest, when the model serves it */
+    this.batch = batch?.kind === BATCH_LAYOUT ? batch : null;
     /** @type {any} */ this.secret = null;
     /** metadata of a one-prime ciphertext, from SEAL (set with the key) */
     this._lastMeta = new Uint8Array(0);
+    /** metadata of a fresh ciphertext at the data level, from SEAL (set with the key) */
+    this._dataMeta = new Uint8Array(0);
   }
 
   /** A fresh secret key, kept inside SEAL's memory in this page. */
@@ -230,6 +237,8 @@ export class LinearCodec {
     const plain = this._plaintext(new Int32Array(0));
     const ct = new S.Ciphertext();
     this.encryptor.encryptSymmetric(plain, ct);
+    const fresh = bytes(ct.saveToArray(S.ComprModeType.none));
+    this._dataMeta = fresh.slice(SEAL_HEADER_BYTES, SEAL_HEADER_BYTES + CT_META_BYTES);
     const evaluator = new S.Evaluator(this.context);
     evaluator.cipherModSwitchToInplace(ct, this.context.lastParmsId());
     evaluator.delete();
@@ -342,10 +351,7 @@ export class LinearCodec {
     if (record.length !== this.recordBytes) {
       throw new Error(`result record is ${record.length} bytes, ${this.recordBytes} expected`);
     }
-    const S = this.S;
     const n = this.degree;
-    const q1 = this.primes[0];
-    const t = this.plainModulus;
     const scores = new Float64Array(this.nOutputs);
     let offset = 0;
     for (const result of this.results) {
@@ -355,32 +361,52 @@ export class LinearCodec {
       const c1 = unpackBits(record.subarray(offset, offset + c1Size), n, this.bits);
       const c0Out = unpackBits(record.subarray(offset + c1Size, offset + c1Size + c0Size), coefficients.length, this.bits);
       offset += c1Size + c0Size;
-      if (c1.some((v) => v >= q1) || c0Out.some((v) => v >= q1)) throw new Error('result coefficient out of range');
-      const data = new BigUint64Array(2 * n);
+      const c0 = new BigUint64Array(n);
       coefficients.forEach((/** @type {number} */ k, /** @type {number} */ i) => {
-        data[k] = c0Out[i];
+        c0[k] = c0Out[i];
       });
-      data.set(c1, n);
-      const dyn = new Uint8Array(8 + 16 * n);
-      new DataView(dyn.buffer).setBigUint64(0, BigInt(2 * n), true);
-      dyn.set(new Uint8Array(data.buffer), 8);
-      const ct = new S.Ciphertext();
+      const values = this._decryptLastLevel(c0, c1);
+      result.outputs.forEach((/** @type {number} */ row, /** @type {number} */ i) => {
+        scores[row] = values[coefficients[i]] / this.scale;
+      });
+    }
+    return scores;
+  }
+
+  /**
+   * SEAL's decryption of the one-prime ciphertext (c0, c1) modulo the first prime, composed from
+   * the one-prime metadata SEAL wrote; its N plaintext coefficients, centered modulo t.
+   * @param {BigUint64Array} c0
+   * @param {BigUint64Array} c1
+   * @returns {Float64Array}
+   */
+  _decryptLastLevel(c0, c1) {
+    const S = this.S;
+    const n = this.degree;
+    const q1 = this.primes[0];
+    const t = this.plainModulus;
+    if (c1.some((v) => v >= q1) || c0.some((v) => v >= q1)) throw new Error('result coefficient out of range');
+    const dyn = new Uint8Array(8 + 16 * n);
+    new DataView(dyn.buffer).setBigUint64(0, BigInt(2 * n), true);
+    dyn.set(new Uint8Array(c0.buffer, c0.byteOffset, 8 * n), 8);
+    dyn.set(new Uint8Array(c1.buffer, c1.byteOffset, 8 * n), 8 + 8 * n);
+    const ct = new S.Ciphertext();
+    const plain = new S.Plaintext();
+    try {
       ct.loadFromArray(this.context, sealObject(concat([this._lastMeta, sealObject(dyn, this.minor)]), this.minor));
-      const plain = new S.Plaintext();
       this.decryptor.decrypt(ct, plain);
       const saved = bytes(plain.saveToArray(S.ComprModeType.none));
       const count = Number(new DataView(saved.buffer).getBigUint64(SEAL_HEADER_BYTES + 32, true));
       const values = polyArrays(saved, SEAL_HEADER_BYTES + 48 + SEAL_HEADER_BYTES + 8, 1, 1, count)[0][0];
+      const out = new Float64Array(n); // SEAL drops trailing zero coefficients
+      values.forEach((v, k) => {
+        out[k] = Number(v >= (t + 1n) / 2n ? v - t : v);
+      });
+      return out;
+    } finally {
       ct.delete();
       plain.delete();
-      result.outputs.forEach((/** @type {number} */ row, /** @type {number} */ i) => {
-        const k = coefficients[i];
-        const v = k < count ? values[k] : 0n;
-        const centered = v >= (t + 1n) / 2n ? v - t : v;
-        scores[row] = Number(centered) / this.scale;
-      });
     }
-    return scores;
   }
 
   /** @param {ArrayLike<number>[]} X */
@@ -391,6 +417,189 @@ export class LinearCodec {
   /** @param {Uint8Array} body */
   decryptResponse(body) {
     return decodeFixedRecords(body, this.recordBytes).map((r) => this.decrypt(r));
+  }
+
+  // -- coeff-batch: one ciphertext per feature, sample b at coefficient b --------------------
+
+  /** Most samples one coeff-batch request holds (the ring degree N). */
+  get batchCapacity() {
+    return this.batch ? Number(this.batch.max_samples) : 0;
+  }
+
+  /**
+   * A coeff-batch request (HEB1): for up to N samples, ciphertext i encrypts
+   * sum_b x_int[b, i] X^b with c1 expanded from one public seed (formats.expandUniform) and
+   * c0 = -(c1*s + e) + round(q*m/t), sent as parameter tag + seed + every c0 bit-packed prime
+   * by prime (Python: BatchClient.encrypt, SecretKey.encrypt_columns).
+   *
+   * SEAL does all the modular arithmetic. It encrypts m symmetrically, (c0', a') =
+   * (-(a'*s + e) + round(q*m/t), a'), for a uniform a' of its own; then, on ciphertexts composed
+   * from those polynomials, c0 = c0' + (a' - a)*s (sub, NTT, multiply_plain by the secret key's
+   * NTT form, inverse NTT, add) = -(a*s + e) + round(q*m/t): the same message and error with
+   * the seed's a as the uniform half. Up to 16 features ride in one composed ciphertext (SEAL's
+   * largest ciphertext size), one polynomial per component.
+   * @param {ArrayLike<number>[]} X samples in the manifest's input range
+   * @param {(done: number, total: number) => void} [progress]
+   */
+  encryptBatch(X, progress) {
+    if (!this.batch) throw new Error('this model does not serve the coeff-batch layout');
+    if (X.length < 1 || X.length > this.batchCapacity) {
+      throw new Error(`a coeff-batch request holds 1..${this.batchCapacity} samples, got ${X.length}`);
+    }
+    if (Number(this.batch.ciphertexts) !== this.nFeatures) throw new Error('unexpected coeff-batch manifest');
+    const S = this.S;
+    const n = this.degree;
+    const levels = this.dataPrimes.length;
+    const polyBytes = 8 * n * levels; // one polynomial, all data primes, as SEAL stores it
+    const columns = Array.from({ length: this.nFeatures }, () => new Int32Array(X.length));
+    X.forEach((x, b) => {
+      if (x.length !== this.nFeatures) throw new Error(`expected ${this.nFeatures} features per sample`);
+      this.quantize(x).forEach((v, i) => {
+        columns[i][b] = v;
+      });
+    });
+    const seed = randomBytes(SEED_BYTES);
+    const limbBytes = this.dataPrimes.map((q) => (n * bitLength(q)) / 8); // N is a multiple of 8
+    const out = new Uint8Array(FINGERPRINT_TAG_BYTES + SEED_BYTES + this.nFeatures * limbBytes.reduce((a, b) => a + b));
+    out.set(this.fingerprint.subarray(0, FINGERPRINT_TAG_BYTES));
+    out.set(seed, FINGERPRINT_TAG_BYTES);
+    const limbStarts = limbBytes.map(
+      (_, j) => FINGERPRINT_TAG_BYTES + SEED_BYTES + this.nFeatures * limbBytes.slice(0, j).reduce((a, b) => a + b, 0),
+    );
+    const evaluator = new S.Evaluator(this.context);
+    const secretNtt = this._secretAtDataLevel();
+    const fresh = new S.Ciphertext();
+    try {
+      for (let first = 0; first < this.nFeatures; first += BATCH_GROUP) {
+        const features = Array.from({ length: Math.min(BATCH_GROUP, this.nFeatures - first) }, (_, k) => first + k);
+        const sealC0 = [];
+        const sealA = [];
+        const seedA = [];
+        for (const i of features) {
+          const plain = this._plaintext(columns[i]);
+          this.encryptor.encryptSymmetric(plain, fresh);
+          plain.delete();
+          const saved = bytes(fresh.saveToArray(S.ComprModeType.none));
+          const data = SEAL_HEADER_BYTES + CT_META_BYTES + SEAL_HEADER_BYTES + 8;
+          sealC0.push(saved.slice(data, data + polyBytes));
+          sealA.push(saved.slice(data + polyBytes, data + 2 * polyBytes));
+          const a = new Uint8Array(polyBytes);
+          this.dataPrimes.forEach((q, j) => {
+            const row = expandUniform(seed, q, j, i, n);
+            a.set(new Uint8Array(row.buffer), 8 * n * j);
+          });
+          seedA.push(a);
+        }
+        // SEAL refuses a ciphertext of one component and results whose c1.. are all zero
+        // ("transparent"): a lone last feature rides twice.
+        for (const parts of [sealC0, sealA, seedA]) if (parts.length === 1) parts.push(parts[0]);
+        const difference = this._composed(sealA);
+        const seedHalf = this._composed(seedA);
+        const sealFirst = this._composed(sealC0);
+        evaluator.subInplace(difference, seedHalf); // a' - a
+        evaluator.cipherTransformToNttInplace(difference);
+        evaluator.multiplyPlainInplace(difference, secretNtt); // (a' - a) * s
+        evaluator.cipherTransformFromNttInplace(difference);
+        evaluator.addInplace(difference, sealFirst); // c0' + (a' - a) * s
+        const result = bytes(difference.saveToArray(S.ComprModeType.none));
+        for (const ct of [difference, seedHalf, sealFirst]) ct.delete();
+        const c0s = ciphertextArrays(result);
+        features.forEach((i, k) => {
+          this.dataPrimes.forEach((q, j) => {
+            out.set(packBits(c0s[k][j], bitLength(q)), limbStarts[j] + i * limbBytes[j]);
+          });
+        });
+        progress?.(first + features.length, this.nFeatures);
+      }
+    } finally {
+      fresh.delete();
+      secretNtt.delete();
+      evaluator.delete();
+    }
+    const head = new Uint8Array(8);
+    head.set(new TextEncoder().encode('HEB1'));
+    new DataView(head.buffer).setUint32(4, X.length, true);
+    return concat([head, out]);
+  }
+
+  /**
+   * The secret key's NTT form at the data level (its rows for the data primes), as an NTT-form
+   * SEAL plaintext for multiply_plain. Stays inside SEAL's memory in this page.
+   */
+  _secretAtDataLevel() {
+    const S = this.S;
+    const n = this.degree;
+    const levels = this.dataPrimes.length;
+    const secret = this.secretBytes();
+    const start = SEAL_HEADER_BYTES + 48 + SEAL_HEADER_BYTES + 8;
+    const meta = new Uint8Array(48);
+    meta.set(this._dataMeta.subarray(0, 32)); // parms_id of the data level
+    const view = new DataView(meta.buffer);
+    view.setBigUint64(32, BigInt(n * levels), true);
+    view.setFloat64(40, 1.0, true);
+    const dyn = new Uint8Array(8 + 8 * n * levels);
+    new DataView(dyn.buffer).setBigUint64(0, BigInt(n * levels), true);
+    dyn.set(secret.subarray(start, start + 8 * n * levels), 8);
+    const plain = new S.Plaintext();
+    try {
+      plain.loadFromArray(this.context, sealObject(concat([meta, sealObject(dyn, this.minor)]), this.minor));
+    } finally {
+      secret.fill(0);
+      dyn.fill(0);
+    }
+    return plain;
+  }
+
+  /**
+   * A SEAL ciphertext whose components are the given polynomials (each L*N little-endian
+   * words, SEAL's layout), with the metadata SEAL wrote for a fresh ciphertext at the data level.
+   * @param {Uint8Array[]} polys
+   */
+  _composed(polys) {
+    const S = this.S;
+    const header = this._dataMeta.slice();
+    new DataView(header.buffer).setBigUint64(33, BigInt(polys.length), true);
+    const words = polys.reduce((total, p) => total + p.length, 0) / 8;
+    const count = new Uint8Array(8);
+    new DataView(count.buffer).setBigUint64(0, BigInt(words), true);
+    const ct = new S.Ciphertext();
+    ct.loadFromArray(this.context, sealObject(concat([header, sealObject(concat([count, ...polys]), this.minor)]), this.minor));
+    return ct;
+  }
+
+  /**
+   * Scores of every sample from a coeff-batch response (HRB1): per output, c1 (N coefficients)
+   * then c0 at coefficients 0..B-1, modulo the first prime; coefficient b of output j decrypts
+   * to sample b's score j (Python: BatchClient.decrypt).
+   * @param {Uint8Array} body
+   * @returns {Float64Array[]}
+   */
+  decryptBatch(body) {
+    if (!this.batch) throw new Error('this model does not serve the coeff-batch layout');
+    if (body.length < 8 || new TextDecoder().decode(body.subarray(0, 4)) !== 'HRB1') {
+      throw new Error('payload does not start with HRB1');
+    }
+    const samples = new DataView(body.buffer, body.byteOffset, body.byteLength).getUint32(4, true);
+    if (samples < 1 || samples > this.batchCapacity) throw new Error(`batch result for ${samples} samples`);
+    const n = this.degree;
+    const bits = Number(this.batch.result_prime_bits);
+    const scale = Number(this.batch.output_scale);
+    const c1Size = Math.ceil((n * bits) / 8);
+    const c0Size = Math.ceil((samples * bits) / 8);
+    const record = body.subarray(8);
+    if (record.length !== this.nOutputs * (c1Size + c0Size)) {
+      throw new Error(`batch result record is ${record.length} bytes, ${this.nOutputs * (c1Size + c0Size)} expected`);
+    }
+    const scores = Array.from({ length: samples }, () => new Float64Array(this.nOutputs));
+    for (let j = 0; j < this.nOutputs; j++) {
+      const at = j * (c1Size + c0Size);
+      const c1 = unpackBits(record.subarray(at, at + c1Size), n, bits);
+      const c0 = new BigUint64Array(n);
+      c0.set(unpackBits(record.subarray(at + c1Size, at + c1Size + c0Size), samples, bits));
+      const values = this._decryptLastLevel(c0, c1);
+      for (let b = 0; b < samples; b++) scores[b][j] = values[b] / scale;
+    }
+    return scores;
   }
 
   /** @returns {Array<[ 'public' | 'relin' | 'galois', Uint8Array ]>} */
@@ -656,10 +865,31 @@ export class Client {
     return this.keyId;
   }
 
-  /** @param {ArrayLike<number>[]} X samples in the manifest's input range */
-  encrypt(X) {
+  /**
+   * The request formats this client can send to this model: the family's per-sample layout,
+   * then coeff-batch where a linear model serves it (many samples in one request).
+   * @returns {string[]}
+   */
+  get layouts() {
+    const codec = this.codec;
+    return codec instanceof LinearCodec && codec.batch ? [this.layout, BATCH_LAYOUT] : [this.layout];
+  }
+
+  /** Most samples one request of `layout` holds (coeff-batch: N; per-sample layouts: no limit here). */
+  capacity(/** @type {string} */ layout) {
+    return layout === BATCH_LAYOUT && this.codec instanceof LinearCodec ? this.codec.batchCapacity : Infinity;
+  }
+
+  /**
+   * @param {ArrayLike<number>[]} X samples in the manifest's input range
+   * @param {string} [layout] one of `layouts` (default: the per-sample layout)
+   * @param {(done: number, total: number) => void} [progress] coeff-batch: ciphertexts made so far
+   */
+  encrypt(X, layout = this.layout, progress = undefined) {
     this.keygen();
-    return this.codec.encryptRequest(X);
+    if (layout === this.layout) return this.codec.encryptRequest(X);
+    if (layout === BATCH_LAYOUT && this.codec instanceof LinearCodec) return this.codec.encryptBatch(X, progress);
+    throw new Error(`model ${this.model} is not served in layout ${layout} by this client`);
   }
 
   /** @param {Uint8Array} body @returns {Promise<Uint8Array>} */
@@ -675,15 +905,21 @@ export class Client {
     return out;
   }
 
-  /** @param {Uint8Array} payload @returns {Float64Array[]} */
+  /**
+   * Scores per sample from a response of any layout this client sent (the magic says which).
+   * @param {Uint8Array} payload
+   * @returns {Float64Array[]}
+   */
   decrypt(payload) {
+    const magic = new TextDecoder().decode(payload.subarray(0, 4));
+    if (magic === 'HRB1' && this.codec instanceof LinearCodec) return this.codec.decryptBatch(payload);
     return this.codec.decryptResponse(payload);
   }
 
-  /** @param {ArrayLike<number>[]} X */
-  async predict(X) {
+  /** @param {ArrayLike<number>[]} X @param {string} [layout] */
+  async predict(X, layout = this.layout) {
     if (!this.keyId) await this.uploadKeys();
-    return this.decrypt(await this.infer(this.encrypt(X)));
+    return this.decrypt(await this.infer(this.encrypt(X, layout)));
   }
 
   async deleteKeys() {

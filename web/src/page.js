@@ -5,7 +5,7 @@
  * service (strict CSP); the secret key lives in this page's memory, or in IndexedDB if asked.
  */
 import initialize from './vendor/node-seal/index_throws.js';
-import { Client, sealMessage } from './heinfer.js';
+import { BATCH_LAYOUT, Client, sealMessage } from './heinfer.js';
 
 const $ = (/** @type {string} */ id) => /** @type {any} */ (document.getElementById(id));
 const pad = /** @type {HTMLCanvasElement} */ ($('pad'));
@@ -14,14 +14,14 @@ const audit = new URLSearchParams(location.search).has('audit');
 
 /** @type {any} */ let seal = null;
 /** @type {Map<string, Client>} */ const clients = new Map();
-/** @type {Float64Array | null} pixels of a dropped image, exactly as decoded (28x28) */
+/** @type {Float64Array[] | null} pixels of the dropped images, exactly as decoded (28x28 each) */
 let imagePixels = null;
 let drawn = false;
 let runs = 0;
 let images = 0;
 
 const state = {
-  /** @type {Float64Array | null} the 784 values last encrypted */
+  /** @type {Float64Array | null} the 784 values of the first image last encrypted */
   lastInput: null,
   /** @type {Record<string, any> | null} */
   lastResult: null,
@@ -129,36 +129,49 @@ function grey(rgba) {
  * pixel), inverted when the background is light (dark ink on paper).
  * @param {Blob} file
  */
-async function loadImage(file) {
+async function imageValues(file) {
   const bitmap = await createImageBitmap(file);
   const small = document.createElement('canvas');
   small.width = small.height = 28;
   const sctx = /** @type {CanvasRenderingContext2D} */ (small.getContext('2d', { willReadFrequently: true }));
   sctx.drawImage(bitmap, 0, 0, 28, 28);
-  let values = grey(sctx.getImageData(0, 0, 28, 28).data);
+  const values = grey(sctx.getImageData(0, 0, 28, 28).data);
   const mean = values.reduce((a, b) => a + b, 0) / values.length;
-  if (mean > 0.5) values = values.map((v) => 1 - v);
-  imagePixels = values;
+  return mean > 0.5 ? values.map((v) => 1 - v) : values;
+}
+
+/**
+ * One or more dropped images: all are encrypted together when the button is pressed (one
+ * request; with the coeff-batch layout, one ciphertext per pixel for all of them). The pad
+ * shows the first.
+ * @param {ArrayLike<Blob>} files
+ */
+async function loadImages(files) {
+  const loaded = [];
+  for (const file of Array.from(files)) loaded.push(await imageValues(file));
+  imagePixels = loaded;
   drawn = false;
+  const small = document.createElement('canvas');
+  small.width = small.height = 28;
   ink.imageSmoothingEnabled = false;
   const view = ink.createImageData(28, 28);
-  values.forEach((v, i) => { view.data.set([255 * v, 255 * v, 255 * v, 255], 4 * i); });
+  loaded[0].forEach((v, i) => { view.data.set([255 * v, 255 * v, 255 * v, 255], 4 * i); });
   small.getContext('2d')?.putImageData(view, 0, 0);
   ink.drawImage(small, 0, 0, pad.width, pad.height);
   pad.dataset.image = String(++images);
-  status('Image loaded. Press the button.');
+  status(loaded.length === 1 ? 'Image loaded. Press the button.' : `${loaded.length} images loaded (the pad shows the first). Press the button.`);
 }
 
 $('photo').addEventListener('change', async (/** @type {Event} */ event) => {
   const input = /** @type {HTMLInputElement} */ (event.target);
-  if (input.files?.length) await loadImage(input.files[0]);
+  if (input.files?.length) await loadImages(input.files);
   input.value = '';
 });
 pad.addEventListener('dragover', (event) => event.preventDefault());
 pad.addEventListener('drop', async (event) => {
   event.preventDefault();
-  const file = event.dataTransfer?.files[0];
-  if (file) await loadImage(file);
+  const files = event.dataTransfer?.files;
+  if (files?.length) await loadImages(files);
 });
 $('clear').addEventListener('click', clearPad);
 
@@ -223,8 +236,11 @@ async function clientFor(model) {
   return client;
 }
 
-/** @param {Float64Array} x */
-async function run(x) {
+/**
+ * Encrypt the images, ask the service, decrypt: one request in the chosen layout.
+ * @param {Float64Array[]} X
+ */
+async function run(X) {
   const model = $('model').value;
   const times = /** @type {Array<[string, number]>} */ ([]);
   const timed = async (/** @type {string} */ name, /** @type {() => any} */ work) => {
@@ -248,20 +264,25 @@ async function run(x) {
     await timed('public key(s): upload', () => client.uploadKeys(upload));
     keyBytes = upload.length;
   }
-  const body = await timed('encrypt', () => client.encrypt([x]));
+  const layout = client.layouts.includes($('layout').value) ? $('layout').value : client.layout;
+  if (X.length > client.capacity(layout)) throw new Error(`one ${layout} request holds at most ${client.capacity(layout)} images`);
+  const body = await timed('encrypt', () => client.encrypt(X, layout));
   const response = await timed('service (network + encrypted inference)', () => client.infer(body));
-  const [scores] = await timed('decrypt', () => client.decrypt(response));
+  const all = await timed('decrypt', () => client.decrypt(response));
+  const predictions = all.map((scores) => ({ digit: argmax(scores), scores: Array.from(scores) }));
   return {
     model,
-    scores: Array.from(scores),
-    digit: argmax(scores),
+    samples: X.length,
+    predictions,
+    scores: predictions[0].scores,
+    digit: predictions[0].digit,
     times,
     sent: client.traffic.sent - sentBefore,
     received: client.traffic.received - receivedBefore,
     request: body,
     response: response.length,
     keyBytes,
-    layout: client.layout,
+    layout,
   };
 }
 
@@ -280,6 +301,8 @@ function size(n) {
 /** @param {Awaited<ReturnType<typeof run>>} result */
 function show(result) {
   $('digit').textContent = String(result.digit);
+  const others = $('digits');
+  others.textContent = result.samples > 1 ? `all ${result.samples}: ${result.predictions.map((p) => p.digit).join(' ')}` : '';
   const bars = $('bars');
   bars.replaceChildren();
   const lo = Math.min(0, ...result.scores);
@@ -311,7 +334,8 @@ function show(result) {
       return tr;
     }));
   };
-  rows('times', result.times.map(([k, ms]) => [k, `${ms.toFixed(1)} ms`]));
+  const per = result.samples > 1 ? ` (${result.samples} images)` : '';
+  rows('times', result.times.map(([k, ms]) => [k + per, `${ms.toFixed(1)} ms`]));
   rows('bytes', [
     ...(result.keyBytes ? /** @type {Array<[string, string]>} */ ([['public key(s), once per key', size(result.keyBytes)]]) : []),
     ['encrypted request', size(result.request.length)],
@@ -321,7 +345,8 @@ function show(result) {
   const head = Array.from(result.request.subarray(0, 48), (b) => b.toString(16).padStart(2, '0')).join(' ');
   const seen = $('seen');
   seen.replaceChildren();
-  seen.append(`One ${result.layout} request of ${size(result.request.length)}: ciphertext only, no key. First bytes:`);
+  const what = result.samples > 1 ? ` for ${result.samples} images` : '';
+  seen.append(`One ${result.layout} request of ${size(result.request.length)}${what}: ciphertext only, no key. First bytes:`);
   const code = document.createElement('code');
   code.textContent = head + ' …';
   seen.append(code);
@@ -332,11 +357,11 @@ $('go').addEventListener('click', async () => {
   const button = $('go');
   button.disabled = true;
   try {
-    const x = imagePixels ?? (drawn ? drawingPixels() : null);
-    if (!x) throw new Error('draw a digit or drop a photo first');
+    const X = imagePixels ?? (drawn ? [drawingPixels()] : null);
+    if (!X) throw new Error('draw a digit or drop a photo first');
     status('Encrypting and asking the service…');
-    state.lastInput = x;
-    const result = await run(x);
+    state.lastInput = X[0];
+    const result = await run(X);
     state.lastResult = { ...result, request: undefined };
     show(result);
     document.body.dataset.run = String(++runs);
@@ -349,8 +374,33 @@ $('go').addEventListener('click', async () => {
   }
 });
 
-$('model').addEventListener('change', () => {
+/**
+ * The request formats the chosen model offers this page; the choice shows only when there is one.
+ */
+async function showLayouts() {
+  const select = $('layout');
+  const client = await clientFor($('model').value);
+  select.replaceChildren();
+  for (const layout of client.layouts) {
+    const option = document.createElement('option');
+    option.value = layout;
+    option.textContent = layout === BATCH_LAYOUT
+      ? `all loaded images in one request (${layout}, up to ${client.capacity(layout)})`
+      : `one ciphertext per image (${layout})`;
+    select.append(option);
+  }
+  $('layout-row').classList.toggle('hidden', client.layouts.length < 2);
+}
+
+$('model').addEventListener('change', async () => {
   $('model-info').textContent = '';
+  document.body.dataset.layouts = '';
+  try {
+    await showLayouts();
+    document.body.dataset.layouts = $('model').value;
+  } catch (error) {
+    status(`Error: ${sealMessage(seal, error)}`);
+  }
 });
 
 async function start() {
@@ -360,6 +410,8 @@ async function start() {
     seal = await initialize();
     const ms = performance.now() - t0;
     await listModels();
+    await showLayouts();
+    document.body.dataset.layouts = $('model').value;
     status(`SEAL (WebAssembly) ready in ${ms.toFixed(0)} ms. Draw a digit.`);
     $('go').disabled = false;
     document.body.dataset.ready = '1';
