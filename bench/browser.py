@@ -1,6 +1,6 @@
 """In-browser key generation, encryption and decryption times per digit, for the page at /.
 
-    PYTHONPATH=src python bench/browser.py [--digits 20] [--loads 3]
+    PYTHONPATH=src python bench/browser.py [--digits 20] [--loads 3] [--batch 50]
                                            [--screenshot docs/img/page.png]
 
 Starts `heinfer serve` on loopback for the linear MNIST model and for the default CNN (trained
@@ -9,6 +9,9 @@ in Debian's headless chromium (Playwright, executable_path=/usr/bin/chromium), a
 loads the page `--loads` times (each load makes a fresh secret key) and predicts `--digits` test
 digits per load through the page's own button. The page's stage timers (performance.now() around
 each call) give the numbers; medians are reported with the bytes each digit sent and received.
+For the linear model it also drops `--batch` digits at once with the coeff-batch layout picked
+(one request, one ciphertext per pixel for all of them), once per load after the per-digit runs
+(keys already uploaded), and reports that request's stage times in total and per digit.
 With --screenshot, a digit is drawn with the mouse on the CNN page and the page is saved as PNG.
 Writes bench/results/browser.json.
 """
@@ -49,23 +52,23 @@ STAGES = {
 }
 
 
-def _models(workdir: Path, epochs: int) -> dict[str, Path]:
+def _models(workdir: Path, epochs: int, names: list[str]) -> dict[str, Path]:
     images, ytr = load_mnist(
         MNIST / "train-images-idx3-ubyte.gz", MNIST / "train-labels-idx1-ubyte.gz"
     )
     Xtr = images.astype(np.float64) / 255.0
-    linear = LogisticRegression(max_iter=200).fit(Xtr, ytr)
-    from heinfer.nn import train_mnist_cnn
+    paths: dict[str, Path] = {}
+    if "mnist" in names:
+        linear = LogisticRegression(max_iter=200).fit(Xtr, ytr)
+        compiled = heinfer.compile(linear, name="mnist", input_range=(0.0, 1.0))
+        paths["mnist"] = compiled.save(workdir / "mnist.heinfer")
+    if "mnist-cnn" in names:
+        from heinfer.nn import train_mnist_cnn
 
-    network = train_mnist_cnn(Xtr[:1500], ytr[:1500], epochs=epochs)
-    return {
-        "mnist": heinfer.compile(linear, name="mnist", input_range=(0.0, 1.0)).save(
-            workdir / "mnist.heinfer"
-        ),
-        "mnist-cnn": heinfer.compile(network, name="mnist-cnn", X=Xtr[:500]).save(
-            workdir / "cnn.heinfer"
-        ),
-    }
+        network = train_mnist_cnn(Xtr[:1500], ytr[:1500], epochs=epochs)
+        compiled = heinfer.compile(network, name="mnist-cnn", X=Xtr[:500])
+        paths["mnist-cnn"] = compiled.save(workdir / "cnn.heinfer")
+    return paths
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -125,6 +128,48 @@ def measure(page: Page, url: str, model: str, images: np.ndarray, loads: int) ->
     return out
 
 
+def measure_batch(
+    page: Page, url: str, model: str, images: np.ndarray, loads: int
+) -> dict[str, Any]:
+    """`loads` page loads, each: one single-digit run (key generation and upload), then all
+    `images` in one coeff-batch request; that request's stages, total and per digit."""
+    totals: dict[str, list[float]] = {key: [] for key in STAGES.values()}
+    sent: list[int] = []
+    received: list[int] = []
+    for _ in range(loads):
+        _load(page, url, model)
+        page.wait_for_selector(f"body[data-layouts='{model}']", state="attached")
+        _predict(page, images[0], 1)
+        page.select_option("#layout", "coeff-batch")
+        photos: list[FilePayload] = [
+            {"name": f"{i}.png", "mimeType": "image/png", "buffer": _png(image)}
+            for i, image in enumerate(images)
+        ]
+        page.set_input_files("#photo", files=photos)
+        page.wait_for_selector("#pad[data-image='2']", state="attached")
+        page.click("#go")
+        page.wait_for_selector("body[data-run='2'], body[data-error='2']", state="attached",
+                               timeout=600_000)
+        result: dict[str, Any] = page.evaluate("window.heinferPage.lastResult")
+        if result is None or result.get("samples") != len(images):
+            raise RuntimeError(page.inner_text("#status"))
+        for stage, ms in result["times"]:
+            if stage in STAGES:
+                totals[STAGES[stage]].append(ms)
+        sent.append(result["sent"])
+        received.append(result["received"])
+    count = len(images)
+    out: dict[str, Any] = {"digits_per_request": count}
+    for key, values in totals.items():
+        if values:
+            out[key] = statistics.median(values)
+            out[key.replace("_ms", "_ms_per_digit")] = statistics.median(values) / count
+    out["request_bytes"] = statistics.median(sent)
+    out["response_bytes"] = statistics.median(received)
+    out["loads"] = loads
+    return out
+
+
 def screenshot(page: Page, url: str, path: Path) -> None:
     """Draw a 7 with the mouse on the CNN page, predict, save the page."""
     _load(page, url, "mnist-cnn")
@@ -149,13 +194,17 @@ def main() -> None:
     ap.add_argument("--loads", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--chromium", default="/usr/bin/chromium")
+    ap.add_argument("--batch", type=int, default=50, help="digits in the coeff-batch request")
+    ap.add_argument("--models", nargs="+", default=["mnist", "mnist-cnn"],
+                    choices=["mnist", "mnist-cnn"])
     ap.add_argument("--screenshot", type=Path)
     args = ap.parse_args()
     Xte, _ = load_mnist(MNIST / "test-images-idx3-ubyte.gz", MNIST / "test-labels-idx1-ubyte.gz")
     images = Xte[: args.digits].astype(np.uint8)
+    batch_images = Xte[: args.batch].astype(np.uint8)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp, sync_playwright() as playwright:
-        paths = _models(Path(tmp), args.epochs)
+        paths = _models(Path(tmp), args.epochs, args.models)
         browser = playwright.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
         results["browser"] = f"Chromium {browser.version} (headless), Playwright"
         for model, path in paths.items():
@@ -163,6 +212,11 @@ def main() -> None:
             try:
                 page = browser.new_page()
                 results[model] = measure(page, service.url, model, images, args.loads)
+                if model == "mnist" and args.batch:
+                    batch = measure_batch(browser.new_page(), service.url, model, batch_images,
+                                          args.loads)
+                    results["mnist coeff-batch"] = batch
+                    print("mnist coeff-batch", json.dumps(batch, indent=1), flush=True)
                 if args.screenshot and model == "mnist-cnn":
                     screenshot(browser.new_page(), service.url, args.screenshot)
             finally:
