@@ -440,13 +440,16 @@ export class LinearCodec {
    * largest ciphertext size), one polynomial per component.
    * @param {ArrayLike<number>[]} X samples in the manifest's input range
    * @param {(done: number, total: number) => void} [progress]
+   * @param {number} [group] polynomials per composed ciphertext, 2..16 (tests pick one that
+   *   leaves a lone last feature)
    */
-  encryptBatch(X, progress) {
+  encryptBatch(X, progress, group = BATCH_GROUP) {
     if (!this.batch) throw new Error('this model does not serve the coeff-batch layout');
     if (X.length < 1 || X.length > this.batchCapacity) {
       throw new Error(`a coeff-batch request holds 1..${this.batchCapacity} samples, got ${X.length}`);
     }
     if (Number(this.batch.ciphertexts) !== this.nFeatures) throw new Error('unexpected coeff-batch manifest');
+    if (!(group >= 2 && group <= BATCH_GROUP)) throw new Error(`group must be 2..${BATCH_GROUP}`);
     const S = this.S;
     const n = this.degree;
     const levels = this.dataPrimes.length;
@@ -470,8 +473,8 @@ export class LinearCodec {
     const secretNtt = this._secretAtDataLevel();
     const fresh = new S.Ciphertext();
     try {
-      for (let first = 0; first < this.nFeatures; first += BATCH_GROUP) {
-        const features = Array.from({ length: Math.min(BATCH_GROUP, this.nFeatures - first) }, (_, k) => first + k);
+      for (let first = 0; first < this.nFeatures; first += group) {
+        const features = Array.from({ length: Math.min(group, this.nFeatures - first) }, (_, k) => first + k);
         const sealC0 = [];
         const sealA = [];
         const seedA = [];
