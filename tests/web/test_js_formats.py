@@ -20,6 +20,7 @@ import pytest
 
 from heinfer.he.backend import pack_bits, unpack_bits
 from heinfer.he.ckks import _ENVELOPE, KIND_CIPHERTEXT, MAGIC, VERSION, CkksParameters
+from heinfer.he.galois import GALOIS_A_TAG
 from heinfer.he.params import BFVParameters
 from heinfer.he.serialization import seal_version
 from heinfer.plans.network.frames import encode_frames
@@ -89,7 +90,7 @@ def test_seed_expansion_and_public_key_correction() -> None:
     seed = os.urandom(32)
     degree = 4096
     cases, expected = [], []
-    for tag in (PUBLIC_A_TAG, BATCH_A_TAG):
+    for tag in (PUBLIC_A_TAG, BATCH_A_TAG, GALOIS_A_TAG):
         # first is the index of the first polynomial; rows j are the primes' positions
         polys = expand_uniform(seed, MNIST_PRIMES, 3, degree, first=5, tag=tag)
         for j, q in enumerate(MNIST_PRIMES):
@@ -162,3 +163,10 @@ def test_service_seal_version_is_what_the_service_writes() -> None:
     """The JS client writes the service's SEAL minor version into every header it uploads; a
     TenSEAL upgrade that moves SEAL's version must move SERVICE_SEAL_MINOR too."""
     assert run_js([{"op": "service_minor"}]) == [seal_version()[1]]
+
+
+def test_tags_are_the_python_clients() -> None:
+    """The domain-separation tags formats.js expands seeds under are the Python client's."""
+    assert run_js([{"op": "tags"}]) == [
+        [PUBLIC_A_TAG.decode(), BATCH_A_TAG.decode(), GALOIS_A_TAG.decode()]
+    ]

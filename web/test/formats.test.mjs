@@ -4,6 +4,7 @@ import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
 import { test } from 'node:test';
 import * as f from '../src/formats.js';
+import { galoisStep } from '../src/heinfer.js';
 
 const hex = (/** @type {Uint8Array} */ b) => Buffer.from(b).toString('hex');
 
@@ -67,4 +68,16 @@ test('frames refuse truncated and foreign bodies', () => {
   assert.throws(() => f.decodeFrames('HNR1', body.subarray(0, body.length - 1), 10));
   assert.throws(() => f.decodeFrames('HER1', body, 10));
   assert.throws(() => f.decodeFixedRecords(body, 3));
+});
+
+test('galoisStep finds the power of 3 SEAL maps a rotation step to, and refuses the rest', () => {
+  for (const degree of [4096, 8192]) {
+    for (const element of [3, 9, 17, 33, 1 + (2 * degree) / 8]) {
+      const step = galoisStep(element, degree);
+      let power = 1n;
+      for (let k = 0; k < step; k++) power = (power * 3n) % BigInt(2 * degree);
+      assert.equal(Number(power), element);
+    }
+    assert.throws(() => galoisStep(5, degree), /not a power of 3/); // -3 mod 8: not in <3>
+  }
 });

@@ -26,6 +26,7 @@ const ops = {
   decode_frames: (/** @type {any} */ c) => f.decodeFrames(c.magic, unhex(c.body), c.max_record_bytes).map(hex),
   envelope: (/** @type {any} */ c) => hex(f.wrapEnvelope(c.kind, unhex(c.fingerprint), unhex(c.data))),
   service_minor: () => SERVICE_SEAL_MINOR,
+  tags: () => [f.PUBLIC_A_TAG, f.BATCH_A_TAG, f.GALOIS_A_TAG].map((t) => new TextDecoder().decode(t)),
 };
 
 let input = '';

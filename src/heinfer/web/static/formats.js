@@ -244,6 +244,7 @@ export function unpackBits(data, count, bits) {
 export const SEED_BYTES = 32;
 export const PUBLIC_A_TAG = enc.encode('heinfer/public-key/a/v1');
 export const BATCH_A_TAG = enc.encode('heinfer/coeff-batch/a/v1');
+export const GALOIS_A_TAG = enc.encode('heinfer/galois-key/a/v1');
 
 /** @param {bigint} q */
 function bitLength(q) {

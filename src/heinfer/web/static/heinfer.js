@@ -12,6 +12,7 @@
 
 import { decompress as zstdDecompress } from './vendor/fzstd.js';
 import {
+  GALOIS_A_TAG,
   PUBLIC_A_TAG,
   SEAL_HEADER_BYTES,
   SEED_BYTES,
@@ -46,6 +47,8 @@ export const SERVICE_SEAL_MINOR = 3;
 export const KEY_ID_HEADER = 'X-Heinfer-Key-Id';
 const FINGERPRINT_TAG_BYTES = 8;
 export const BATCH_LAYOUT = 'coeff-batch';
+export const PACKED_LAYOUT = 'coeff-packed';
+const BATCHING_PLAIN_MODULUS = 65537n; // prime, 1 mod 2N for N <= 32768
 const BATCH_GROUP = 16; // SEAL's largest ciphertext size: polynomials per composed ciphertext
 const CT_META_BYTES = 73;
 const NONE = 0;
@@ -177,11 +180,74 @@ function plaintextArrays(data, degree) {
   return polyArrays(data, start, 1, Math.max(1, count / degree), Math.min(count, degree))[0];
 }
 
+/**
+ * The (k0, a) pairs of an uncompressed SEAL KSwitchKeys object (Galois keys), in SEAL's order
+ * (ascending Galois element, then decomposition prime): each [component][prime] -> N values
+ * (Python: he.galois._component_arrays).
+ * @param {Uint8Array} data
+ * @returns {BigUint64Array[][][]}
+ */
+function kswitchKeyArrays(data) {
+  const view = new DataView(data.buffer, data.byteOffset, data.byteLength);
+  let offset = SEAL_HEADER_BYTES + 32; // header, parms_id
+  const lists = Number(view.getBigUint64(offset, true));
+  offset += 8;
+  const out = [];
+  for (let i = 0; i < lists; i++) {
+    const keys = Number(view.getBigUint64(offset, true));
+    offset += 8;
+    for (let k = 0; k < keys; k++) {
+      const size = readSealHeader(data, offset).size;
+      out.push(ciphertextArrays(data.subarray(offset, offset + size)));
+      offset += size;
+    }
+  }
+  return out;
+}
+
+/**
+ * The rotation step SEAL's createGaloisKeysWithSteps turns into Galois element `element`
+ * (3^step mod 2N, SEAL's generator); node-seal 7 takes steps, heinfer's manifests name elements.
+ * @param {number} element
+ * @param {number} degree N
+ */
+export function galoisStep(element, degree) {
+  const m = 2 * degree;
+  let power = 1;
+  for (let step = 0; step < degree / 2; step++) {
+    if (power === element) return step;
+    power = (power * 3) % m;
+  }
+  throw new Error(`Galois element ${element} is not a power of 3 modulo ${m}: this client cannot make its key`);
+}
+
 // ================================================================================================
-// Linear models: BFV, coefficient encoding (layout coeff-rowpack)
+// Linear models: BFV, coefficient encoding (layouts coeff-rowpack, coeff-packed, coeff-batch)
 // ================================================================================================
 
-/** The client side of a linear model's coeff-rowpack layout (Python: plans.linear.LinearCodec). */
+/**
+ * Bytes of a compact result record: per result, c1 (N values) then c0 at its coefficients.
+ * @param {Array<{coefficients: number[]}>} results
+ * @param {number} degree
+ * @param {number} bits
+ */
+function compactRecordBytes(results, degree, bits) {
+  return results.reduce((n, r) => n + Math.ceil((degree * bits) / 8) + Math.ceil((r.coefficients.length * bits) / 8), 0);
+}
+
+/**
+ * A 4-byte magic and a little-endian u32 count: the head of HEB1/HEP1 bodies.
+ * @param {string} magic
+ * @param {number} count
+ */
+function frameHead(magic, count) {
+  const head = new Uint8Array(8);
+  head.set(new TextEncoder().encode(magic));
+  new DataView(head.buffer).setUint32(4, count, true);
+  return head;
+}
+
+/** The client side of a linear model's layouts (Python: plans.linear.LinearCodec and its layouts). */
 export class LinearCodec {
   /**
    * @param {Seal} S
@@ -202,16 +268,18 @@ export class LinearCodec {
     this.results = manifest.layout.results;
     this.bits = Number(manifest.layout.result_prime_bits);
     this.scale = Number(manifest.layout.output_scale);
-    this.recordBytes = this.results.reduce(
-      (/** @type {number} */ n, /** @type {any} */ r) =>
-        n + Math.ceil((this.degree * this.bits) / 8) + Math.ceil((r.coefficients.length * this.bits) / 8),
-      0,
-    );
+    this.recordBytes = compactRecordBytes(this.results, this.degree, this.bits);
     this.nFeatures = Number(manifest.input.shape[0]);
     this.nOutputs = Number(manifest.output.shape[0]);
     const batch = manifest.layout.batch;
     /** the coeff-batch layout's part of the manifest, when the model serves it */
     this.batch = batch?.kind === BATCH_LAYOUT ? batch : null;
+    const packed = manifest.layout.packed;
+    /** the coeff-packed layout's part of the manifest, when the model serves it */
+    this.packed = packed?.kind === PACKED_LAYOUT ? packed : null;
+    /** @type {number[]} Galois elements of coeff-packed's packing tree (ascending: SEAL's order) */
+    this.galoisElements = (manifest.keys?.galois_elements ?? []).map(Number).sort((/** @type {number} */ a, /** @type {number} */ b) => a - b);
+    this.packedRecordBytes = this.packed ? compactRecordBytes(this.packed.results, this.degree, Number(this.packed.result_prime_bits)) : 0;
     /** @type {any} */ this.secret = null;
     /** metadata of a one-prime ciphertext, from SEAL (set with the key) */
     this._lastMeta = new Uint8Array(0);
@@ -272,12 +340,68 @@ export class LinearCodec {
     const pk = this.keygenerator.createPublicKey();
     const [pk0, a] = ciphertextArrays(bytes(pk.saveToArray(S.ComprModeType.none)));
     pk.delete();
+    return this._seeded([[pk0, a]], PUBLIC_A_TAG);
+  }
+
+  /**
+   * coeff-packed's Galois keys part: SEAL's Galois keys for the manifest's elements, travelling
+   * as the public key does (one seed for every uniform half, tag heinfer/galois-key/a/v1, then
+   * every corrected k0 bit-packed per key-level prime; Python: he.galois.make_galois_keys).
+   *
+   * node-seal 7 makes Galois keys from rotation steps only, and SEAL turns steps into elements
+   * only for parameters that support batching (t prime, 1 mod 2N), which heinfer's t = 2^k is
+   * not. Key-switching keys do not involve t, so SEAL makes them under a twin context with the
+   * same N and primes and t = 65537 (prime, 1 mod 2N for every N SEAL allows), for this same
+   * secret key: its bytes relabelled with the twin's key-level parms_id (the NTT-form
+   * coefficients are the same numbers). Only the (k0, a) pairs are taken from the result.
+   */
+  galoisKeyBytes() {
+    const S = this.S;
+    const steps = Int32Array.from(this.galoisElements, (e) => galoisStep(e, this.degree));
+    const twin = sealContext(S, S.SchemeType.bfv, this.degree, this.primes, BATCHING_PLAIN_MODULUS);
+    const throwaway = new S.KeyGenerator(twin);
+    const other = throwaway.secretKey();
+    const relabelled = this.secretBytes().slice();
+    relabelled.set(bytes(other.saveToArray(S.ComprModeType.none)).subarray(SEAL_HEADER_BYTES, SEAL_HEADER_BYTES + 32), SEAL_HEADER_BYTES);
+    other.delete();
+    throwaway.delete();
+    const secret = new S.SecretKey();
+    let saved = new Uint8Array(0);
+    /** @type {number[]} */ let missing = [];
+    try {
+      secret.loadFromArray(twin, relabelled);
+      const generator = new S.KeyGenerator(twin, secret);
+      const keys = generator.createGaloisKeysWithSteps(steps);
+      saved = bytes(keys.saveToArray(S.ComprModeType.none)).slice();
+      missing = this.galoisElements.filter((e) => !keys.hasKey(e));
+      keys.delete();
+      generator.delete();
+    } finally {
+      relabelled.fill(0);
+      secret.delete();
+      twin.delete();
+    }
+    if (missing.length) throw new Error(`SEAL made no Galois key for elements ${missing}`);
+    const pairs = kswitchKeyArrays(saved);
+    if (pairs.length !== this.galoisElements.length * this.dataPrimes.length) throw new Error('unexpected Galois key layout');
+    return this._seeded(pairs, GALOIS_A_TAG);
+  }
+
+  /**
+   * RLWE pairs (k0, a) in NTT form at the key level, re-seeded: a fresh seed, then for pair i
+   * k0 + (a - a_i)*s per prime, bit-packed, where a_i is expanded from the seed (index i).
+   * @param {BigUint64Array[][][]} pairs [pair][component][prime]
+   * @param {Uint8Array} tag
+   */
+  _seeded(pairs, tag) {
     const s = plaintextArrays(this.secretBytes(), this.degree);
     const seed = randomBytes(SEED_BYTES);
     /** @type {Uint8Array[]} */ const parts = [seed];
-    this.primes.forEach((q, j) => {
-      const aSeeded = expandUniform(seed, q, j, 0, this.degree, PUBLIC_A_TAG);
-      parts.push(packBits(replaceUniformHalf(pk0[j], a[j], aSeeded, s[j], q), bitLength(q)));
+    pairs.forEach(([k0, a], index) => {
+      this.primes.forEach((q, j) => {
+        const aSeeded = expandUniform(seed, q, j, index, this.degree, tag);
+        parts.push(packBits(replaceUniformHalf(k0[j], a[j], aSeeded, s[j], q), bitLength(q)));
+      });
     });
     return concat(parts);
   }
@@ -348,26 +472,40 @@ export class LinearCodec {
    * @param {Uint8Array} record
    */
   decrypt(record) {
-    if (record.length !== this.recordBytes) {
-      throw new Error(`result record is ${record.length} bytes, ${this.recordBytes} expected`);
+    return this._decryptCompact(record, this.results, this.bits, this.scale, this.recordBytes);
+  }
+
+  /**
+   * A compact result record (Python: codec.decrypt_compact): per result, c1 then c0 at its
+   * output coefficients, bit-packed at `bits`; output outputs[i] is coefficient
+   * coefficients[i] / divisor.
+   * @param {Uint8Array} record
+   * @param {Array<{outputs: number[], coefficients: number[]}>} results
+   * @param {number} bits
+   * @param {number} divisor
+   * @param {number} expected the record's size
+   */
+  _decryptCompact(record, results, bits, divisor, expected) {
+    if (record.length !== expected) {
+      throw new Error(`result record is ${record.length} bytes, ${expected} expected`);
     }
     const n = this.degree;
     const scores = new Float64Array(this.nOutputs);
     let offset = 0;
-    for (const result of this.results) {
+    for (const result of results) {
       const coefficients = result.coefficients;
-      const c1Size = Math.ceil((n * this.bits) / 8);
-      const c0Size = Math.ceil((coefficients.length * this.bits) / 8);
-      const c1 = unpackBits(record.subarray(offset, offset + c1Size), n, this.bits);
-      const c0Out = unpackBits(record.subarray(offset + c1Size, offset + c1Size + c0Size), coefficients.length, this.bits);
+      const c1Size = Math.ceil((n * bits) / 8);
+      const c0Size = Math.ceil((coefficients.length * bits) / 8);
+      const c1 = unpackBits(record.subarray(offset, offset + c1Size), n, bits);
+      const c0Out = unpackBits(record.subarray(offset + c1Size, offset + c1Size + c0Size), coefficients.length, bits);
       offset += c1Size + c0Size;
       const c0 = new BigUint64Array(n);
       coefficients.forEach((/** @type {number} */ k, /** @type {number} */ i) => {
         c0[k] = c0Out[i];
       });
       const values = this._decryptLastLevel(c0, c1);
-      result.outputs.forEach((/** @type {number} */ row, /** @type {number} */ i) => {
-        scores[row] = values[coefficients[i]] / this.scale;
+      result.outputs.forEach((row, i) => {
+        scores[row] = values[coefficients[i]] / divisor;
       });
     }
     return scores;
@@ -519,10 +657,7 @@ export class LinearCodec {
       secretNtt.delete();
       evaluator.delete();
     }
-    const head = new Uint8Array(8);
-    head.set(new TextEncoder().encode('HEB1'));
-    new DataView(head.buffer).setUint32(4, X.length, true);
-    return concat([head, out]);
+    return concat([frameHead('HEB1', X.length), out]);
   }
 
   /**
@@ -605,9 +740,51 @@ export class LinearCodec {
     return scores;
   }
 
-  /** @returns {Array<[ 'public' | 'relin' | 'galois', Uint8Array ]>} */
+  // -- coeff-packed: rowpack's requests, products packed into few result ciphertexts ---------
+
+  /**
+   * A coeff-packed request (HEP1 + count + fixed-size records): each record is exactly
+   * coeff-rowpack's (Python: PackedClient.encrypt).
+   * @param {ArrayLike<number>[]} X
+   */
+  encryptPacked(X) {
+    if (!this.packed) throw new Error('this model does not serve the coeff-packed layout');
+    return concat([frameHead('HEP1', X.length), ...X.map((x) => this.encrypt(x))]);
+  }
+
+  /**
+   * Scores per sample from a coeff-packed response (HRP1 + count + fixed-size records); values
+   * arrive multiplied by 2^levels (the packing tree) and output_scale.
+   * @param {Uint8Array} body
+   * @returns {Float64Array[]}
+   */
+  decryptPacked(body) {
+    if (!this.packed) throw new Error('this model does not serve the coeff-packed layout');
+    const size = this.packedRecordBytes;
+    if (body.length < 8 || new TextDecoder().decode(body.subarray(0, 4)) !== 'HRP1') {
+      throw new Error('payload does not start with HRP1');
+    }
+    const count = new DataView(body.buffer, body.byteOffset, body.byteLength).getUint32(4, true);
+    if (count < 1 || body.length !== 8 + count * size) {
+      throw new Error(`response has ${body.length} bytes; ${count} records of ${size} expected`);
+    }
+    const divisor = Number(this.packed.output_scale) * 2 ** Number(this.packed.levels);
+    const bits = Number(this.packed.result_prime_bits);
+    return Array.from({ length: count }, (_, i) =>
+      this._decryptCompact(body.subarray(8 + i * size, 8 + (i + 1) * size), this.packed.results, bits, divisor, size),
+    );
+  }
+
+  /**
+   * The public key, plus the Galois keys when the model serves coeff-packed (uploaded once per
+   * key whichever layout a request then uses).
+   * @returns {Array<[ 'public' | 'relin' | 'galois', Uint8Array ]>}
+   */
   keyParts() {
-    return [['public', this.publicKeyBytes()]];
+    /** @type {Array<[ 'public' | 'relin' | 'galois', Uint8Array ]>} */
+    const parts = [['public', this.publicKeyBytes()]];
+    if (this.packed && this.galoisElements.length) parts.push(['galois', this.galoisKeyBytes()]);
+    return parts;
   }
 
   get keyFingerprint() {
@@ -798,7 +975,11 @@ export class Client {
     if (kind === 'coeff-rowpack') this.codec = new LinearCodec(seal, manifest);
     else if (kind === 'ckks-network') this.codec = new NetworkCodec(seal, manifest.layout.plan_manifest);
     else throw new Error(`model ${model} uses layout ${kind}, which this client does not know`);
-    this.layout = kind;
+    /** the model's family (manifest layout.kind): the per-sample layout every model serves */
+    this.family = kind;
+    /** the layout for a request of a few samples: coeff-packed where the model serves it (the
+     * compiler picked it), else the family's own, as the Python client chooses */
+    this.layout = this.codec instanceof LinearCodec && this.codec.packed ? PACKED_LAYOUT : kind;
     /** @type {string | null} */ this.keyId = null;
     /** @type {Traffic} */ this.traffic = { sent: 0, received: 0 };
     /** @type {Uint8Array[]} every body this client sent, for audits (tests scan them) */
@@ -875,23 +1056,32 @@ export class Client {
    */
   get layouts() {
     const codec = this.codec;
-    return codec instanceof LinearCodec && codec.batch ? [this.layout, BATCH_LAYOUT] : [this.layout];
+    if (!(codec instanceof LinearCodec)) return [this.family];
+    return [...(codec.packed ? [PACKED_LAYOUT] : []), this.family, ...(codec.batch ? [BATCH_LAYOUT] : [])];
   }
 
-  /** Most samples one request of `layout` holds (coeff-batch: N; per-sample layouts: no limit here). */
-  capacity(/** @type {string} */ layout) {
-    return layout === BATCH_LAYOUT && this.codec instanceof LinearCodec ? this.codec.batchCapacity : Infinity;
+  /**
+   * Most samples one request of `layout` holds: N for coeff-batch, the manifest's max_batch for
+   * the per-sample layouts.
+   * @param {string} layout
+   */
+  capacity(layout) {
+    if (layout === BATCH_LAYOUT && this.codec instanceof LinearCodec) return this.codec.batchCapacity;
+    return Number(this.manifest.max_batch ?? Infinity);
   }
 
   /**
    * @param {ArrayLike<number>[]} X samples in the manifest's input range
-   * @param {string} [layout] one of `layouts` (default: the per-sample layout)
+   * @param {string} [layout] one of `layouts` (default: `layout`)
    * @param {(done: number, total: number) => void} [progress] coeff-batch: ciphertexts made so far
    */
   encrypt(X, layout = this.layout, progress = undefined) {
     this.keygen();
-    if (layout === this.layout) return this.codec.encryptRequest(X);
-    if (layout === BATCH_LAYOUT && this.codec instanceof LinearCodec) return this.codec.encryptBatch(X, progress);
+    if (layout === this.family) return this.codec.encryptRequest(X);
+    if (this.codec instanceof LinearCodec) {
+      if (layout === BATCH_LAYOUT) return this.codec.encryptBatch(X, progress);
+      if (layout === PACKED_LAYOUT) return this.codec.encryptPacked(X);
+    }
     throw new Error(`model ${this.model} is not served in layout ${layout} by this client`);
   }
 
@@ -916,6 +1106,7 @@ export class Client {
   decrypt(payload) {
     const magic = new TextDecoder().decode(payload.subarray(0, 4));
     if (magic === 'HRB1' && this.codec instanceof LinearCodec) return this.codec.decryptBatch(payload);
+    if (magic === 'HRP1' && this.codec instanceof LinearCodec) return this.codec.decryptPacked(payload);
     return this.codec.decryptResponse(payload);
   }
 

@@ -5,7 +5,7 @@
  * service (strict CSP); the secret key lives in this page's memory, or in IndexedDB if asked.
  */
 import initialize from './vendor/node-seal/index_throws.js';
-import { BATCH_LAYOUT, Client, sealMessage } from './heinfer.js';
+import { BATCH_LAYOUT, Client, PACKED_LAYOUT, sealMessage } from './heinfer.js';
 
 const $ = (/** @type {string} */ id) => /** @type {any} */ (document.getElementById(id));
 const pad = /** @type {HTMLCanvasElement} */ ($('pad'));
@@ -386,7 +386,9 @@ async function showLayouts() {
     option.value = layout;
     option.textContent = layout === BATCH_LAYOUT
       ? `all loaded images in one request (${layout}, up to ${client.capacity(layout)})`
-      : `one ciphertext per image (${layout})`;
+      : layout === PACKED_LAYOUT
+        ? `one ciphertext per image, scores packed in one (${layout})`
+        : `one ciphertext per image (${layout})`;
     select.append(option);
   }
   $('layout-row').classList.toggle('hidden', client.layouts.length < 2);

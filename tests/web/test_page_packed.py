@@ -1,0 +1,122 @@
+"""The page's coeff-packed layout: rowpack's requests, the scores packed by Galois automorphisms.
+
+A linear MNIST model compiled with coeff-packed (N = 8192, one Galois element) is served on
+loopback; the page, with that layout preselected (the Python client's choice too), makes the
+public key and SEAL's Galois keys re-seeded as heinfer's compact upload, sends 50 shared test
+digits in one request and decrypts the packed scores. Every output depends on the page's Galois
+key (the packing tree adds an automorphism of the partial products), so agreement with the
+plaintext model on all 50 digits checks the key as well as the request and response formats.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from page_helpers import leaks, png, secret_needles
+from sklearn.linear_model import LogisticRegression
+
+import heinfer
+from heinfer.he.galois import galois_key_bytes
+from heinfer.plans.base import codec_for
+from service_helpers import RunningService
+
+pytest.importorskip("playwright.sync_api")
+
+pytestmark = [pytest.mark.web, pytest.mark.e2e]
+
+DIGITS = 50
+
+
+@pytest.fixture(scope="module")
+def packed_model(mnist_estimator: LogisticRegression) -> heinfer.EncryptedModel:
+    return heinfer.compile(
+        mnist_estimator, name="mnist-packed", input_range=(0.0, 1.0), layout="coeff-packed"
+    )
+
+
+@pytest.fixture(scope="module")
+def packed_service(
+    packed_model: heinfer.EncryptedModel, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningService]:
+    root = tmp_path_factory.mktemp("packed")
+    running = RunningService(
+        [
+            str(packed_model.save(root / "packed.heinfer")),
+            "--workers", "1",
+            "--key-store", str(root / "keys"),
+            "--log-level", "warning",
+        ]
+    )
+    yield running
+    running.stop()
+
+
+def key_parts(body: bytes) -> dict[int, bytes]:
+    """The parts of a HEK1 key upload by kind (magic, fingerprint, count, then kind/length/blob)."""
+    assert body[:4] == b"HEK1"
+    parts, offset = {}, 37
+    for _ in range(body[36]):
+        kind, length = struct.unpack_from("<BI", body, offset)
+        parts[kind] = body[offset + 5 : offset + 5 + length]
+        offset += 5 + length
+    assert offset == len(body)
+    return parts
+
+
+def test_page_packs_fifty_digits_like_the_plaintext_model(
+    packed_service: RunningService,
+    browser: Any,
+    mnist: dict[str, np.ndarray],
+    packed_model: heinfer.EncryptedModel,
+    tmp_path: Path,
+) -> None:
+    assert packed_model.manifest.keys.galois_elements  # the model needs a Galois key
+    page = browser.new_page()
+    requests: list[Any] = []
+    page.on("request", lambda request: requests.append(request))
+    page.goto(f"{packed_service.url}/?audit=1")
+    page.wait_for_selector("body[data-layouts='mnist-packed']", state="attached", timeout=60_000)
+    options = page.eval_on_selector_all("#layout option", "(all) => all.map((o) => o.value)")
+    assert options == ["coeff-packed", "coeff-rowpack", "coeff-batch"]
+    assert page.input_value("#layout") == "coeff-packed"
+
+    images = np.rint(mnist["X_test"][:DIGITS] * 255).astype(np.uint8)
+    X = images.astype(np.float64) / 255.0
+    files = [{"name": f"{i}.png", "mimeType": "image/png", "buffer": png(image)}
+             for i, image in enumerate(images)]
+    page.set_input_files("#photo", files=files)
+    page.wait_for_selector("#pad[data-image='1']", state="attached")
+    page.click("#go")
+    page.wait_for_selector("body[data-run='1'], body[data-error='1']", state="attached",
+                           timeout=300_000)
+    assert page.inner_text("#status").startswith("Done"), page.inner_text("#status")
+    result = page.evaluate("window.heinferPage.lastResult")
+    page.screenshot(path=str(tmp_path / "page-packed.png"), full_page=True)
+
+    assert result["layout"] == "coeff-packed" and result["samples"] == DIGITS
+    scores = np.array([p["scores"] for p in result["predictions"]])
+    reference = packed_model.predict_plain(X)
+    assert np.abs(scores - reference).max() <= packed_model.manifest.precision.max_abs_error
+    assert (scores.argmax(1) == reference.argmax(1)).all()
+
+    urls = [request.url for request in requests]
+    assert all(url.startswith(f"{packed_service.url}/") for url in urls), urls
+    bodies = [request.post_data_buffer or b"" for request in requests]
+    infer = [body for body in bodies if body[:4] == b"HEP1"]
+    assert len(infer) == 1 and struct.unpack_from("<I", infer[0], 4)[0] == DIGITS
+    uploads = [key_parts(body) for body in bodies if body[:4] == b"HEK1"]
+    context = codec_for(packed_model.manifest).context
+    elements = packed_model.manifest.keys.galois_elements
+    assert len(uploads) == 1 and set(uploads[0]) == {1, 3}  # public and Galois
+    assert len(uploads[0][3]) == galois_key_bytes(context, elements)
+    secret = bytes(page.evaluate(
+        "() => Array.from(window.heinferClients.get('mnist-packed').secretBytes())"))
+    page.close()
+    needles = secret_needles(secret)
+    assert len(needles) > 100 and leaks(needles, bodies) == 0
+    assert leaks(needles, [b"\x00" + secret]) == len(needles)  # the scan can fail
