@@ -1,8 +1,8 @@
 // Build the page `heinfer serve` shows into the Python package (src/heinfer/web/static/).
 //
-// No bundler: the page is plain ES modules. This copies web/src/ and the two runtime
-// dependencies (node-seal's WebAssembly build, fzstd) next to each other, rewriting the one
-// bare import ('fzstd') to its vendored path. The output is committed (reviewed build output),
+// No bundler: the page is plain ES modules. This copies web/src/ and the runtime dependencies
+// (node-seal's WebAssembly build, fzstd, @noble/hashes' SHA-2 and SHA-3 modules) next to each
+// other, rewriting the bare imports to their vendored paths. The output is committed (reviewed build output),
 // so `pip install .` serves the page without npm; tests/web/test_page_build.py fails when it is
 // stale. Usage: npm run build [-- OUTDIR]
 import { copyFileSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -15,12 +15,31 @@ const modules = join(here, 'node_modules');
 
 rmSync(out, { recursive: true, force: true });
 mkdirSync(join(out, 'vendor', 'node-seal'), { recursive: true });
-for (const name of ['index.html', 'page.css', 'page.js', 'formats.js']) {
+for (const name of ['index.html', 'page.css', 'page.js']) {
   copyFileSync(join(here, 'src', name), join(out, name));
 }
-const client = readFileSync(join(here, 'src', 'heinfer.js'), 'utf8');
-if (!client.includes("from 'fzstd';")) throw new Error("heinfer.js no longer imports 'fzstd'");
-writeFileSync(join(out, 'heinfer.js'), client.replace("from 'fzstd';", "from './vendor/fzstd.js';"));
+/**
+ * Copy web/src/`name`, replacing each bare import by its vendored path (and failing if one is gone).
+ * @param {string} name
+ * @param {Record<string, string>} imports
+ */
+function rewritten(name, imports) {
+  let text = readFileSync(join(here, 'src', name), 'utf8');
+  for (const [bare, local] of Object.entries(imports)) {
+    if (!text.includes(`from '${bare}';`)) throw new Error(`${name} no longer imports '${bare}'`);
+    text = text.replace(`from '${bare}';`, `from '${local}';`);
+  }
+  writeFileSync(join(out, name), text);
+}
+rewritten('formats.js', {
+  '@noble/hashes/sha2.js': './vendor/noble-hashes/sha2.js',
+  '@noble/hashes/sha3.js': './vendor/noble-hashes/sha3.js',
+});
+mkdirSync(join(out, 'vendor', 'noble-hashes'));
+for (const name of ['sha2.js', 'sha3.js', '_md.js', '_u64.js', 'utils.js', 'LICENSE']) {
+  copyFileSync(join(modules, '@noble', 'hashes', name), join(out, 'vendor', 'noble-hashes', name));
+}
+rewritten('heinfer.js', { fzstd: './vendor/fzstd.js' });
 copyFileSync(join(modules, 'fzstd', 'esm', 'index.mjs'), join(out, 'vendor', 'fzstd.js'));
 copyFileSync(join(modules, 'fzstd', 'LICENSE'), join(out, 'vendor', 'fzstd.LICENSE'));
 for (const name of ['index_throws.js', 'seal_throws.js', 'seal_throws.wasm']) {

@@ -3,146 +3,29 @@
  * heinfer's wire formats, in plain JavaScript with no SEAL dependency.
  *
  * Everything here mirrors a piece of the Python client byte for byte (tests/web/test_js_formats.py
- * feeds both the same inputs): SHA-256 and SHAKE-128 (parameter fingerprints, seed expansion),
- * bit packing, the seeded public key's correction, and the frames around ciphertexts. The lattice
+ * feeds both the same inputs): SHA-256 and SHAKE-128 (@noble/hashes; parameter fingerprints, seed
+ * expansion), bit packing, the seeded public key's correction, and the frames around
+ * ciphertexts. The lattice
  * work itself (key generation, encryption, decryption) is Microsoft SEAL's, compiled to
  * WebAssembly (node-seal); see heinfer.js.
  */
 
+import { sha256 as nobleSha256 } from '@noble/hashes/sha2.js';
+import { shake128 as nobleShake128 } from '@noble/hashes/sha3.js';
+
 const enc = new TextEncoder();
 
 // -- hashes ------------------------------------------------------------------------------------
-
-const K256 = new Uint32Array([
-  0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
-  0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
-  0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
-  0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
-  0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
-  0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
-  0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-  0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
-]);
+// From @noble/hashes (MIT, pinned in package-lock.json, vendored into the page by build.mjs).
 
 /**
- * SHA-256 of `data`, synchronously. Written out (not crypto.subtle) because subtle exists only
- * in secure contexts, and the page may be served over plain HTTP on a LAN address.
+ * SHA-256 of `data`, synchronously (parameter fingerprints). Not crypto.subtle: subtle exists
+ * only in secure contexts, and the page may be served over plain HTTP on a LAN address.
  * @param {Uint8Array} data
  * @returns {Uint8Array}
  */
 export function sha256(data) {
-  const h = new Uint32Array([
-    0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19,
-  ]);
-  const length = data.length;
-  const padded = new Uint8Array(((length + 72) >> 6) << 6);
-  padded.set(data);
-  padded[length] = 0x80;
-  const view = new DataView(padded.buffer);
-  view.setUint32(padded.length - 8, Math.floor(length / 0x20000000));
-  view.setUint32(padded.length - 4, (length << 3) >>> 0);
-  const w = new Uint32Array(64);
-  for (let block = 0; block < padded.length; block += 64) {
-    for (let i = 0; i < 16; i++) w[i] = view.getUint32(block + 4 * i);
-    for (let i = 16; i < 64; i++) {
-      const a = w[i - 15];
-      const b = w[i - 2];
-      const s0 = ((a >>> 7) | (a << 25)) ^ ((a >>> 18) | (a << 14)) ^ (a >>> 3);
-      const s1 = ((b >>> 17) | (b << 15)) ^ ((b >>> 19) | (b << 13)) ^ (b >>> 10);
-      w[i] = (w[i - 16] + s0 + w[i - 7] + s1) >>> 0;
-    }
-    let [a, b, c, d, e, f, g, k] = h;
-    for (let i = 0; i < 64; i++) {
-      const S1 = ((e >>> 6) | (e << 26)) ^ ((e >>> 11) | (e << 21)) ^ ((e >>> 25) | (e << 7));
-      const ch = (e & f) ^ (~e & g);
-      const t1 = (k + S1 + ch + K256[i] + w[i]) >>> 0;
-      const S0 = ((a >>> 2) | (a << 30)) ^ ((a >>> 13) | (a << 19)) ^ ((a >>> 22) | (a << 10));
-      const maj = (a & b) ^ (a & c) ^ (b & c);
-      const t2 = (S0 + maj) >>> 0;
-      k = g;
-      g = f;
-      f = e;
-      e = (d + t1) >>> 0;
-      d = c;
-      c = b;
-      b = a;
-      a = (t1 + t2) >>> 0;
-    }
-    h[0] += a;
-    h[1] += b;
-    h[2] += c;
-    h[3] += d;
-    h[4] += e;
-    h[5] += f;
-    h[6] += g;
-    h[7] += k;
-  }
-  const out = new Uint8Array(32);
-  const outView = new DataView(out.buffer);
-  for (let i = 0; i < 8; i++) outView.setUint32(4 * i, h[i]);
-  return out;
-}
-
-// Keccak-f[1600] on 25 lanes held as (low, high) 32-bit halves.
-const ROUND_CONSTANTS = [
-  [0x00000001, 0x00000000], [0x00008082, 0x00000000], [0x0000808a, 0x80000000],
-  [0x80008000, 0x80000000], [0x0000808b, 0x00000000], [0x80000001, 0x00000000],
-  [0x80008081, 0x80000000], [0x00008009, 0x80000000], [0x0000008a, 0x00000000],
-  [0x00000088, 0x00000000], [0x80008009, 0x00000000], [0x8000000a, 0x00000000],
-  [0x8000808b, 0x00000000], [0x0000008b, 0x80000000], [0x00008089, 0x80000000],
-  [0x00008003, 0x80000000], [0x00008002, 0x80000000], [0x00000080, 0x80000000],
-  [0x0000800a, 0x00000000], [0x8000000a, 0x80000000], [0x80008081, 0x80000000],
-  [0x00008080, 0x80000000], [0x80000001, 0x00000000], [0x80008008, 0x80000000],
-];
-const ROTATIONS = [1, 3, 6, 10, 15, 21, 28, 36, 45, 55, 2, 14, 27, 41, 56, 8, 25, 43, 62, 18, 39, 61, 20, 44];
-const PI_LANES = [10, 7, 11, 17, 18, 3, 5, 16, 8, 21, 24, 4, 15, 23, 19, 13, 12, 2, 20, 14, 22, 9, 6, 1];
-
-/** @param {Uint32Array} s 50 words: lane i is (s[2i] low, s[2i+1] high) */
-function keccakF(s) {
-  const bc = new Uint32Array(10);
-  for (let round = 0; round < 24; round++) {
-    for (let x = 0; x < 5; x++) {
-      bc[2 * x] = s[2 * x] ^ s[2 * x + 10] ^ s[2 * x + 20] ^ s[2 * x + 30] ^ s[2 * x + 40];
-      bc[2 * x + 1] = s[2 * x + 1] ^ s[2 * x + 11] ^ s[2 * x + 21] ^ s[2 * x + 31] ^ s[2 * x + 41];
-    }
-    for (let x = 0; x < 5; x++) {
-      const l = bc[2 * ((x + 1) % 5)];
-      const h = bc[2 * ((x + 1) % 5) + 1];
-      const tl = bc[2 * ((x + 4) % 5)] ^ ((l << 1) | (h >>> 31));
-      const th = bc[2 * ((x + 4) % 5) + 1] ^ ((h << 1) | (l >>> 31));
-      for (let y = 0; y < 25; y += 5) {
-        s[2 * (y + x)] ^= tl;
-        s[2 * (y + x) + 1] ^= th;
-      }
-    }
-    let tl = s[2];
-    let th = s[3];
-    for (let i = 0; i < 24; i++) {
-      const j = PI_LANES[i];
-      const nl = s[2 * j];
-      const nh = s[2 * j + 1];
-      const r = ROTATIONS[i];
-      if (r < 32) {
-        s[2 * j] = (tl << r) | (th >>> (32 - r));
-        s[2 * j + 1] = (th << r) | (tl >>> (32 - r));
-      } else {
-        const m = r - 32;
-        s[2 * j] = m === 0 ? th : (th << m) | (tl >>> (32 - m));
-        s[2 * j + 1] = m === 0 ? tl : (tl << m) | (th >>> (32 - m));
-      }
-      tl = nl;
-      th = nh;
-    }
-    for (let y = 0; y < 25; y += 5) {
-      for (let x = 0; x < 10; x++) bc[x] = s[2 * y + x];
-      for (let x = 0; x < 5; x++) {
-        s[2 * (y + x)] ^= ~bc[2 * ((x + 1) % 5)] & bc[2 * ((x + 2) % 5)];
-        s[2 * (y + x) + 1] ^= ~bc[2 * ((x + 1) % 5) + 1] & bc[2 * ((x + 2) % 5) + 1];
-      }
-    }
-    s[0] ^= ROUND_CONSTANTS[round][0];
-    s[1] ^= ROUND_CONSTANTS[round][1];
-  }
+  return nobleSha256(data);
 }
 
 /**
@@ -153,23 +36,7 @@ function keccakF(s) {
  * @returns {Uint8Array}
  */
 export function shake128(data, length) {
-  const rate = 168;
-  const state = new Uint32Array(50);
-  const bytes = new Uint8Array(state.buffer); // little-endian hosts only (every browser, Node)
-  const padded = new Uint8Array((Math.floor(data.length / rate) + 1) * rate);
-  padded.set(data);
-  padded[data.length] ^= 0x1f;
-  padded[padded.length - 1] ^= 0x80;
-  for (let block = 0; block < padded.length; block += rate) {
-    for (let i = 0; i < rate; i++) bytes[i] ^= padded[block + i];
-    keccakF(state);
-  }
-  const out = new Uint8Array(length);
-  for (let offset = 0; offset < length; offset += rate) {
-    out.set(bytes.subarray(0, Math.min(rate, length - offset)), offset);
-    if (offset + rate < length) keccakF(state);
-  }
-  return out;
+  return nobleShake128(data, { dkLen: length });
 }
 
 // -- bit packing -------------------------------------------------------------------------------
