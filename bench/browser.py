@@ -4,7 +4,8 @@
                                            [--screenshot docs/img/page.png]
 
 Starts `heinfer serve` on loopback for the linear MNIST model and for the default CNN (trained
-briefly here: timings and sizes depend on the architecture, not on the weights), opens the page
+briefly here: timings and sizes depend on the architecture, not on the weights), and with
+`--models mnist-packed` for the linear model compiled with coeff-packed, opens the page
 in Debian's headless chromium (Playwright, executable_path=/usr/bin/chromium), and for each model
 loads the page `--loads` times (each load makes a fresh secret key) and predicts `--digits` test
 digits per load through the page's own button. The page's stage timers (performance.now() around
@@ -58,10 +59,14 @@ def _models(workdir: Path, epochs: int, names: list[str]) -> dict[str, Path]:
     )
     Xtr = images.astype(np.float64) / 255.0
     paths: dict[str, Path] = {}
-    if "mnist" in names:
+    if "mnist" in names or "mnist-packed" in names:
         linear = LogisticRegression(max_iter=200).fit(Xtr, ytr)
-        compiled = heinfer.compile(linear, name="mnist", input_range=(0.0, 1.0))
-        paths["mnist"] = compiled.save(workdir / "mnist.heinfer")
+        for name, layout in (("mnist", None), ("mnist-packed", "coeff-packed")):
+            if name in names:
+                compiled = heinfer.compile(
+                    linear, name=name, input_range=(0.0, 1.0), layout=layout
+                )
+                paths[name] = compiled.save(workdir / f"{name}.heinfer")
     if "mnist-cnn" in names:
         from heinfer.nn import train_mnist_cnn
 
@@ -196,7 +201,8 @@ def main() -> None:
     ap.add_argument("--chromium", default="/usr/bin/chromium")
     ap.add_argument("--batch", type=int, default=50, help="digits in the coeff-batch request")
     ap.add_argument("--models", nargs="+", default=["mnist", "mnist-cnn"],
-                    choices=["mnist", "mnist-cnn"])
+                    choices=["mnist", "mnist-packed", "mnist-cnn"],
+                    help="mnist-packed: the linear model compiled with coeff-packed (Galois keys)")
     ap.add_argument("--screenshot", type=Path)
     args = ap.parse_args()
     Xte, _ = load_mnist(MNIST / "test-images-idx3-ubyte.gz", MNIST / "test-labels-idx1-ubyte.gz")
