@@ -225,6 +225,18 @@ export function galoisStep(element, degree) {
 // Linear models: BFV, coefficient encoding (layouts coeff-rowpack, coeff-packed, coeff-batch)
 // ================================================================================================
 
+/** A promise that resolves in a later task (a message to itself: not throttled like timers). */
+function nextTask() {
+  return new Promise((resolve) => {
+    const channel = new MessageChannel();
+    channel.port1.onmessage = () => {
+      channel.port1.close();
+      resolve(undefined);
+    };
+    channel.port2.postMessage(null);
+  });
+}
+
 /**
  * Bytes of a compact result record: per result, c1 (N values) then c0 at its coefficients.
  * @param {Array<{coefficients: number[]}>} results
@@ -582,6 +594,38 @@ export class LinearCodec {
    *   leaves a lone last feature)
    */
   encryptBatch(X, progress, group = BATCH_GROUP) {
+    const steps = this._batchSteps(X, group);
+    for (;;) {
+      const step = steps.next();
+      if (step.done) return step.value;
+      progress?.(...step.value);
+    }
+  }
+
+  /**
+   * encryptBatch's bytes, handing the page back its event loop after every composed
+   * ciphertext (hundreds of SEAL encryptions would otherwise freeze it for seconds).
+   * @param {ArrayLike<number>[]} X
+   * @param {(done: number, total: number) => void} [progress]
+   * @param {number} [group]
+   */
+  async encryptBatchAsync(X, progress, group = BATCH_GROUP) {
+    const steps = this._batchSteps(X, group);
+    for (;;) {
+      const step = steps.next();
+      if (step.done) return step.value;
+      progress?.(...step.value);
+      await nextTask();
+    }
+  }
+
+  /**
+   * The work of encryptBatch, one composed ciphertext per step; yields (features done, total).
+   * @param {ArrayLike<number>[]} X
+   * @param {number} group
+   * @returns {Generator<[number, number], Uint8Array, void>}
+   */
+  *_batchSteps(X, group) {
     if (!this.batch) throw new Error('this model does not serve the coeff-batch layout');
     if (X.length < 1 || X.length > this.batchCapacity) {
       throw new Error(`a coeff-batch request holds 1..${this.batchCapacity} samples, got ${X.length}`);
@@ -650,7 +694,7 @@ export class LinearCodec {
             out.set(packBits(c0s[k][j], bitLength(q)), limbStarts[j] + i * limbBytes[j]);
           });
         });
-        progress?.(first + features.length, this.nFeatures);
+        yield [first + features.length, this.nFeatures];
       }
     } finally {
       fresh.delete();
@@ -1083,6 +1127,19 @@ export class Client {
       if (layout === PACKED_LAYOUT) return this.codec.encryptPacked(X);
     }
     throw new Error(`model ${this.model} is not served in layout ${layout} by this client`);
+  }
+
+  /**
+   * encrypt(), giving the page its event loop back between coeff-batch's composed ciphertexts.
+   * @param {ArrayLike<number>[]} X
+   * @param {string} [layout]
+   * @param {(done: number, total: number) => void} [progress]
+   * @returns {Promise<Uint8Array>}
+   */
+  async encryptAsync(X, layout = this.layout, progress = undefined) {
+    this.keygen();
+    if (layout === BATCH_LAYOUT && this.codec instanceof LinearCodec) return this.codec.encryptBatchAsync(X, progress);
+    return this.encrypt(X, layout);
   }
 
   /** @param {Uint8Array} body @returns {Promise<Uint8Array>} */

@@ -266,7 +266,9 @@ async function run(X) {
   }
   const layout = client.layouts.includes($('layout').value) ? $('layout').value : client.layout;
   if (X.length > client.capacity(layout)) throw new Error(`one ${layout} request holds at most ${client.capacity(layout)} images`);
-  const body = await timed('encrypt', () => client.encrypt(X, layout));
+  const progress = (/** @type {number} */ done, /** @type {number} */ total) => status(`Encrypting: ${done} of ${total} ciphertexts…`);
+  const body = await timed('encrypt', () => client.encryptAsync(X, layout, progress));
+  status(`Sending ${size(body.length)} of ciphertext; the service computes on it…`);
   const response = await timed('service (network + encrypted inference)', () => client.infer(body));
   const all = await timed('decrypt', () => client.decrypt(response));
   const predictions = all.map((scores) => ({ digit: argmax(scores), scores: Array.from(scores) }));
