@@ -43,36 +43,32 @@ export function shake128(data, length) {
 
 /**
  * Pack integers below 2**bits into exactly ceil(n*bits/8) bytes: one little-endian bit stream,
- * value k at bits [k*bits, (k+1)*bits) (Python: heinfer.he.backend.pack_bits).
+ * value k at bits [k*bits, (k+1)*bits) (Python: heinfer.he.backend.pack_bits). Works on the
+ * values' 32-bit halves (little-endian hosts: every browser, Node), a byte at a time, with no
+ * BigInt per value: a coeff-batch request packs millions of them.
  * @param {BigUint64Array} values
  * @param {number} bits 1..64
  * @returns {Uint8Array}
  */
 export function packBits(values, bits) {
   const out = new Uint8Array(Math.ceil((values.length * bits) / 8));
-  const mask = (1n << BigInt(bits)) - 1n;
-  let acc = 0n;
-  let held = 0n;
-  let at = 0;
-  const width = BigInt(bits);
+  const halves = new Uint32Array(values.buffer, values.byteOffset, 2 * values.length);
+  const loMask = bits >= 32 ? 0xffffffff : 2 ** bits - 1;
+  const hiMask = bits >= 64 ? 0xffffffff : bits > 32 ? 2 ** (bits - 32) - 1 : 0;
+  let at = 0; // bit position in out
   for (let i = 0; i < values.length; i++) {
-    acc |= (values[i] & mask) << held;
-    held += width;
-    while (held >= 32n) {
-      const word = Number(acc & 0xffffffffn);
-      out[at] = word & 0xff;
-      out[at + 1] = (word >>> 8) & 0xff;
-      out[at + 2] = (word >>> 16) & 0xff;
-      out[at + 3] = word >>> 24;
-      at += 4;
-      acc >>= 32n;
-      held -= 32n;
+    let lo = (halves[2 * i] & loMask) >>> 0;
+    let hi = (halves[2 * i + 1] & hiMask) >>> 0;
+    let left = bits;
+    while (left > 0) {
+      const shift = at & 7;
+      const take = Math.min(8 - shift, left);
+      out[at >> 3] |= (lo & ((1 << take) - 1)) << shift;
+      lo = ((lo >>> take) | (hi << (32 - take))) >>> 0; // take <= 8: both shifts in range
+      hi >>>= take;
+      at += take;
+      left -= take;
     }
-  }
-  while (held > 0n) {
-    out[at++] = Number(acc & 0xffn);
-    acc >>= 8n;
-    held -= 8n;
   }
   return out;
 }
