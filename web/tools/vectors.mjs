@@ -15,8 +15,6 @@ const ops = {
   unpack: (/** @type {any} */ c) => strings(f.unpackBits(unhex(c.data), c.count, c.bits)),
   expand: (/** @type {any} */ c) =>
     strings(f.expandUniform(unhex(c.seed), BigInt(c.q), c.prime, c.index, c.degree, new TextEncoder().encode(c.tag))),
-  replace: (/** @type {any} */ c) =>
-    strings(f.replaceUniformHalf(words(c.k0), words(c.a), words(c.a_new), words(c.s), BigInt(c.q))),
   bfv_fingerprint: (/** @type {any} */ c) => hex(f.bfvFingerprint(c.scheme)),
   ckks_fingerprint: (/** @type {any} */ c) => hex(f.ckksFingerprint(c.params)),
   network_key_fingerprint: (/** @type {any} */ c) => hex(f.networkKeyFingerprint(c.params)),

@@ -4,8 +4,7 @@
  *
  * Everything here mirrors a piece of the Python client byte for byte (tests/web/test_js_formats.py
  * feeds both the same inputs): SHA-256 and SHAKE-128 (@noble/hashes; parameter fingerprints, seed
- * expansion), bit packing, the seeded public key's correction, and the frames around
- * ciphertexts. The lattice
+ * expansion), bit packing, and the frames around ciphertexts. The lattice
  * work itself (key generation, encryption, decryption) is Microsoft SEAL's, compiled to
  * WebAssembly (node-seal); see heinfer.js.
  */
@@ -102,7 +101,7 @@ export function unpackBits(data, count, bits) {
   return out;
 }
 
-// -- seed expansion and the seeded public key --------------------------------------------------
+// -- seed expansion --------------------------------------------------
 
 export const SEED_BYTES = 32;
 export const PUBLIC_A_TAG = enc.encode('heinfer/public-key/a/v1');
@@ -148,26 +147,6 @@ export function expandUniform(seed, q, prime, index, degree, tag = BATCH_A_TAG) 
     if (kept === degree) return out;
     words *= 2;
   }
-}
-
-/**
- * k0 + (a - aNew) * s modulo q, coefficient-wise (all in NTT form): the first half of an RLWE
- * pair (k0, a) = (-(a*s + e) + m, a) rewritten for a new uniform half aNew with the same e and m
- * (Python: heinfer.he.backend.replace_uniform_half).
- * @param {BigUint64Array} k0
- * @param {BigUint64Array} a
- * @param {BigUint64Array} aNew
- * @param {BigUint64Array} s
- * @param {bigint} q
- * @returns {BigUint64Array}
- */
-export function replaceUniformHalf(k0, a, aNew, s, q) {
-  const out = new BigUint64Array(k0.length);
-  for (let i = 0; i < k0.length; i++) {
-    const difference = (a[i] + q - aNew[i]) % q;
-    out[i] = (k0[i] + difference * s[i]) % q;
-  }
-  return out;
 }
 
 // -- parameter fingerprints --------------------------------------------------------------------

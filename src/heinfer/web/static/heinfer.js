@@ -27,7 +27,6 @@ import {
   networkKeyFingerprint,
   packBits,
   readSealHeader,
-  replaceUniformHalf,
   sealObject,
   setSealVersion,
   unpackBits,
@@ -118,15 +117,16 @@ function localMinor(S) {
  * @param {number} degree
  * @param {bigint[]} primes
  * @param {bigint | null} plainModulus
+ * @param {any} [securityLevel] SEAL's check (default 128 bits; arithmetic-only twins pass none)
  */
-function sealContext(S, schemeType, degree, primes, plainModulus) {
+function sealContext(S, schemeType, degree, primes, plainModulus, securityLevel = S.SecLevelType.tc128) {
   const parms = new S.EncryptionParameters(schemeType);
   parms.setPolyModulusDegree(degree);
   const moduli = new S.VectorModulus();
   for (const q of primes) moduli.push_back(new S.Modulus(q));
   parms.setCoeffModulus(moduli);
   if (plainModulus !== null) parms.setPlainModulus(new S.Modulus(plainModulus));
-  const context = new S.SEALContext(parms, true, S.SecLevelType.tc128);
+  const context = new S.SEALContext(parms, true, securityLevel);
   if (!context.parametersSet()) throw new Error('SEAL rejects these encryption parameters');
   return context;
 }
@@ -406,16 +406,100 @@ export class LinearCodec {
    * @param {Uint8Array} tag
    */
   _seeded(pairs, tag) {
-    const s = plaintextArrays(this.secretBytes(), this.degree);
     const seed = randomBytes(SEED_BYTES);
+    const fresh = pairs.map((_, index) => this.primes.map((q, j) => expandUniform(seed, q, j, index, this.degree, tag)));
     /** @type {Uint8Array[]} */ const parts = [seed];
-    pairs.forEach(([k0, a], index) => {
-      this.primes.forEach((q, j) => {
-        const aSeeded = expandUniform(seed, q, j, index, this.degree, tag);
-        parts.push(packBits(replaceUniformHalf(k0[j], a[j], aSeeded, s[j], q), bitLength(q)));
-      });
+    this._moveUniformHalves(pairs, fresh).forEach((k0) => {
+      this.primes.forEach((q, j) => parts.push(packBits(k0[j], bitLength(q))));
     });
     return concat(parts);
+  }
+
+  /**
+   * k0 + (a - a')*s for RLWE pairs (k0, a) in NTT form at the key level and new uniform halves
+   * a' (Python: rlwe.encrypt.replace_uniform_half): the pair's message and error with a' as its
+   * uniform half. SEAL does the arithmetic, in a twin CKKS context (every ciphertext in NTT
+   * form) whose coefficient modulus is the key level's primes plus one more prime, so that its
+   * data level is exactly the key level: sub, multiply_plain by the secret key's NTT form, add,
+   * on ciphertexts composed from the polynomials, up to 16 pairs per ciphertext.
+   * @param {BigUint64Array[][][]} pairs [pair][component][prime]
+   * @param {BigUint64Array[][]} fresh [pair][prime]
+   * @returns {BigUint64Array[][]} [pair][prime] the corrected k0
+   */
+  _moveUniformHalves(pairs, fresh) {
+    const S = this.S;
+    const n = this.degree;
+    const levels = this.primes.length;
+    const candidates = S.CoeffModulus.Create(n, Int32Array.from({ length: levels + 1 }, () => 60));
+    let extra = 0n;
+    for (let i = 0; i < candidates.size(); i++) {
+      const q = /** @type {any} */ (candidates.get(i)).value();
+      if (!this.primes.includes(q)) extra = q;
+    }
+    candidates.delete();
+    const twin = sealContext(S, S.SchemeType.ckks, n, [...this.primes, extra], null, S.SecLevelType.none);
+    const dataLevel = twin.firstParmsId();
+    const parmsId = new Uint8Array(new BigUint64Array(Array.from(dataLevel.values(), BigInt)).buffer);
+    dataLevel.delete();
+    const meta = new Uint8Array(CT_META_BYTES);
+    const view = new DataView(meta.buffer);
+    meta.set(parmsId);
+    meta[32] = 1; // NTT form
+    view.setBigUint64(41, BigInt(n), true);
+    view.setBigUint64(49, BigInt(levels), true);
+    view.setFloat64(57, 1.0, true);
+    view.setBigUint64(65, 1n, true);
+    const secret = this.secretBytes();
+    const sBytes = secret.slice(SEAL_HEADER_BYTES + 48 + SEAL_HEADER_BYTES + 8, SEAL_HEADER_BYTES + 48 + SEAL_HEADER_BYTES + 8 + 8 * n * levels);
+    secret.fill(0);
+    const plainMeta = new Uint8Array(48);
+    plainMeta.set(parmsId);
+    new DataView(plainMeta.buffer).setBigUint64(32, BigInt(n * levels), true);
+    new DataView(plainMeta.buffer).setFloat64(40, 1.0, true);
+    const count = new Uint8Array(8);
+    new DataView(count.buffer).setBigUint64(0, BigInt(n * levels), true);
+    const sNtt = new S.Plaintext();
+    const evaluator = new S.Evaluator(twin);
+    /** @type {BigUint64Array[][]} */ const out = [];
+    /** @param {Uint8Array[]} polys */
+    const composed = (polys) => {
+      const head = meta.slice();
+      new DataView(head.buffer).setBigUint64(33, BigInt(polys.length), true);
+      const words = new Uint8Array(8);
+      new DataView(words.buffer).setBigUint64(0, BigInt(polys.length * n * levels), true);
+      const ct = new S.Ciphertext();
+      ct.loadFromArray(twin, sealObject(concat([head, sealObject(concat([words, ...polys]), this.minor)]), this.minor));
+      return ct;
+    };
+    /** @param {BigUint64Array[]} rows */
+    const poly = (rows) => concat(rows.map((row) => new Uint8Array(row.buffer, row.byteOffset, 8 * n)));
+    try {
+      sNtt.loadFromArray(twin, sealObject(concat([plainMeta, sealObject(concat([count, sBytes]), this.minor)]), this.minor));
+      for (let first = 0; first < pairs.length; first += BATCH_GROUP) {
+        const group = pairs.slice(first, first + BATCH_GROUP);
+        const news = fresh.slice(first, first + BATCH_GROUP);
+        const k0s = group.map(([k0]) => poly(k0));
+        const olds = group.map(([, a]) => poly(a));
+        const seeded = news.map(poly);
+        // SEAL refuses single-component ciphertexts and results whose c1.. are all zero
+        for (const parts of [k0s, olds, seeded]) if (parts.length === 1) parts.push(parts[0]);
+        const difference = composed(olds);
+        const seededHalf = composed(seeded);
+        const first0 = composed(k0s);
+        evaluator.subInplace(difference, seededHalf); // a - a'
+        evaluator.multiplyPlainInplace(difference, sNtt); // (a - a') * s
+        evaluator.addInplace(difference, first0); // k0 + (a - a') * s
+        const result = ciphertextArrays(bytes(difference.saveToArray(S.ComprModeType.none)));
+        for (const ct of [difference, seededHalf, first0]) ct.delete();
+        group.forEach((_, k) => out.push(result[k].map((row) => row.slice())));
+      }
+    } finally {
+      sBytes.fill(0);
+      sNtt.delete();
+      evaluator.delete();
+      twin.delete();
+    }
+    return out;
   }
 
   /** @param {ArrayLike<number>} x features in the manifest's input range */
