@@ -118,15 +118,16 @@ function localMinor(S) {
  * @param {bigint[]} primes
  * @param {bigint | null} plainModulus
  * @param {any} [securityLevel] SEAL's check (default 128 bits; arithmetic-only twins pass none)
+ * @param {boolean} [chain] build every level (arithmetic-only twins need the first only)
  */
-function sealContext(S, schemeType, degree, primes, plainModulus, securityLevel = S.SecLevelType.tc128) {
+function sealContext(S, schemeType, degree, primes, plainModulus, securityLevel = S.SecLevelType.tc128, chain = true) {
   const parms = new S.EncryptionParameters(schemeType);
   parms.setPolyModulusDegree(degree);
   const moduli = new S.VectorModulus();
   for (const q of primes) moduli.push_back(new S.Modulus(q));
   parms.setCoeffModulus(moduli);
   if (plainModulus !== null) parms.setPlainModulus(new S.Modulus(plainModulus));
-  const context = new S.SEALContext(parms, true, securityLevel);
+  const context = new S.SEALContext(parms, chain, securityLevel);
   if (!context.parametersSet()) throw new Error('SEAL rejects these encryption parameters');
   return context;
 }
@@ -297,6 +298,8 @@ export class LinearCodec {
     this._lastMeta = new Uint8Array(0);
     /** metadata of a fresh ciphertext at the data level, from SEAL (set with the key) */
     this._dataMeta = new Uint8Array(0);
+    /** @type {{twin: any, parmsId: Uint8Array} | null} SEAL context for key-level arithmetic */
+    this._twin = null;
   }
 
   /** A fresh secret key, kept inside SEAL's memory in this page. */
@@ -430,17 +433,7 @@ export class LinearCodec {
     const S = this.S;
     const n = this.degree;
     const levels = this.primes.length;
-    const candidates = S.CoeffModulus.Create(n, Int32Array.from({ length: levels + 1 }, () => 60));
-    let extra = 0n;
-    for (let i = 0; i < candidates.size(); i++) {
-      const q = /** @type {any} */ (candidates.get(i)).value();
-      if (!this.primes.includes(q)) extra = q;
-    }
-    candidates.delete();
-    const twin = sealContext(S, S.SchemeType.ckks, n, [...this.primes, extra], null, S.SecLevelType.none);
-    const dataLevel = twin.firstParmsId();
-    const parmsId = new Uint8Array(new BigUint64Array(Array.from(dataLevel.values(), BigInt)).buffer);
-    dataLevel.delete();
+    const { twin, parmsId } = this._keyLevelTwin();
     const meta = new Uint8Array(CT_META_BYTES);
     const view = new DataView(meta.buffer);
     meta.set(parmsId);
@@ -497,9 +490,34 @@ export class LinearCodec {
       sBytes.fill(0);
       sNtt.delete();
       evaluator.delete();
-      twin.delete();
     }
     return out;
+  }
+
+  /**
+   * The twin CKKS context of _moveUniformHalves (made once per codec: SEAL takes ~0.1 s to
+   * make a context in WebAssembly): the key level's primes plus one more 60-bit prime, first
+   * level only, and that level's parms_id bytes.
+   * @returns {{twin: any, parmsId: Uint8Array}}
+   */
+  _keyLevelTwin() {
+    if (!this._twin) {
+      const S = this.S;
+      const n = this.degree;
+      const candidates = S.CoeffModulus.Create(n, Int32Array.from({ length: this.primes.length + 1 }, () => 60));
+      let extra = 0n;
+      for (let i = 0; i < candidates.size(); i++) {
+        const q = /** @type {any} */ (candidates.get(i)).value();
+        if (!this.primes.includes(q)) extra = q;
+      }
+      candidates.delete();
+      const twin = sealContext(S, S.SchemeType.ckks, n, [...this.primes, extra], null, S.SecLevelType.none, false);
+      const dataLevel = twin.firstParmsId();
+      const parmsId = new Uint8Array(new BigUint64Array(Array.from(dataLevel.values(), BigInt)).buffer);
+      dataLevel.delete();
+      this._twin = { twin, parmsId };
+    }
+    return this._twin;
   }
 
   /** @param {ArrayLike<number>} x features in the manifest's input range */
