@@ -373,7 +373,7 @@ export class LinearCodec {
   galoisKeyBytes() {
     const S = this.S;
     const steps = Int32Array.from(this.galoisElements, (e) => galoisStep(e, this.degree));
-    const twin = sealContext(S, S.SchemeType.bfv, this.degree, this.primes, BATCHING_PLAIN_MODULUS);
+    const twin = sealContext(S, S.SchemeType.bfv, this.degree, this.primes, BATCHING_PLAIN_MODULUS, undefined, false);
     const throwaway = new S.KeyGenerator(twin);
     const other = throwaway.secretKey();
     const relabelled = this.secretBytes().slice();
