@@ -23,6 +23,7 @@ from heinfer.he.ckks import _ENVELOPE, KIND_CIPHERTEXT, MAGIC, VERSION, CkksPara
 from heinfer.he.galois import GALOIS_A_TAG
 from heinfer.he.params import BFVParameters
 from heinfer.he.serialization import seal_version
+from heinfer.plans.linear.packed import Packing, automorphism
 from heinfer.plans.network.frames import encode_frames
 from heinfer.plans.network.plan import network_key_fingerprint
 from heinfer.plans.wire import decode_response, encode_keys, encode_request, encode_response
@@ -158,3 +159,22 @@ def test_tags_are_the_python_clients() -> None:
     assert run_js([{"op": "tags"}]) == [
         [PUBLIC_A_TAG.decode(), BATCH_A_TAG.decode(), GALOIS_A_TAG.decode()]
     ]
+
+
+def test_packed_client_levels_as_the_python_client() -> None:
+    """coeff-packed's client levels: the image elements and the plaintext automorphism."""
+    cases, expected = [], []
+    for degree, stride, levels in ((4096, 1024, 2), (8192, 1024, 3), (8192, 2048, 2)):
+        for client_levels in range(levels + 1):
+            pack = Packing(degree, stride, levels, [], client_levels)
+            cases.append({"op": "image_elements", "degree": degree,
+                          "spec": {"stride": stride, "client_levels": client_levels}})
+            expected.append(pack.image_elements)
+    values = RNG.integers(0, 256, 784)
+    for element in (1, 9, 17, 33, 8191, 3 * 17 % 16384):
+        poly = np.zeros(8192, dtype=np.int64)
+        poly[:784] = values
+        cases.append({"op": "automorphism", "values": values.tolist(), "element": element,
+                      "degree": 8192})
+        expected.append(automorphism(poly, element).tolist())
+    assert run_js(cases) == expected

@@ -1,11 +1,13 @@
 """The page's coeff-packed layout: rowpack's requests, the scores packed by Galois automorphisms.
 
-A linear MNIST model compiled with coeff-packed (N = 8192, one Galois element) is served on
-loopback; the page, with that layout preselected (the Python client's choice too), makes the
-public key and SEAL's Galois keys re-seeded as heinfer's compact upload, sends 50 shared test
-digits in one request and decrypts the packed scores. Every output depends on the page's Galois
-key (the packing tree adds an automorphism of the partial products), so agreement with the
-plaintext model on all 50 digits checks the key as well as the request and response formats.
+A linear MNIST model compiled with coeff-packed (N = 8192, a packing tree of one level) is
+served on loopback, once with the tree's level on the server (one Galois element) and once on
+the client (client_levels = 1: the page also encrypts x(X^e), no Galois key). The page, with
+that layout preselected (the Python client's choice too), makes the public key and any Galois
+keys re-seeded as heinfer's compact upload, sends 50 shared test digits in one request and
+decrypts the packed scores. Every output depends on the tree's automorphism (the page's Galois
+key, or the page's automorphic image), so agreement with the plaintext model on all 50 digits
+checks those as well as the request and response formats.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from sklearn.linear_model import LogisticRegression
 import heinfer
 from heinfer.he.galois import galois_key_bytes
 from heinfer.plans.base import codec_for
+from heinfer.plans.linear import compile as compile_module
 from service_helpers import RunningService
 
 pytest.importorskip("playwright.sync_api")
@@ -32,11 +35,17 @@ pytestmark = [pytest.mark.web, pytest.mark.e2e]
 DIGITS = 50
 
 
-@pytest.fixture(scope="module")
-def packed_model(mnist_estimator: LogisticRegression) -> heinfer.EncryptedModel:
-    return heinfer.compile(
-        mnist_estimator, name="mnist-packed", input_range=(0.0, 1.0), layout="coeff-packed"
-    )
+@pytest.fixture(scope="module", params=[0, 1], ids=["tree-on-server", "tree-on-client"])
+def packed_model(
+    request: pytest.FixtureRequest, mnist_estimator: LogisticRegression
+) -> heinfer.EncryptedModel:
+    with pytest.MonkeyPatch.context() as patch:  # the cost model would pick one of the two
+        patch.setattr(compile_module, "_CLIENT_LEVELS", (request.param,))
+        model = heinfer.compile(
+            mnist_estimator, name="mnist-packed", input_range=(0.0, 1.0), layout="coeff-packed"
+        )
+    assert model.manifest.layout["packed"]["client_levels"] == request.param
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +84,9 @@ def test_page_packs_fifty_digits_like_the_plaintext_model(
     packed_model: heinfer.EncryptedModel,
     tmp_path: Path,
 ) -> None:
-    assert packed_model.manifest.keys.galois_elements  # the model needs a Galois key
+    spec = packed_model.manifest.layout["packed"]
+    elements = packed_model.manifest.keys.galois_elements
+    assert bool(elements) == (spec["client_levels"] < spec["levels"])
     page = browser.new_page()
     requests: list[Any] = []
     page.on("request", lambda request: requests.append(request))
@@ -109,11 +120,13 @@ def test_page_packs_fifty_digits_like_the_plaintext_model(
     bodies = [request.post_data_buffer or b"" for request in requests]
     infer = [body for body in bodies if body[:4] == b"HEP1"]
     assert len(infer) == 1 and struct.unpack_from("<I", infer[0], 4)[0] == DIGITS
-    uploads = [key_parts(body) for body in bodies if body[:4] == b"HEK1"]
     context = codec_for(packed_model.manifest).context
-    elements = packed_model.manifest.keys.galois_elements
+    images = 1 << spec["client_levels"]  # ciphertexts per digit: x and its automorphic images
+    assert len(infer[0]) == 8 + DIGITS * images * context.request_bytes
+    uploads = [key_parts(body) for body in bodies if body[:4] == b"HEK1"]
     assert len(uploads) == 1 and set(uploads[0]) == {1, 3}  # public and Galois
-    assert len(uploads[0][3]) == galois_key_bytes(context, elements)
+    # the whole tree on the client: the Galois part is the Python client's 32-byte empty form
+    assert len(uploads[0][3]) == galois_key_bytes(context, elements) >= 32
     secret = bytes(page.evaluate(
         "() => Array.from(window.heinferClients.get('mnist-packed').secretBytes())"))
     page.close()

@@ -239,6 +239,41 @@ function nextTask() {
 }
 
 /**
+ * The automorphisms a coeff-packed client applies for the tree's client levels (Python:
+ * Packing.image_elements): image b is x(X^e_b), e_b the product of the first client_levels
+ * levels' elements 2N/S + 1 (stride S = stride / 2^k, coarsest first) whose bit is set in b,
+ * modulo 2N; image 0 is x itself.
+ * @param {{stride: number, client_levels?: number}} spec the manifest's layout.packed
+ * @param {number} degree N
+ * @returns {number[]}
+ */
+export function imageElements(spec, degree) {
+  const m = 2 * degree;
+  const clientLevels = Number(spec.client_levels ?? 0);
+  const levelElements = Array.from({ length: clientLevels }, (_, k) => m / (Number(spec.stride) >> k) + 1);
+  return Array.from({ length: 1 << clientLevels }, (_, b) =>
+    levelElements.reduce((element, e, k) => ((b >> k) & 1 ? (element * e) % m : element), 1),
+  );
+}
+
+/**
+ * p(X) -> p(X^element) in Z[X]/(X^N + 1) for a plaintext's integer coefficients (element odd):
+ * coefficient i moves to i*element mod 2N, negated at or above N (Python: packed.automorphism).
+ * @param {Int32Array} coefficients at most N
+ * @param {number} element
+ * @param {number} degree N
+ */
+export function automorphism(coefficients, element, degree) {
+  const out = new Int32Array(degree);
+  coefficients.forEach((v, i) => {
+    const target = (i * element) % (2 * degree);
+    if (target >= degree) out[target - degree] = -v;
+    else out[target] = v;
+  });
+  return out;
+}
+
+/**
  * Bytes of a compact result record: per result, c1 (N values) then c0 at its coefficients.
  * @param {Array<{coefficients: number[]}>} results
  * @param {number} degree
@@ -371,6 +406,7 @@ export class LinearCodec {
    * coefficients are the same numbers). Only the (k0, a) pairs are taken from the result.
    */
   galoisKeyBytes() {
+    if (!this.galoisElements.length) return randomBytes(SEED_BYTES); // tree on the client: a seed of no keys, as Python sends
     const S = this.S;
     const steps = Int32Array.from(this.galoisElements, (e) => galoisStep(e, this.degree));
     const twin = sealContext(S, S.SchemeType.bfv, this.degree, this.primes, BATCHING_PLAIN_MODULUS, undefined, false);
@@ -559,8 +595,16 @@ export class LinearCodec {
    */
   encrypt(x) {
     if (x.length !== this.nFeatures) throw new Error(`expected ${this.nFeatures} features`);
+    return this._encryptCoefficients(this.quantize(x));
+  }
+
+  /**
+   * One compact record (as encrypt) of the plaintext polynomial with these coefficients.
+   * @param {Int32Array} coefficients
+   */
+  _encryptCoefficients(coefficients) {
     const S = this.S;
-    const plain = this._plaintext(this.quantize(x));
+    const plain = this._plaintext(coefficients);
     const serializable = this.encryptor.encryptSymmetricSerializable(plain);
     const saved = bytes(serializable.saveToArray(S.ComprModeType.none));
     serializable.delete();
@@ -895,7 +939,17 @@ export class LinearCodec {
    */
   encryptPacked(X) {
     if (!this.packed) throw new Error('this model does not serve the coeff-packed layout');
-    return concat([frameHead('HEP1', X.length), ...X.map((x) => this.encrypt(x))]);
+    const records = X.map((x) => {
+      if (x.length !== this.nFeatures) throw new Error(`expected ${this.nFeatures} features`);
+      const q = this.quantize(x);
+      return concat(this.imageElements.map((e) => this._encryptCoefficients(automorphism(q, e, this.degree))));
+    });
+    return concat([frameHead('HEP1', X.length), ...records]);
+  }
+
+  /** The automorphisms of coeff-packed's client levels (see imageElements); [1] without. */
+  get imageElements() {
+    return this.packed ? imageElements(this.packed, this.degree) : [1];
   }
 
   /**
@@ -929,7 +983,7 @@ export class LinearCodec {
   keyParts() {
     /** @type {Array<[ 'public' | 'relin' | 'galois', Uint8Array ]>} */
     const parts = [['public', this.publicKeyBytes()]];
-    if (this.packed && this.galoisElements.length) parts.push(['galois', this.galoisKeyBytes()]);
+    if (this.packed) parts.push(['galois', this.galoisKeyBytes()]);
     return parts;
   }
 

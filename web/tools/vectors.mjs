@@ -1,7 +1,7 @@
 // Runs formats.js on the cases tests/web/test_js_formats.py sends (JSON on stdin, hex bytes)
 // and prints the results (JSON on stdout), so the Python test compares both clients' bytes.
 import * as f from '../src/formats.js';
-import { SERVICE_SEAL_MINOR } from '../src/heinfer.js';
+import { SERVICE_SEAL_MINOR, automorphism, imageElements } from '../src/heinfer.js';
 
 const hex = (/** @type {Uint8Array} */ b) => Buffer.from(b).toString('hex');
 const unhex = (/** @type {string} */ s) => new Uint8Array(Buffer.from(s, 'hex'));
@@ -24,6 +24,8 @@ const ops = {
   decode_frames: (/** @type {any} */ c) => f.decodeFrames(c.magic, unhex(c.body), c.max_record_bytes).map(hex),
   envelope: (/** @type {any} */ c) => hex(f.wrapEnvelope(c.kind, unhex(c.fingerprint), unhex(c.data))),
   service_minor: () => SERVICE_SEAL_MINOR,
+  automorphism: (/** @type {any} */ c) => Array.from(automorphism(Int32Array.from(c.values), c.element, c.degree)),
+  image_elements: (/** @type {any} */ c) => imageElements(c.spec, c.degree),
   tags: () => [f.PUBLIC_A_TAG, f.BATCH_A_TAG, f.GALOIS_A_TAG].map((t) => new TextDecoder().decode(t)),
 };
 
