@@ -96,6 +96,32 @@ def test_version_1_manifests_still_parse_and_go_out_unchanged(
     assert parsed.privacy.extraction is None and parsed.to_dict() == old
 
 
+def test_caller_view_names_the_open_layouts_and_is_versioned(
+    mnist_model: heinfer.EncryptedModel,
+) -> None:
+    from heinfer.errors import ModelFormatError
+    from heinfer.plans.base import codec_for
+    from heinfer.plans.manifest import CALLER_VIEW_VERSION, Manifest
+
+    manifest = mnist_model.manifest
+    assert manifest.for_caller(None) is manifest  # nothing switched off: the compiled document
+    assert "allowed_layouts" not in manifest.to_dict()
+    view = Manifest.from_dict(manifest.for_caller(["coeff-rowpack"]).to_dict())
+    assert view.allowed_layouts == ["coeff-rowpack"]
+    assert view.format_version == CALLER_VIEW_VERSION
+    unversioned = {**view.to_dict(), "format_version": manifest.format_version}
+    with pytest.raises(ModelFormatError, match="allowed_layouts needs format_version 3"):
+        Manifest.from_dict(unversioned)
+    # the codec picks among the allowed layouts only
+    codec = codec_for(manifest)
+    assert codec.layout_for(4096) == "coeff-batch"  # the control: batch pays from ~440 on
+    assert codec.layout_for(4096, allowed=["coeff-rowpack"]) == "coeff-rowpack"
+    assert {kind for *_, kind in codec.chunks(5000, allowed=["coeff-rowpack"])} == {
+        "coeff-rowpack"
+    }
+    assert codec.fallback_layout(["coeff-batch"]) == "coeff-batch"
+
+
 def test_readiness_runs_one_probe_for_concurrent_callers_and_reuses_it() -> None:
     calls = 0
 

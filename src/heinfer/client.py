@@ -20,6 +20,7 @@ import numpy as np
 from heinfer.errors import (
     BadInputError,
     HeinferError,
+    LayoutDisabledError,
     ParameterMismatchError,
     ShapeError,
     error_for_status,
@@ -64,6 +65,12 @@ class Client:
             self.codec: Codec = codec_for(self.manifest)
         except HeinferError as exc:
             raise ParameterMismatchError(exc.message) from None
+        # What the service lets this caller use (the manifest's `allowed_layouts`, absent when
+        # every layout is open); layouts this heinfer does not know are left out.
+        offered = self.manifest.allowed_layouts
+        self.allowed_layouts: tuple[str, ...] = tuple(
+            kind for kind in self.codec.layouts if offered is None or kind in offered
+        )
         self._secret: Secret | None = None
         self.key_id: str | None = None
         self.last_key_upload: bytes | None = None
@@ -74,6 +81,10 @@ class Client:
         """Make a secret key (kept in this process) and upload only the public material the
         manifest asks for: by default what every layout of the model needs, with `layout`
         only what that layout needs (for networks, the batched layout needs no Galois keys)."""
+        if layout is not None:
+            self._check_layout(layout)
+        elif len(self.allowed_layouts) == 1:  # only what the one open layout needs
+            layout = self.allowed_layouts[0]
         if self._secret is None:
             self._secret = self.codec.keygen()
         layouts = None if layout is None else [layout]
@@ -141,12 +152,15 @@ class Client:
     def layout_for(self, samples: int) -> str:
         """The layout `encrypt` picks for this many samples in one request: a batch layout
         once it is cheaper than per-sample ciphertexts (computed from the manifest, e.g. about
-        440 MNIST digits for the linear model), otherwise the model's per-sample layout."""
-        return self.codec.layout_for(samples, DEFAULT_MAX_BODY_BYTES)
+        440 MNIST digits for the linear model), otherwise the model's per-sample layout; only
+        among `allowed_layouts`."""
+        return self.codec.layout_for(samples, DEFAULT_MAX_BODY_BYTES, self._open())
 
     def encrypt(self, X: Any, *, layout: str | None = None) -> bytes:
         """Request body for X of shape (n_features,) or (n, n_features), in `layout` (one of
         `self.codec.layouts`) or by default `layout_for(len(X))`."""
+        if layout is not None:
+            self._check_layout(layout)
         data = self._check_X(X)
         chosen = layout or self.layout_for(len(data))
         return self.codec.encrypt(self._require_secret(), data, chosen)
@@ -161,7 +175,7 @@ class Client:
         requests)."""
         capacities = [
             layout.capacity for kind, layout in self.codec.layouts.items()
-            if kind != self.codec.default_layout
+            if kind != self.codec.default_layout and kind in self.allowed_layouts
         ]
         return max(capacities, default=0)
 
@@ -195,8 +209,11 @@ class Client:
         worker each; one chunk, e.g. one image, is sent from the calling thread, with no thread
         pool); `progress(k)` is called, in order, with the number of samples each
         finished chunk held. `layout` forces one layout for every chunk; keys are then
-        uploaded for that layout only.
+        uploaded for that layout only. Only `allowed_layouts` are used; forcing another one
+        raises LayoutDisabledError before anything is encrypted.
         """
+        if layout is not None:
+            self._check_layout(layout)
         data = self._check_X(X)
         chunks = self._chunks(len(data), batch_size, layout)
         used = {chosen for _, _, chosen in chunks}
@@ -241,7 +258,9 @@ class Client:
                 (start, stop, layout or self.layout_for(stop - start))
                 for start, stop in zip(starts, stops, strict=True)
             ]
-        return self.codec.chunks(total, DEFAULT_MAX_BODY_BYTES, layout, per_request=_CHUNK)
+        return self.codec.chunks(
+            total, DEFAULT_MAX_BODY_BYTES, layout, per_request=_CHUNK, allowed=self._open()
+        )
 
     def classify(self, X: Any, **kwargs: Any) -> np.ndarray:
         """Class labels (argmax of decrypted scores; sign for binary models)."""
@@ -282,6 +301,25 @@ class Client:
                 f"encodes inputs in [{spec.low:g}, {spec.high:g}] (for pixels: divide by 255)"
             )
         return data
+
+    def _open(self) -> tuple[str, ...]:
+        """`allowed_layouts`, refusing early (no request would succeed) when it is empty."""
+        if not self.allowed_layouts:
+            raise LayoutDisabledError(
+                f"the service switches every layout of model {self.model!r} off for this "
+                "tenant (the manifest's allowed_layouts is empty)"
+            )
+        return self.allowed_layouts
+
+    def _check_layout(self, layout: str) -> None:
+        """A forced layout must be one the service lets this caller use: refused here, before
+        any encryption, rather than with a 403 after uploading and encrypting."""
+        self.codec.layout(layout)  # an unknown layout: BadInputError naming the model's
+        if layout not in self._open():
+            raise LayoutDisabledError(
+                f"the {layout} layout of model {self.model!r} is switched off for this tenant; "
+                f"allowed: {', '.join(self.allowed_layouts)}"
+            )
 
     def _require_secret(self) -> Secret:
         if self._secret is None:

@@ -27,7 +27,7 @@ registered with `register_family`. See docs/architecture.md.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -363,12 +363,35 @@ class Codec(abc.ABC):
             raise MalformedPayloadError(f"response body does not start with {expected}")
         return layout.decrypt(secret, body)
 
-    def layout_for(self, samples: int, max_body_bytes: int | None = None) -> str:
+    def layout_for(
+        self,
+        samples: int,
+        max_body_bytes: int | None = None,
+        allowed: Collection[str] | None = None,
+    ) -> str:
         """The cheapest layout for one request of `samples` samples: the largest-capacity
-        layout that holds them and is preferred from that many samples on, else the default."""
-        return self._preferred(samples, max_body_bytes, must_hold=True)
+        layout that holds them and is preferred from that many samples on, else the default;
+        only among `allowed` when given (the manifest's `allowed_layouts`)."""
+        return self._preferred(samples, max_body_bytes, allowed, must_hold=True)
 
-    def _preferred(self, samples: int, max_body_bytes: int | None, *, must_hold: bool) -> str:
+    def fallback_layout(self, allowed: Collection[str] | None = None) -> str:
+        """The layout for requests no batch layout takes: the default, or the first allowed
+        one when the caller may not use the default."""
+        if allowed is None or self.default_layout in allowed:
+            return self.default_layout
+        for kind in self.layouts:
+            if kind in allowed:
+                return kind
+        raise BadInputError(f"no layout of model {self.manifest.name!r} is allowed")
+
+    def _preferred(
+        self,
+        samples: int,
+        max_body_bytes: int | None,
+        allowed: Collection[str] | None,
+        *,
+        must_hold: bool,
+    ) -> str:
         candidates = []
         for layout in self.layouts.values():
             start = layout.preferred_from
@@ -376,9 +399,11 @@ class Codec(abc.ABC):
                 continue
             if max_body_bytes is not None and layout.request_bytes_hint > max_body_bytes:
                 continue
+            if allowed is not None and layout.kind not in allowed:
+                continue
             candidates.append(layout)
         if not candidates:
-            return self.default_layout
+            return self.fallback_layout(allowed)
         return max(candidates, key=lambda layout: layout.capacity).kind
 
     def chunks(
@@ -388,13 +413,17 @@ class Codec(abc.ABC):
         layout: str | None = None,
         *,
         per_request: int | None = None,
+        allowed: Collection[str] | None = None,
     ) -> list[tuple[int, int, str]]:
         """(start, stop, layout) per request for `total` samples: full requests in the
-        preferred batch layout while enough samples remain, then the default layout in
-        requests of at most `per_request` samples. A forced `layout` is used throughout."""
+        preferred batch layout while enough samples remain, then the fallback layout in
+        requests of at most `per_request` samples; only `allowed` layouts when given. A forced
+        `layout` is used throughout."""
+        fallback = self.fallback_layout(allowed)
+
         def sized(kind: str) -> int:
             capacity = self.layout(kind).capacity
-            if kind == self.default_layout and per_request is not None:
+            if kind == fallback and per_request is not None:
                 return min(capacity, per_request)
             return capacity
 
@@ -404,16 +433,14 @@ class Codec(abc.ABC):
         bounds: list[tuple[int, int, str]] = []
         start = 0
         while start < total:
-            kind = self._preferred(total - start, max_body_bytes, must_hold=False)
-            if kind == self.default_layout:
+            kind = self._preferred(total - start, max_body_bytes, allowed, must_hold=False)
+            if kind == fallback:
                 break
             stop = min(total, start + self.layouts[kind].capacity)
             bounds.append((start, stop, kind))
             start = stop
-        size = sized(self.default_layout)
-        bounds.extend(
-            (i, min(total, i + size), self.default_layout) for i in range(start, total, size)
-        )
+        size = sized(fallback)
+        bounds.extend((i, min(total, i + size), fallback) for i in range(start, total, size))
         return bounds
 
 

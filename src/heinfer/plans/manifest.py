@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from heinfer.errors import ModelFormatError
 
 __all__ = [
+    "CALLER_VIEW_VERSION",
     "MANIFEST_FORMAT",
     "MANIFEST_VERSION",
     "ExtractionSpec",
@@ -35,7 +36,11 @@ MANIFEST_FORMAT: Final = "heinfer.manifest"
 # "upgrade heinfer". Version-1 manifests (models compiled before) still load and are served
 # unchanged, without the field.
 MANIFEST_VERSION = 2
-SUPPORTED_MANIFEST_VERSIONS = (1, 2)
+# 3: `allowed_layouts`, which only a served manifest carries, and only when the service's
+# budget rules switch some of the model's layouts off for the caller (server/budget.py). The
+# bump is for the same reason as 2's; every other caller gets the compiled document unchanged.
+CALLER_VIEW_VERSION = 3
+SUPPORTED_MANIFEST_VERSIONS = (1, 2, 3)
 
 
 class _Strict(BaseModel):
@@ -140,6 +145,12 @@ class Manifest(_Strict):
     output: OutputSpec
     scheme: dict[str, Any]
     layout: dict[str, Any]
+    allowed_layouts: list[str] | None = Field(
+        default=None,
+        description="the layout kinds (of those `layout` describes) this caller may use: "
+        "the service switches the others off for it (403 layout_disabled). Absent: every "
+        "layout is open. Only in served manifests, which then have format_version 3.",
+    )
     keys: KeysSpec
     precision: PrecisionSpec
     privacy: PrivacySpec
@@ -156,10 +167,29 @@ class Manifest(_Strict):
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
+    @model_validator(mode="after")
+    def _caller_view_is_versioned(self) -> Manifest:
+        if self.allowed_layouts is not None and self.format_version < CALLER_VIEW_VERSION:
+            raise ValueError(f"allowed_layouts needs format_version {CALLER_VIEW_VERSION}")
+        return self
+
+    def for_caller(self, allowed: list[str] | None) -> Manifest:
+        """The document served to a caller who may use only `allowed` (None: every layout):
+        the compiled manifest itself when nothing is switched off, so that one document, the
+        same for every such caller, stays cacheable and readable by older clients."""
+        if allowed is None:
+            return self
+        update = {"allowed_layouts": sorted(allowed), "format_version": CALLER_VIEW_VERSION}
+        return self.model_copy(update=update)
+
     def to_dict(self) -> dict[str, Any]:
         # A version-1 manifest goes out as it came in: its clients forbid unknown fields.
-        exclude = {"privacy": {"extraction"}} if self.privacy.extraction is None else None
-        return self.model_dump(mode="json", exclude=exclude)
+        exclude: dict[str, Any] = {}
+        if self.privacy.extraction is None:
+            exclude["privacy"] = {"extraction"}
+        if self.allowed_layouts is None:
+            exclude["allowed_layouts"] = True
+        return self.model_dump(mode="json", exclude=exclude or None)
 
     @classmethod
     def from_dict(cls, data: Any) -> Manifest:

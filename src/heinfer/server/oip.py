@@ -28,6 +28,7 @@ __all__ = [
     "INFER_ROUTES",
     "SERVER_NAME",
     "add_oip_routes",
+    "allowed_layouts",
     "model_metadata",
     "unwrap",
     "versioned_plan",
@@ -58,6 +59,12 @@ class _Service(Protocol):
 
     @property
     def readiness(self) -> Any: ...
+
+    @property
+    def tokens(self) -> Any: ...
+
+    @property
+    def budget(self) -> Any: ...
 
 
 def _service(request: Request) -> _Service:
@@ -110,10 +117,34 @@ async def _model_metadata(request: Request) -> JSONResponse:
     return JSONResponse(model_metadata(versioned_plan(svc, request)))
 
 
+# The manifest changes only when the service restarts; a minute keeps a restart visible soon.
+MANIFEST_MAX_AGE = 60
+
+
+def allowed_layouts(svc: _Service, tenant: str, plan: Plan) -> list[str] | None:
+    """The layouts the budget rules leave open to `tenant`, or None when all are open."""
+    allowed = svc.budget.policy.layouts_for(tenant, plan.manifest.name, plan)
+    served = {layout.kind for layout in plan.layouts.values()}
+    return None if set(allowed) == served else list(allowed)
+
+
+def _cache_headers(authenticated: bool) -> dict[str, str]:
+    """Without auth every caller is one tenant and gets one document: any cache may keep it.
+    With auth the document depends on the token: only the caller's own cache may."""
+    if not authenticated:
+        return {"Cache-Control": f"public, max-age={MANIFEST_MAX_AGE}"}
+    return {"Cache-Control": f"private, max-age={MANIFEST_MAX_AGE}", "Vary": "Authorization"}
+
+
 async def _manifest(request: Request) -> JSONResponse:
+    """The compiled manifest, plus `allowed_layouts` (format_version 3) when the budget rules
+    switch layouts off for this caller, so that its client picks among the open ones instead
+    of meeting a 403."""
     svc = _service(request)
-    svc.tenant(request)
-    return JSONResponse(versioned_plan(svc, request).manifest.to_dict())
+    tenant = svc.tenant(request)
+    plan = versioned_plan(svc, request)
+    manifest = plan.manifest.for_caller(allowed_layouts(svc, tenant, plan))
+    return JSONResponse(manifest.to_dict(), headers=_cache_headers(svc.tokens is not None))
 
 
 async def _model_ready(request: Request) -> JSONResponse:

@@ -124,8 +124,26 @@ _OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     },
     ("get", "/v2/models/{name}/manifest"): {
         "summary": "The heinfer manifest: what a client needs to make keys and encrypt",
+        "description": (
+            "The compiled manifest, the same for every caller who may use all of the model's "
+            "layouts. When the service's budget rules switch layouts off for the caller, the "
+            "document also holds `allowed_layouts` (the open ones) and says format_version 3; "
+            "requests in the other layouts get 403 layout_disabled."
+        ),
         "auth": True, "errors": [404],
-        "ok": {"200": _json({"$ref": "#/components/schemas/Manifest"})},
+        "ok": {"200": {
+            **_json({"$ref": "#/components/schemas/Manifest"}),
+            "headers": {
+                "Cache-Control": {
+                    "schema": {"type": "string"}, "required": True,
+                    "description": "public without auth; private (per token) with it",
+                },
+                "Vary": {
+                    "schema": {"type": "string"}, "required": False,
+                    "description": "Authorization, when the service checks tokens",
+                },
+            },
+        }},
     },
     ("post", "/v2/models/{name}/infer"): {
         "summary": "Encrypted inference: a bare request body, or OIP binary tensor framing",
