@@ -145,6 +145,9 @@ def test_extraction_spread_over_requests_and_layouts_is_refused(redteam: dict[st
 def test_batch_layout_switched_off_per_tenant(redteam: dict[str, Any]) -> None:
     X = _probe_inputs()[:20]
     limited = _client(redteam, "rowonly")
+    with pytest.raises(heinfer.errors.LayoutDisabledError):  # its manifest says so: refused
+        limited.encrypt(X, layout="coeff-batch")
+    limited.allowed_layouts = tuple(limited.codec.layouts)  # an attacker ignores the manifest
     response = _post(limited, limited.encrypt(X, layout="coeff-batch"))
     assert response.status_code == 403 and response.json()["error"] == "layout_disabled"
     assert _post(limited, limited.encrypt(X[0], layout="coeff-rowpack")).status_code == 200
