@@ -224,35 +224,62 @@ def test_plan_check_answers_what_the_service_answers(
         plan.check(other.encrypt(other.keygen(), mnist["X_test"][:1], LAYOUT_KIND))
 
 
-def test_work_made_ahead_is_used_once_and_changes_no_result(
+def test_every_test_digit_agrees_with_plaintext_in_process(
     mnist_model: heinfer.EncryptedModel, mnist: dict[str, np.ndarray]
 ) -> None:
-    """Idle workers pre-make encryptions of zero and masks; each must serve one result only
-    (a reused re-randomizer or mask would let two responses be subtracted)."""
+    """All shared test digits (1,500; the bundled sample where the share is absent) through
+    the single-image path as a worker runs it, no HTTP: numpy encryption, numpy evaluation
+    with the full privacy treatment, numpy decryption; every argmax equals plaintext's."""
     plan = mnist_model.plan
     codec = LinearCodec(mnist_model.manifest)
     secret = SecretKey.generate(codec.context)
-    key = plan.context.load_evaluation_key(secret.public_key_bytes())
-    assert key.prepare_spare(2) and key.prepare_spare(2) and not key.prepare_spare(2)
-    while plan.context.prepare_spare_mask(3):
-        pass
-    made = {id(c) for c in key._spare_zeros}
-    masks = [m.copy() for m in plan.context._spare_masks]
-    handed = [key.encrypt_zero() for _ in range(3)]
-    assert {id(c) for c in handed[:2]} == made and id(handed[2]) not in made
-    drawn = [plan.context.uniform_c0() for _ in range(4)]
-    assert all(any(np.array_equal(d, m) for m in masks) for d in drawn[:3])
-    assert not any(np.array_equal(drawn[3], m) for m in masks)
-    assert len({d.tobytes() for d in drawn}) == 4
-    # with a fresh stock, results are what they always are
-    key.prepare_spare(2)
-    plan.context.prepare_spare_mask(2)
-    X = mnist["X_test"][:4]
+    key = plan.load_keys(codec.key_upload(secret))
     rowpack = plan.layouts[b"HEQ1"]
     client = codec.layouts[LAYOUT_KIND]
     assert isinstance(rowpack, RowpackServer) and isinstance(client, RowpackClient)
+    X = mnist["X_test"]
     scores = np.stack([
         client.decrypt_record(secret, rowpack.evaluate_record(r, key))
         for r in client.encrypt_records(secret, X)
     ])
-    assert np.abs(scores - mnist_model.predict_plain(X)).max() <= 1e-3
+    reference = mnist_model.predict_plain(X)
+    assert (scores.argmax(1) == reference.argmax(1)).all()
+    assert np.abs(scores - reference).max() <= mnist_model.manifest.precision.expected_abs_error
+
+
+def test_requests_seeded_by_seals_own_generator_take_seals_loader(
+    mnist_model: heinfer.EncryptedModel, mnist: dict[str, np.ndarray]
+) -> None:
+    """A request as SEAL's `encrypt_symmetric` writes it (Blake2xb seed: node-seal, older
+    clients) is expanded by SEAL's loader and evaluated like a SHAKE-256 one."""
+    import tenseal.sealapi as seal
+
+    from heinfer.he import serialization as fmt
+    from heinfer.he.scratch import SCRATCH
+
+    plan = mnist_model.plan
+    codec = LinearCodec(mnist_model.manifest)
+    context = codec.context
+    secret = SecretKey.generate(context)
+    key = plan.load_keys(codec.key_upload(secret))
+    x_int = codec.quantize(mnist["X_test"][:1])[0]
+    encryptor = seal.Encryptor(context.seal_context, secret._secret)
+    saved = SCRATCH.save(encryptor.encrypt_symmetric(context.plaintext_from_coefficients(x_int)))
+    _, c0, tail = fmt.seeded_ciphertext_parts(saved, context.n, 2)
+    assert tail[fmt.HEADER.size] == fmt.PRNG_BLAKE2XB
+    record = context.request_bytes_from(c0, fmt.PRNG_BLAKE2XB, tail[-fmt.PRNG_SEED_BYTES :])
+    ours = secret.encrypt(x_int)
+    assert ours[-fmt.PRNG_SEED_BYTES - 1] == fmt.PRNG_SHAKE256
+    client = codec.layouts[LAYOUT_KIND]
+    assert isinstance(client, RowpackClient)
+    reference = mnist_model.predict_plain(mnist["X_test"][:1])[0]
+    for request in (record, ours):
+        c0_x, c1_x = context.request_arrays(request)
+        loaded = context.ciphertext_arrays(context.load_request(request).ciphertext)
+        assert np.array_equal(c0_x, loaded[0]) and np.array_equal(c1_x, loaded[1])
+        response = plan.layouts[b"HEQ1"].evaluate_record(request, key)
+        assert np.abs(client.decrypt_record(secret, response) - reference).max() <= 1e-3
+    # an unknown PRNG type reaches SEAL's loader, which refuses it as malformed
+    bad = record[: -fmt.PRNG_SEED_BYTES - 1] + b"\x07" + record[-fmt.PRNG_SEED_BYTES :]
+    with pytest.raises(BadInputError):
+        context.request_arrays(bad)

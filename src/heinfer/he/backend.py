@@ -6,7 +6,10 @@ what only TenSEAL gives: seeded symmetric encryption (`encrypt_symmetric` return
 `Serializable`; seal-python's returns the expanded ciphertext, twice the bytes of every
 request), zstd serialization (seal-python's wheel is built without it), and SEAL's validating
 loaders for untrusted input. TenSEAL's one wart, save/load through file paths only, is met with
-anonymous memory files (`heinfer.he.scratch`).
+anonymous memory files (`heinfer.he.scratch`), and kept off the per-request path: requests are
+encrypted, expanded and decrypted in numpy (SEAL's SHAKE-256 seeded format, so SEAL itself
+still loads them), and only keys and the Blake2xb-seeded requests of other clients go through
+SEAL's loader.
 
 SEAL's byte format is read and written only by `heinfer.he.serialization`, and the lattice
 arithmetic and sampling done in numpy (request encryption, seeded keys, flooding, masks) live
@@ -16,7 +19,7 @@ in `heinfer.rlwe`; this module connects them to SEAL's objects.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,13 +29,15 @@ from heinfer.errors import MalformedPayloadError, ParameterMismatchError
 from heinfer.he import serialization as fmt
 from heinfer.he.params import BFVParameters
 from heinfer.he.scratch import SCRATCH
-from heinfer.rlwe.encrypt import replace_uniform_half, scale_plain, symmetric_c0
-from heinfer.rlwe.ring import NegacyclicProduct
+from heinfer.he.serialization import PRNG_SEED_BYTES as SEAL_SEED_BYTES
+from heinfer.rlwe.encrypt import bfv_decode, replace_uniform_half, scale_plain, symmetric_c0
+from heinfer.rlwe.ring import NegacyclicProduct, linear_combination, negacyclic_rows
 from heinfer.rlwe.sampling import (
     PUBLIC_A_TAG,
     SEED_BYTES,
     centered_binomial,
     expand_uniform,
+    seal_uniform,
     uniform_flood,
     uniform_mod,
 )
@@ -191,7 +196,6 @@ class Context:
         self.key_parms_id = tuple(self.seal_context.key_parms_id())
         self.evaluator = seal.Evaluator(self.seal_context)
         self.data_primes = np.array(params.data_primes, dtype=np.uint64)
-        self._spare_masks: list[np.ndarray] = []  # uniform_c0 draws made ahead, each used once
         self.last_prime = int(params.coeff_modulus[0])
         self._build_templates()
 
@@ -207,6 +211,10 @@ class Context:
         fresh = seal.Ciphertext()
         encryptor.encrypt_symmetric(plain, fresh)
         self._ct_prefix_first = fmt.ciphertext_prefix(_SCRATCH.save(fresh))
+        self._ct_prefix_first_ntt = fmt.ntt_form_prefix(self._ct_prefix_first)
+        self._shake_seed_prefix = fmt.seed_object(fmt.PRNG_SHAKE256, bytes(SEAL_SEED_BYTES))[
+            :-SEAL_SEED_BYTES
+        ]
         last = seal.Ciphertext()
         self.evaluator.mod_switch_to(fresh, list(self.last_parms_id), last)
         self._ct_prefix_last = fmt.ciphertext_prefix(_SCRATCH.save(last))
@@ -274,32 +282,37 @@ class Context:
         return self.ciphertext_arrays(ciphertext)[:, 0, :]
 
     def uniform_c0(self) -> np.ndarray:
-        """(L, N) values uniform modulo each data prime, from the OS CSPRNG (rejection sampled).
-
-        Taken from the draws `prepare_spare_mask` made ahead of time when there are any.
-        """
-        if self._spare_masks:
-            return self._spare_masks.pop()
-        return self._draw_uniform_c0()
-
-    def prepare_spare_mask(self, limit: int) -> bool:
-        """Draw one mask ahead of time (idle workers call this); False once `limit` wait."""
-        if len(self._spare_masks) >= limit:
-            return False
-        self._spare_masks.append(self._draw_uniform_c0())
-        return True
-
-    def _draw_uniform_c0(self) -> np.ndarray:
+        """(L, N) values uniform modulo each data prime, from the OS CSPRNG (rejection sampled)."""
         return uniform_mod(self.params.data_primes, self.n)
-
-    def compact_request(self, serialized: bytes) -> bytes:
-        """SEAL's seeded ciphertext -> parameter tag + c0 bit-packed per prime + SEAL's seed."""
-        _, c0, seed = fmt.seeded_ciphertext_parts(serialized, self.n, len(self._data_bits))
-        packed = b"".join(pack_bits(c0[i], b) for i, b in enumerate(self._data_bits))
-        return self.params.fingerprint[:_FINGERPRINT_BYTES] + packed + seed
 
     def load_request(self, data: bytes) -> RequestCiphertext:
         """Validate and load one compact client ciphertext; SEAL re-expands c1 from the seed."""
+        c0, offset = self._request_c0(data)
+        return self._seal_request(c0, bytes(data[offset:]))
+
+    def request_arrays(self, data: bytes | memoryview) -> tuple[np.ndarray, np.ndarray]:
+        """Validate one compact client ciphertext; (c0, c1), each (L, N) uint64.
+
+        A SHAKE-256 seed (what `SecretKey.encrypt` writes) is expanded in numpy exactly as
+        SEAL's loader would (`heinfer.rlwe.sampling.seal_uniform`); any other seed object
+        (SEAL's own Blake2xb, as node-seal writes) goes through SEAL's validating loader, so
+        the same bytes are accepted and refused either way.
+        """
+        c0, offset = self._request_c0(data)
+        tail = bytes(data[offset:])
+        if tail[:-SEAL_SEED_BYTES] == self._shake_seed_prefix:
+            return c0, seal_uniform(tail[-SEAL_SEED_BYTES:], self.params.data_primes, self.n)
+        ciphertext = self._seal_request(c0, tail).ciphertext
+        return c0, self.ciphertext_arrays(ciphertext)[1]
+
+    def request_bytes_from(self, c0: np.ndarray, prng_type: int, seed: bytes) -> bytes:
+        """A compact request (tag, c0 bit-packed per data prime, SEAL's seed object)."""
+        packed = b"".join(pack_bits(c0[i], b) for i, b in enumerate(self._data_bits))
+        tag = self.params.fingerprint[:_FINGERPRINT_BYTES]
+        return tag + packed + fmt.seed_object(prng_type, seed)
+
+    def _request_c0(self, data: bytes | memoryview) -> tuple[np.ndarray, int]:
+        """Tag, exact length and c0 of a compact request; c0 (L, N) and the seed's offset."""
         if len(data) <= _FINGERPRINT_BYTES:
             raise MalformedPayloadError(f"ciphertext of {len(data)} bytes is too short")
         if data[:_FINGERPRINT_BYTES] != self.params.fingerprint[:_FINGERPRINT_BYTES]:
@@ -312,10 +325,11 @@ class Context:
                 f"ciphertext must be {self.request_bytes} bytes for these parameters, "
                 f"got {len(data)}"
             )
-        c0, offset = _unpack_limbs(
-            data, _FINGERPRINT_BYTES, self.params.data_primes, self.n, "ciphertext"
-        )
-        serialized = fmt.seeded_ciphertext(self._seeded_prefix, c0, bytes(data[offset:]))
+        primes = self.params.data_primes
+        return _unpack_limbs(data, _FINGERPRINT_BYTES, primes, self.n, "ciphertext")
+
+    def _seal_request(self, c0: np.ndarray, tail: bytes) -> RequestCiphertext:
+        serialized = fmt.seeded_ciphertext(self._seeded_prefix, c0, tail)
         try:
             ciphertext = _SCRATCH.load(seal.Ciphertext(), self.seal_context, serialized)
         except (RuntimeError, ValueError) as exc:
@@ -399,6 +413,15 @@ class Context:
     def load_evaluation_key(self, data: bytes) -> EvaluationKey:
         return EvaluationKey.from_bytes(self, data)
 
+    def data_level_coefficients(self, ntt_arrays: np.ndarray) -> np.ndarray:
+        """(size, L', N) NTT-form arrays at the key level or first data level -> (size, L, N)
+        coefficient form at the data primes (SEAL's inverse NTT; once per key, not per request)."""
+        levels = len(self.params.data_primes)
+        data = fmt.compose_ciphertext(self._ct_prefix_first_ntt, ntt_arrays[:, :levels])
+        ciphertext = _SCRATCH.load(seal.Ciphertext(), self.seal_context, data)
+        self.evaluator.transform_from_ntt_inplace(ciphertext)
+        return self.ciphertext_arrays(ciphertext)
+
 
 class RequestCiphertext:
     """A validated client ciphertext on the server side."""
@@ -426,9 +449,28 @@ class EvaluationKey:
 
     def __init__(self, context: Context, public_key: Any) -> None:
         self._context = context
-        self._encryptor = seal.Encryptor(context.seal_context, public_key)
+        self._public_key = public_key
+        self._encryptor: Any = None
         self.nbytes = 2 * context.n * len(context.params.coeff_modulus) * 8
-        self._spare_zeros: list[Any] = []  # encryptions of zero made ahead, each used once
+        self._derived: dict[object, np.ndarray] = {}
+
+    def coefficients(self) -> np.ndarray:
+        """(pk0, pk1) at the data primes in coefficient form, (2, L, N) uint64: the public key
+        restricted to the data primes is itself an RLWE sample, pk0 + pk1*s = -e mod q_j."""
+        return self.derived("coefficients", self._coefficients)
+
+    def _coefficients(self) -> np.ndarray:
+        context = self._context
+        return context.data_level_coefficients(context.ciphertext_arrays(self._public_key))
+
+    def derived(self, name: object, make: Callable[[], np.ndarray]) -> np.ndarray:
+        """A precomputation from this key (a plan's spectra of it), made once and counted in
+        `nbytes`, so the key cache bounds it."""
+        if name not in self._derived:
+            value = make()
+            self._derived[name] = value
+            self.nbytes += value.nbytes
+        return self._derived[name]
 
     @classmethod
     def from_bytes(cls, context: Context, data: bytes) -> EvaluationKey:
@@ -451,23 +493,9 @@ class EvaluationKey:
         return cls(context, public)
 
     def encrypt_zero(self) -> Any:
-        """A fresh public-key encryption of zero at the first data level (u*pk + e).
-
-        Fresh means never used before: one that `prepare_spare` made ahead of time (while the
-        worker was idle) is handed out once and dropped, so re-randomization is unchanged.
-        """
-        if self._spare_zeros:
-            return self._spare_zeros.pop()
-        return self._fresh_zero()
-
-    def prepare_spare(self, limit: int) -> bool:
-        """Make one encryption of zero ahead of time; False once `limit` are waiting."""
-        if len(self._spare_zeros) >= limit:
-            return False
-        self._spare_zeros.append(self._fresh_zero())
-        return True
-
-    def _fresh_zero(self) -> Any:
+        """A fresh public-key encryption of zero at the first data level (SEAL's u*pk + e)."""
+        if self._encryptor is None:
+            self._encryptor = seal.Encryptor(self._context.seal_context, self._public_key)
         zero = seal.Ciphertext()
         self._encryptor.encrypt_zero(zero)
         return zero
@@ -483,6 +511,7 @@ class SecretKey:
         self._decryptor = seal.Decryptor(context.seal_context, secret)
         self._ternary: np.ndarray | None = None
         self._product: NegacyclicProduct | None = None
+        self._rows: dict[tuple[int, ...], np.ndarray] = {}
 
     @classmethod
     def generate(cls, context: Context) -> SecretKey:
@@ -527,10 +556,54 @@ class SecretKey:
         return seed + b"".join(limbs)
 
     def encrypt(self, coefficients: np.ndarray) -> bytes:
-        """Seeded symmetric encryption: the uniform half of the ciphertext travels as a seed."""
-        plain = self._context.plaintext_from_coefficients(coefficients)
-        serialized = _SCRATCH.save(self._encryptor.encrypt_symmetric(plain))
-        return self._context.compact_request(serialized)
+        """Seeded symmetric encryption: the uniform half of the ciphertext travels as a seed.
+
+        SEAL's equation in numpy: c1 = a, expanded from a fresh 64-byte OS seed by SEAL's own
+        SHAKE-256 generator (`seal_uniform`), c0 = -(a*s + e) + round(q*m/t) with SEAL's
+        centered binomial e; written in SEAL's seeded form with PRNG type SHAKE-256, so SEAL's
+        loader expands the same c1 (servers that load requests through SEAL accept it).
+        """
+        context = self._context
+        primes = context.params.data_primes
+        t = context.params.plain_modulus
+        values = np.mod(np.asarray(coefficients, dtype=np.int64).reshape(1, -1), t)
+        if values.shape[1] > context.n:
+            raise ValueError(f"at most N={context.n} values per polynomial")
+        seed = os.urandom(SEAL_SEED_BYTES)
+        a = seal_uniform(seed, primes, context.n)
+        error = centered_binomial((1, context.n))
+        scaled = context.scale_plain(values)
+        product = self._secret_product()
+        c0 = np.stack(
+            [
+                symmetric_c0(product.multiply(a[j : j + 1], q), scaled[j], error, q)[0]
+                for j, q in enumerate(primes)
+            ]
+        )
+        return context.request_bytes_from(c0, fmt.PRNG_SHAKE256, seed)
+
+    def _secret_product(self) -> NegacyclicProduct:
+        if self._product is None:
+            self._product = NegacyclicProduct(self.ternary())
+        return self._product
+
+    def decrypt_coefficients(
+        self, c0: np.ndarray, c1: np.ndarray, coefficients: Sequence[int]
+    ) -> np.ndarray:
+        """Decrypt a one-prime ciphertext at a few coefficients only: c0 (m,) at those
+        coefficients, c1 (N,), both uint64 below the last prime; centered int64 values.
+
+        (c0 + c1*s)[k] needs one dot product of c1 with s read backwards from k
+        (`negacyclic_rows`), then BFV's round(t*v/q) (`bfv_decode`).
+        """
+        key = tuple(int(k) for k in coefficients)
+        if key not in self._rows:
+            self._rows[key] = negacyclic_rows(self.ternary().astype(np.int64), list(key))
+        q = self._context.last_prime
+        c1_s = linear_combination(self._rows[key], np.asarray(c1, np.uint64)[:, None], q)[:, 0]
+        total = np.asarray(c0, dtype=np.uint64) + c1_s
+        total -= np.uint64(q) * (total >= np.uint64(q))
+        return bfv_decode(total, q, self._context.params.plain_modulus)
 
     def ternary(self) -> np.ndarray:
         """The secret polynomial's coefficients in {-1, 0, 1} (int8), recovered once.
@@ -562,8 +635,7 @@ class SecretKey:
         count, width = columns.shape
         if width > context.n:
             raise ValueError(f"at most N={context.n} values per polynomial")
-        if self._product is None:
-            self._product = NegacyclicProduct(self.ternary())
+        product = self._secret_product()
         primes = context.params.data_primes
         t = context.params.plain_modulus
         columns = np.mod(columns, t)
@@ -584,7 +656,7 @@ class SecretKey:
             error = centered_binomial((stop - start, context.n))
             for j, q in enumerate(primes):
                 scaled = np.take(tables[j], columns[start:stop])
-                c0 = symmetric_c0(self._product.multiply(a[j], q), scaled, error, q)
+                c0 = symmetric_c0(product.multiply(a[j], q), scaled, error, q)
                 offsets[j] = pack_bits_into(c0, q.bit_length(), out, offsets[j])
         return out[:-8].tobytes()
 

@@ -37,6 +37,7 @@ __all__ = [
     "MAX_DECOMPRESSED",
     "PRNG_BLAKE2XB",
     "PRNG_SEED_BYTES",
+    "PRNG_SHAKE256",
     "check_header",
     "check_seeded_key",
     "check_seeded_kswitch_keys",
@@ -46,12 +47,14 @@ __all__ = [
     "key_arrays",
     "key_body",
     "map_kswitch_keys",
+    "ntt_form_prefix",
     "payload_arrays",
     "plaintext_arrays",
     "plaintext_bytes",
     "seal_object",
     "seal_payload",
     "seal_version",
+    "seed_object",
     "seeded_ciphertext",
     "seeded_ciphertext_parts",
     "seeded_key_body",
@@ -68,6 +71,7 @@ _COUNT = struct.Struct("<Q")
 _CT_PREFIX = CT_META.size + HEADER.size + _COUNT.size
 MAX_DECOMPRESSED = 64 << 20
 PRNG_BLAKE2XB = 1  # SEAL's prng_type for the seeds it writes itself
+PRNG_SHAKE256 = 2  # SEAL's prng_type for its SHAKE-256 generator (heinfer's requests)
 PRNG_SEED_BYTES = 64
 
 
@@ -159,6 +163,11 @@ def ciphertext_prefix(serialized: bytes) -> bytes:
     return seal_payload(serialized)[:_CT_PREFIX]
 
 
+def ntt_form_prefix(prefix: bytes) -> bytes:
+    """A `ciphertext_prefix` with its is_ntt_form flag (the byte after the parms_id) set."""
+    return prefix[:32] + b"\x01" + prefix[33:]
+
+
 def compose_ciphertext(prefix: bytes, arrays: np.ndarray) -> bytes:
     """A serialized ciphertext (or public key) from a template prefix and its (size, L, N)
     coefficients; SEAL's loader checks the two agree."""
@@ -179,6 +188,14 @@ def seeded_ciphertext_parts(
 def seeded_ciphertext(prefix: bytes, c0: np.ndarray, tail: bytes) -> bytes:
     """Inverse of `seeded_ciphertext_parts` (uncompressed)."""
     return seal_object(prefix + np.ascontiguousarray(c0, dtype="<u8").tobytes() + tail)
+
+
+def seed_object(prng_type: int, seed: bytes) -> bytes:
+    """The nested object after a seeded ciphertext's c0 (SEAL's `UniformRandomGeneratorInfo`):
+    one PRNG-type byte and the 64-byte seed, uncompressed, as SEAL's own save writes it."""
+    if len(seed) != PRNG_SEED_BYTES:
+        raise ValueError(f"SEAL seeds are {PRNG_SEED_BYTES} bytes")
+    return seal_object(bytes([prng_type]) + seed)
 
 
 def key_arrays(body: bytes, degree: int, levels: int) -> np.ndarray:

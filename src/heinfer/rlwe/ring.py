@@ -11,11 +11,15 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "ExactDot",
     "NegacyclicProduct",
+    "SmallProduct",
     "linear_combination",
     "mulmod_arrays",
     "mulmod_const",
     "mulmod_small",
+    "negacyclic_index",
+    "negacyclic_rows",
     "reduce_estimated",
 ]
 
@@ -23,6 +27,9 @@ __all__ = [
 # (|value| < N * 2**36) came out within 0.0044 of an integer in 13M measured coefficients at
 # N=4096 (28 bits: 2e-5); every product is checked against 1/8 and refused beyond it.
 _FFT_DIGIT_BITS = 36
+# `SmallProduct` keeps every digit product below 2**48 in absolute value, the size at which the
+# ternary products above were measured within 0.0044 of an integer.
+_EXACT_PRODUCT_BITS = 48
 _FFT_ROWS = 64  # polynomials per FFT block (cache-sized)
 _MATMUL_COLUMNS = 1024  # columns per BLAS block in `linear_combination`
 _EXACT_FLOAT = 1 << 53
@@ -188,4 +195,132 @@ class NegacyclicProduct:
                 estimate += exact * scales[k]  # V/q to within 2**-38 (|V/q| <= N)
                 total += exact.astype(np.int64) << np.int64(k * width)  # V mod 2**64
             out[start : start + block.shape[0]] = reduce_estimated(total, estimate, q)
+        return out
+
+
+def negacyclic_index(coefficients: np.ndarray | list[int], degree: int) -> np.ndarray:
+    """(m, N) indices I into the 2N-vector (p, -p) with (a * p)[k] = sum_i a_i (p, -p)[I[r, i]]
+    in Z[X]/(X^N + 1), for k = coefficients[r].
+
+    Identity: (a * p)[k] = sum_{i <= k} a_i p_{k-i} - sum_{i > k} a_i p_{N+k-i}, and
+    (k - i) mod 2N indexes exactly those values of (p, -p).
+    """
+    ks = np.asarray(coefficients, dtype=np.int64)[:, None]
+    return (ks - np.arange(degree, dtype=np.int64)[None, :]) % (2 * degree)
+
+
+def negacyclic_rows(poly: np.ndarray, coefficients: np.ndarray | list[int]) -> np.ndarray:
+    """Rows R with (a * poly)[k] = R[r] . a for k = coefficients[r] (`negacyclic_index`):
+    a product at a few coefficients only, a dot product each, instead of all N."""
+    p = np.asarray(poly)
+    return np.concatenate([p, -p])[negacyclic_index(coefficients, p.size)]
+
+
+class SmallProduct:
+    """Exact negacyclic products c * w mod q_j, for c uint64 < q_j (one row per prime) and
+    small integer polynomials w, with float64 FFTs: fixed factors are transformed once, and
+    a sum of products (c * w + p * u) costs one inverse FFT per digit of c.
+
+    Identity: as in `NegacyclicProduct` (fold, twist, length-N/2 cyclic FFT). Each c_j is
+    split into digits of `widths[j]` bits, chosen so that every digit product's coefficients
+    stay below 2**48 in absolute value when the small factors summed into one product have
+    l1 norms (sums of |coefficients|) adding up to at most `l1_bound`: a coefficient of
+    d * w is at most max|d| * ||w||_1. Every inverse is checked within 1/8 of an integer
+    (refused otherwise) and the digits are recombined modulo q_j (`reduce_estimated`).
+    """
+
+    def __init__(self, degree: int, l1_bound: int, primes: list[int] | tuple[int, ...]) -> None:
+        self.degree = degree
+        self.primes = tuple(int(q) for q in primes)
+        half = degree // 2
+        self._twist = np.exp(1j * np.pi * np.arange(half) / degree)
+        self._untwist = self._twist.conj()
+        limit = _EXACT_PRODUCT_BITS - (max(1, l1_bound) - 1).bit_length()
+        if limit < 1:
+            raise ValueError("small factors too large for exact float64 FFT products")
+        self.digits = [-(-q.bit_length() // limit) for q in self.primes]
+        self.widths = [
+            -(-q.bit_length() // d) for q, d in zip(self.primes, self.digits, strict=True)
+        ]
+        self._starts = np.cumsum([0, *self.digits]).tolist()
+
+    def spectrum(self, small: np.ndarray) -> np.ndarray:
+        """(..., N) integer polynomials -> (..., N/2) spectra."""
+        values = np.asarray(small, dtype=np.float64)
+        half = self.degree // 2
+        folded = values[..., :half] + 1j * values[..., half:]
+        folded *= self._twist
+        return np.fft.fft(folded, axis=-1)
+
+    def digit_spectra(self, values: np.ndarray) -> np.ndarray:
+        """(L, N) uint64, row j < q_j -> (sum_j D_j, N/2) spectra of every row's digits."""
+        values = np.asarray(values, dtype=np.uint64)
+        parts: list[np.ndarray] = []
+        for j, (digits, width) in enumerate(zip(self.digits, self.widths, strict=True)):
+            mask = np.uint64((1 << width) - 1)
+            parts.extend((values[j] >> np.uint64(k * width)) & mask for k in range(digits))
+        return self.spectrum(np.stack(parts).view(np.int64))
+
+    def reduce(self, spectra: np.ndarray) -> np.ndarray:
+        """(sum_j D_j, ..., N/2) spectra of digit products -> (L, ..., N) uint64 mod q_j."""
+        half = self.degree // 2
+        product = np.fft.ifft(spectra, axis=-1)
+        product *= self._untwist
+        values = np.empty((*product.shape[:-1], self.degree), dtype=np.float64)
+        values[..., :half] = product.real
+        values[..., half:] = product.imag
+        rounded = np.rint(values)
+        values -= rounded
+        if np.abs(values).max(initial=0.0) > 0.125:
+            raise RuntimeError("FFT product lost exactness; refusing the result")
+        out = np.empty((len(self.primes), *rounded.shape[1:]), dtype=np.uint64)
+        for j, (q, width) in enumerate(zip(self.primes, self.widths, strict=True)):
+            estimate = np.zeros(rounded.shape[1:], dtype=np.float64)
+            total = np.zeros(rounded.shape[1:], dtype=np.int64)
+            for k in range(self.digits[j]):
+                digit = rounded[self._starts[j] + k]
+                estimate += digit * (float(1 << (k * width)) / q)
+                total += digit.astype(np.int64) << np.int64(k * width)
+            out[j] = reduce_estimated(total, estimate, q)
+        return out
+
+
+class ExactDot:
+    """sum_i rows[r, i] * v_j[i] mod q_j for a few integer rows, exactly, with one float64
+    matrix product: each v_j (uint64 < q_j) is split into digits of `width` bits with
+    (2**width - 1) * l1_bound < 2**53, so every partial sum of every digit product is an
+    exactly representable integer whatever order BLAS adds in (`l1_bound`: the largest
+    sum of |coefficients| of a row). The digit sums are recombined in Python integers."""
+
+    def __init__(self, l1_bound: int, primes: list[int] | tuple[int, ...]) -> None:
+        self.primes = tuple(int(q) for q in primes)
+        widest = max(q.bit_length() for q in self.primes)
+        exact = ((_EXACT_FLOAT - 1) // max(1, l1_bound) + 1).bit_length() - 1
+        self.width = min(widest, exact)
+        if self.width < 1:
+            raise ValueError("rows too large for exact float64 sums")
+        self.digits = [-(-q.bit_length() // self.width) for q in self.primes]
+
+    def split(self, values: np.ndarray) -> np.ndarray:
+        """(L, N) uint64, row j < q_j -> (N, sum_j D_j) float64 digits (reusable)."""
+        mask = np.uint64((1 << self.width) - 1)
+        parts = [
+            (np.asarray(values[j], dtype=np.uint64) >> np.uint64(k * self.width)) & mask
+            for j, digits in enumerate(self.digits)
+            for k in range(digits)
+        ]
+        return np.stack(parts, axis=1).astype(np.float64)
+
+    def combine(self, sums: np.ndarray) -> np.ndarray:
+        """(M, sum_j D_j) float64 exact digit sums (rows @ split) -> (L, M) uint64 mod q_j."""
+        table = sums.astype(np.int64).tolist()
+        out = np.empty((len(self.primes), len(table)), dtype=np.uint64)
+        start = 0
+        for j, (q, digits) in enumerate(zip(self.primes, self.digits, strict=True)):
+            shifts = [k * self.width for k in range(digits)]
+            out[j] = [
+                sum(row[start + k] << shift for k, shift in enumerate(shifts)) % q
+                for row in table
+            ]
+            start += digits
         return out

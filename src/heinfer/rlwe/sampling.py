@@ -1,7 +1,8 @@
 """The distributions heinfer samples itself, each from a named source of randomness.
 
-Two sources only: SHAKE-128 (public seeds, expanded deterministically, and secret 32-byte keys
-from the OS) and the OS CSPRNG (`os.urandom`). numpy's generators are never used for anything
+Three sources only: SHAKE-128 (public seeds, expanded deterministically, and secret 32-byte keys
+from the OS), SEAL's own SHAKE-256 generator (public 64-byte seeds of requests, expanded as SEAL
+expands them) and the OS CSPRNG (`os.urandom`). numpy's generators are never used for anything
 secret. Each function's docstring names the distribution it draws; `tests/test_rlwe_sampling.py`
 checks each against the documented construction, against SEAL's own samples where SEAL has the
 same distribution, and with statistical tests.
@@ -30,6 +31,9 @@ __all__ = [
     "expand_uniform",
     "os_random_normal",
     "os_random_uniform",
+    "seal_shake256_stream",
+    "seal_uniform",
+    "ternary",
     "uniform_flood",
     "uniform_mod",
 ]
@@ -182,3 +186,68 @@ def os_random_normal(count: int) -> np.ndarray:
     u2 = os_random_uniform(half)
     r = np.sqrt(-2.0 * np.log(u1))
     return np.concatenate([r * np.cos(2 * np.pi * u2), r * np.sin(2 * np.pi * u2)])[:count]
+
+
+SEAL_PRNG_BLOCK = 4096  # bytes per refill of SEAL's generators (randomgen.h `buffer_size_`)
+_MAX_U64 = (1 << 64) - 1
+
+
+def seal_shake256_stream(seed: bytes, first_block: int, blocks: int) -> bytes:
+    """Bytes of SEAL's `Shake256PRNG` stream for a 64-byte seed, from refill `first_block`.
+
+    Construction (SEAL 4.x randomgen.cpp): refill c of the 4096-byte buffer is
+    SHAKE-256(seed || u64le(c)) truncated to 4096 bytes, c = 0, 1, 2, ...; the stream is the
+    refills concatenated.
+    """
+    return b"".join(
+        hashlib.shake_256(seed + struct.pack("<Q", c)).digest(SEAL_PRNG_BLOCK)
+        for c in range(first_block, first_block + blocks)
+    )
+
+
+def seal_uniform(seed: bytes, primes: tuple[int, ...], degree: int) -> np.ndarray:
+    """(L, N) polynomial SEAL's `sample_poly_uniform` draws from a SHAKE-256 seed.
+
+    Distribution (SEAL's, reproduced exactly so SEAL and this agree bit for bit): the stream's
+    first L*N little-endian words, prime by prime; a word w >= M_j = 2**64 - 1 -
+    ((2**64 - 1) mod q_j) - 1 is replaced by the next unused word of the stream (again until
+    one is below M_j), then reduced mod q_j. The redraws come after the L*N words, in
+    coefficient order, prime 0 first. This is how SEAL expands the uniform half c1 of a
+    seeded ciphertext whose PRNG type is SHAKE-256.
+    """
+    count = len(primes) * degree
+    blocks = -(-count * 8 // SEAL_PRNG_BLOCK)
+    stream = seal_shake256_stream(seed, 0, blocks)
+    words = np.frombuffer(stream, dtype="<u8")
+    out = words[:count].reshape(len(primes), degree).copy()
+    cursor = count
+    for j, q in enumerate(primes):
+        limit = _MAX_U64 - _MAX_U64 % q - 1
+        row = out[j]
+        for i in np.flatnonzero(row >= np.uint64(limit)).tolist():
+            while True:
+                if cursor == words.size:
+                    more = seal_shake256_stream(seed, words.size * 8 // SEAL_PRNG_BLOCK, 1)
+                    words = np.concatenate([words, np.frombuffer(more, dtype="<u8")])
+                word = int(words[cursor])
+                cursor += 1
+                if word < limit:
+                    row[i] = word
+                    break
+        np.remainder(row, np.uint64(q), out=row)
+    return out
+
+
+def ternary(shape: tuple[int, ...]) -> np.ndarray:
+    """int8 values uniform on {-1, 0, 1}, from the OS CSPRNG.
+
+    Distribution: SEAL's `sample_poly_ternary` (each value 1/3), exactly: OS bytes below 255
+    (= 3 * 85) are kept, value = byte mod 3 - 1; bytes of 255 are rejected and redrawn.
+    """
+    count = math.prod(shape)
+    kept = np.empty(0, dtype=np.uint8)
+    while kept.size < count:
+        draw = np.frombuffer(os.urandom(count - kept.size + 64), dtype=np.uint8)
+        kept = np.concatenate([kept, draw[draw < 255]])
+    values = (kept[:count] % 3).astype(np.int8) - np.int8(1)
+    return values.reshape(shape)

@@ -92,8 +92,5 @@ def decrypt_compact(
         offset += c1_size + c0_size
         if np.any(c1 >= q1) or np.any(c0_out >= q1):
             raise MalformedPayloadError("result coefficient out of range")
-        c0 = np.zeros(n, dtype=np.uint64)
-        c0[coefficients] = c0_out
-        plain = secret.decrypt_last_level(c0, c1)
-        scores[outputs] = plain[coefficients] / divisor
+        scores[outputs] = secret.decrypt_coefficients(c0_out, c1, coefficients) / divisor
     return scores

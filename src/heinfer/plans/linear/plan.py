@@ -7,7 +7,6 @@ public key, and both give every result the same privacy treatment (see `Treatmen
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -18,9 +17,17 @@ from heinfer.he.backend import Context, EvaluationKey
 from heinfer.he.params import BFVParameters
 from heinfer.plans.base import Keys, Plan
 from heinfer.plans.manifest import Manifest
-from heinfer.rlwe.ring import linear_combination
+from heinfer.rlwe.encrypt import divide_and_round_q_last
+from heinfer.rlwe.ring import (
+    ExactDot,
+    SmallProduct,
+    linear_combination,
+    negacyclic_index,
+    negacyclic_rows,
+)
+from heinfer.rlwe.sampling import centered_binomial, ternary
 
-__all__ = ["FAMILY", "LinearPlan", "Treatment"]
+__all__ = ["FAMILY", "LinearPlan", "RowpackResult", "Treatment"]
 
 FAMILY = "coeff-rowpack"  # the manifest's `layout.kind` of every linear model
 _ARRAYS = ("coef", "intercept", "w_int", "b_int")
@@ -29,18 +36,29 @@ _ARRAYS = ("coef", "intercept", "w_int", "b_int")
 @dataclass(frozen=True)
 class Treatment:
     """What hides the weights in a result: a fresh encryption of zero added (so c1 reveals
-    nothing), flooding noise at the output coefficients (so the noise reveals nothing) and
-    uniform masks on every other coefficient (so partial sums reveal nothing). Production
-    plans always apply all three; tests switch one off through `LinearPlan._treatment` to show
-    that the attack it stops then succeeds."""
+    nothing), flooding noise at the output coefficients (so the noise reveals nothing) and,
+    where a layout sends coefficients that are not outputs (coeff-batch, coeff-packed),
+    uniform masks on them (so partial sums reveal nothing; coeff-rowpack never computes or
+    sends them). Production plans always apply all three; tests switch one off through
+    `LinearPlan._treatment` to show that the attack it stops then succeeds."""
 
     rerandomize: bool = True
     flood: bool = True
     mask: bool = True
 
 
+@dataclass(frozen=True)
+class RowpackResult:
+    """One coeff-rowpack result ciphertext before the switch to the last prime: c1 whole and
+    c0 at the output coefficients only, (L, N) and (L, outputs) uint64 at the data primes."""
+
+    c0: np.ndarray
+    c1: np.ndarray
+
+
 class LinearPlan(Plan):
-    """Quantized weights in NTT form, bias plaintexts, and the SEAL context they live in."""
+    """Quantized weights, the SEAL context of their parameters, and (built on first use) the
+    weights as coeff-rowpack evaluates them (`_RowpackWeights`)."""
 
     family: ClassVar[str] = FAMILY
 
@@ -50,9 +68,8 @@ class LinearPlan(Plan):
         self.params = BFVParameters.from_dict(manifest.scheme)
         self._layout = manifest.layout
         self._context: Context | None = None
-        self._weights: list[Any] = []
-        self._biases: list[Any] = []
         self._treatment = Treatment()
+        self._rowpack: _RowpackWeights | None = None
 
     @classmethod
     def from_arrays(cls, manifest: Manifest, arrays: dict[str, np.ndarray]) -> LinearPlan:
@@ -78,20 +95,7 @@ class LinearPlan(Plan):
         return self._context
 
     def _prepare(self) -> None:
-        """Build SEAL objects: precomputed NTT weight plaintexts and bias plaintexts."""
-        context = Context(self.params)
-        w_int = self.arrays["w_int"]
-        b_int = self.arrays["b_int"]
-        n = w_int.shape[1]
-        weights, biases = [], []
-        for result in self._layout["results"]:
-            rows = result["outputs"]
-            weights.append(context.ntt_plaintext(_weight_polynomial(w_int, rows, context.n)))
-            bias = np.zeros(context.n, dtype=np.int64)
-            for position, row in enumerate(rows):
-                bias[position * n + n - 1] = b_int[row]
-            biases.append(context.plaintext_from_coefficients(bias))
-        self._context, self._weights, self._biases = context, weights, biases
+        self._context = Context(self.params)
 
     def predict_plain(self, X: np.ndarray) -> np.ndarray:
         return np.asarray(X, dtype=np.float64) @ self.arrays["coef"].T + self.arrays["intercept"]
@@ -118,25 +122,27 @@ class LinearPlan(Plan):
                 )
 
     def _load_key_parts(self, parts: dict[str, bytes]) -> Keys:
+        key: EvaluationKey
         if "galois" in parts:
             from heinfer.he.galois import GaloisEvaluationKey
 
-            return GaloisEvaluationKey.from_parts(
+            key = GaloisEvaluationKey.from_parts(
                 self.context, parts["public"], parts["galois"], self.manifest.keys.galois_elements
             )
-        return self.context.load_evaluation_key(parts["public"])
+        else:
+            key = self.context.load_evaluation_key(parts["public"])
+        self.rowpack_weights.key_spectra(key)  # once per key, counted in the cache's bound
+        return key
 
     def warm_up(self) -> None:
         super().warm_up()
-        _ = self.context
+        _ = self.rowpack_weights
 
-    def prepare_ahead(self, recent: Sequence[Keys]) -> bool:
-        """One step of idle-time work: a uniform mask, else an encryption of zero for one of
-        the most recently used keys. Each is used once, so results stay freshly randomized."""
-        if self._treatment.mask and self.context.prepare_spare_mask(_SPARE_MASKS):
-            return True
-        keys = [key for key in recent[:_SPARE_KEYS] if isinstance(key, EvaluationKey)]
-        return any(key.prepare_spare(_SPARES_PER_KEY) for key in keys)
+    @property
+    def rowpack_weights(self) -> _RowpackWeights:
+        if self._rowpack is None:
+            self._rowpack = _RowpackWeights(self)
+        return self._rowpack
 
     # -- evaluation (called by the layouts) ----------------------------------------------------
     def check_tag(self, data: bytes | memoryview, what: str) -> None:
@@ -147,27 +153,34 @@ class LinearPlan(Plan):
                 "again and re-encrypt"
             )
 
-    def evaluate_record_full(self, record: bytes, key: EvaluationKey) -> list[Any]:
-        """Homomorphic W x + b with the privacy treatment, before compaction (tests inspect
-        the ciphertexts)."""
-        context = self.context
-        request = context.load_request(record)
-        results = request.multiply_ntt(self._weights)
-        for index, (ciphertext, bias) in enumerate(zip(results, self._biases, strict=True)):
-            context.evaluator.add_plain_inplace(ciphertext, bias)
-            if self._treatment.rerandomize:
-                context.add(ciphertext, key.encrypt_zero())
-            noise = context.uniform_c0() if self._treatment.mask else np.zeros(
-                (len(context.data_primes), context.n), dtype=np.uint64
-            )
-            outputs = self._layout["results"][index]["coefficients"]
-            noise[:, outputs] = self._flooding(len(outputs))
-            context.add_to_c0(ciphertext, noise)
-        return results
+    def evaluate_record_full(
+        self, record: bytes | memoryview, key: EvaluationKey
+    ) -> list[RowpackResult]:
+        """Homomorphic W x + b with the privacy treatment, per result ciphertext, before the
+        switch to the last prime (tests inspect these), all in numpy.
 
-    def _flooding(self, count: int) -> np.ndarray:
+        c1 = c1_x * W_g + pk1 * u_g + e1 whole (exact FFT products sharing one inverse FFT);
+        c0 = c0_x * W_g + round(q*b/t) + pk0 * u_g + e0 + flood at the output coefficients
+        only (dot products); u_g fresh ternary and e0, e1 fresh centered binomial, all from
+        the OS: the public-key encryption of zero SEAL's encryptor makes, at the data primes.
+        """
+        c0_x, c1_x = self.context.request_arrays(record)
+        return self.rowpack_weights.evaluate(c0_x, c1_x, key, self._treatment)
+
+    def evaluate_record_compact(
+        self, record: bytes | memoryview, key: EvaluationKey
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`evaluate_record_full`, then SEAL's exact switch to the last prime: per result
+        ciphertext (c1 (N,), c0 at the outputs (m,)), uint64 below the last prime."""
+        primes = self.context.params.data_primes
+        results = self.evaluate_record_full(record, key)
+        c1 = divide_and_round_q_last(np.stack([r.c1 for r in results], axis=1), primes)[0]
+        c0 = divide_and_round_q_last(np.concatenate([r.c0 for r in results], axis=1), primes)[0]
+        return list(zip(c1, np.split(c0, self.rowpack_weights.splits), strict=True))
+
+    def flooding(self, count: int, treatment: Treatment) -> np.ndarray:
         """Uniform integers in [-F, F] reduced modulo each data prime, from `secrets`."""
-        bound = int(self._layout["flood_bound"]) if self._treatment.flood else 0
+        bound = int(self._layout["flood_bound"]) if treatment.flood else 0
         draws = [secrets.randbelow(2 * bound + 1) - bound for _ in range(count)]
         primes = self.context.data_primes.tolist()
         return np.array([[d % q for d in draws] for q in primes], dtype=np.uint64)
@@ -208,12 +221,90 @@ class LinearPlan(Plan):
         return results
 
 
-# Idle-time stock: per-sample requests need two public-key encryptions of zero and two uniform
-# masks; made while a worker waits, they leave the request path. Bounded per key and in keys.
-_SPARES_PER_KEY = 4
-_SPARE_KEYS = 4
-_SPARE_MASKS = 4
 _TAG_BYTES = 8
+
+
+class _RowpackWeights:
+    """A plan's weights as coeff-rowpack evaluates them in numpy: per result group g the
+    spectrum of W_g (for c1_x * W_g) and W_g read backwards at the output coefficients (for
+    c0_x * W_g there), the scaled bias there; per key, pk1's digit spectra and pk0's digits."""
+
+    def __init__(self, plan: LinearPlan) -> None:
+        context = plan.context
+        self.plan = plan
+        self.primes = context.params.data_primes
+        degree = context.n
+        w_int = np.asarray(plan.arrays["w_int"], dtype=np.int64)
+        results = plan._layout["results"]
+        polys = np.stack([_weight_polynomial(w_int, r["outputs"], degree) for r in results])
+        l1 = int(np.abs(polys).sum(axis=1).max())
+        # One product sums c1_x * W_g and pk1 * u (||u||_1 <= N).
+        self.product = SmallProduct(degree, l1 + degree, self.primes)
+        self.weight_spectra = self.product.spectrum(polys)  # (G, N/2)
+        coefficients = [list(r["coefficients"]) for r in results]
+        self.rows = np.concatenate(
+            [negacyclic_rows(p, c) for p, c in zip(polys, coefficients, strict=True)]
+        ).astype(np.float64)  # exact: |w| < 2**53
+        self.weight_dot = ExactDot(l1, self.primes)
+        self.key_dot = ExactDot(degree, self.primes)  # rows of a ternary u
+        # u's rows at the outputs: indices into the flattened (u_g, -u_g) of every group
+        self.u_index = np.concatenate(
+            [
+                negacyclic_index(c, degree) + g * 2 * degree
+                for g, c in enumerate(coefficients)
+            ]
+        )
+        outputs = [row for r in results for row in r["outputs"]]
+        self.bias = context.scale_plain(np.asarray(plan.arrays["b_int"])[outputs])  # (L, M)
+        self.splits = np.cumsum([len(c) for c in coefficients])[:-1]
+
+    def key_spectra(self, key: EvaluationKey) -> tuple[np.ndarray, np.ndarray]:
+        """pk1's digit spectra (D, N/2) and pk0's digits (N, D'), made once per key."""
+        pk1 = key.derived(
+            ("rowpack-pk1", tuple(self.product.widths)),
+            lambda: self.product.digit_spectra(key.coefficients()[1]),
+        )
+        pk0 = key.derived(
+            ("rowpack-pk0", self.key_dot.width), lambda: self.key_dot.split(key.coefficients()[0])
+        )
+        return pk1, pk0
+
+    def evaluate(
+        self, c0_x: np.ndarray, c1_x: np.ndarray, key: EvaluationKey, treatment: Treatment
+    ) -> list[RowpackResult]:
+        groups, degree = self.weight_spectra.shape[0], self.product.degree
+        spectra = self.product.digit_spectra(c1_x)[:, None, :] * self.weight_spectra
+        c0 = self.weight_dot.combine(self.rows @ self.weight_dot.split(c0_x))  # (L, M)
+        if treatment.rerandomize:
+            pk1, pk0 = self.key_spectra(key)
+            u = ternary((groups, degree))
+            spectra += pk1[:, None, :] * self.product.spectrum(u)
+            u_rows = np.concatenate([u, -u], axis=1).reshape(-1)[self.u_index]
+            c0_u = self.key_dot.combine(u_rows.astype(np.float64) @ pk0)
+            errors = centered_binomial((groups * degree + c0.shape[1],)).astype(np.int64)
+            e1, e0 = errors[: groups * degree].reshape(groups, degree), errors[groups * degree :]
+        c1 = self.product.reduce(spectra)  # (L, G, N)
+        flood = self.plan.flooding(c0.shape[1], treatment)
+        for j, q in enumerate(self.primes):
+            _add_mod(c0[j], self.bias[j], q)
+            _add_mod(c0[j], flood[j], q)
+            if treatment.rerandomize:
+                _add_mod(c0[j], c0_u[j], q)
+                _add_small(c0[j], e0, q)
+                _add_small(c1[j], e1, q)
+        parts = np.split(c0, self.splits, axis=1)
+        return [RowpackResult(c0=parts[g], c1=c1[:, g]) for g in range(groups)]
+
+
+def _add_small(target: np.ndarray, small: np.ndarray, q: int) -> None:
+    """target = (target + small) mod q in place, for target uint64 < q < 2**62 and int64
+    |small| < q."""
+    value = target.view(np.int64)
+    value += small
+    qq = np.int64(q)
+    value += (value >> np.int64(63)) & qq
+    value -= qq
+    value += (value >> np.int64(63)) & qq
 
 
 def _weight_polynomial(w_int: np.ndarray, rows: list[int], degree: int) -> np.ndarray:

@@ -102,13 +102,10 @@ class RowpackServer(ServerLayout):
     def evaluate_record(self, record: bytes, key: EvaluationKey) -> bytes:
         """One request ciphertext in, one compact result record out."""
         plan = self.plan
-        layout = plan.manifest.layout
-        bits = int(layout["result_prime_bits"])
+        bits = int(plan.manifest.layout["result_prime_bits"])
         parts = []
-        for index, ciphertext in enumerate(plan.evaluate_record_full(record, key)):
-            arrays = plan.context.last_level_arrays(ciphertext)
-            outputs = layout["results"][index]["coefficients"]
-            parts.append(pack_bits(arrays[1], bits) + pack_bits(arrays[0][outputs], bits))
+        for c1, c0 in plan.evaluate_record_compact(record, key):
+            parts.append(pack_bits(c1, bits) + pack_bits(c0, bits))
         return b"".join(parts)
 
 
