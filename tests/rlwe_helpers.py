@@ -72,3 +72,13 @@ def seal_symmetric(context: Context, secret: SecretKey, count: int) -> tuple[np.
         cts.append(ciphertext_arrays(ct))
     stacked = np.stack(cts, axis=2)  # (2, L, count, N)
     return stacked[0], stacked[1]
+
+
+def seal_times_small(context: Context, small: np.ndarray, polys: np.ndarray) -> np.ndarray:
+    """(L, N) -> poly * small mod each data prime, computed by SEAL's `multiply_plain` with
+    the integer polynomial `small` (|coefficients| < t/2) as a plaintext."""
+    plain = context.plaintext_from_coefficients(np.asarray(small, dtype=np.int64))
+    ciphertext = context.ciphertext_from_arrays(np.stack([polys, polys]), last_level=False)
+    product = seal.Ciphertext()
+    context.evaluator.multiply_plain(ciphertext, plain, product)
+    return ciphertext_arrays(product)[0]

@@ -14,7 +14,13 @@ import tenseal.sealapi as seal
 from heinfer.he.backend import Context, SecretKey
 from heinfer.he.scratch import SCRATCH
 from heinfer.he.serialization import ciphertext_arrays, compose_ciphertext, plaintext_arrays
-from heinfer.rlwe.encrypt import replace_uniform_half, scale_plain, symmetric_c0
+from heinfer.rlwe.encrypt import (
+    bfv_decode,
+    divide_and_round_q_last,
+    replace_uniform_half,
+    scale_plain,
+    symmetric_c0,
+)
 from heinfer.rlwe.ring import NegacyclicProduct
 from heinfer.rlwe.sampling import (
     CBD_VARIANCE,
@@ -141,3 +147,107 @@ def test_replace_uniform_half_gives_a_public_key_seal_uses_as_its_own() -> None:
     assert min(ours) >= min(theirs) - 1 and max(ours) <= max(theirs) + 1
     # negative control: the new half without the correction is no key at all
     assert max(_public_key_budgets(context, secret, np.stack([k0, a_new]))) == 0
+
+
+def test_divide_and_round_q_last_is_seals_mod_switch() -> None:
+    """SEAL's mod_switch_to_next of a first-level ciphertext, both polynomials, with values
+    at the rounding edges (0, q - 1, q_last/2 +- 1) included; negative control: flooring
+    (no + q_last/2) differs."""
+    context = bfv_context()
+    primes = context.params.data_primes
+    arrays = np.stack(
+        [expand_uniform(bytes([k]) * SEED_BYTES, primes, 1, context.n)[:, 0] for k in (1, 2)]
+    )
+    half = primes[-1] // 2
+    arrays[:, -1, :6] = [0, primes[-1] - 1, half - 1, half, half + 1, 1]
+    arrays[:, 0, :2] = [0, primes[0] - 1]
+    ciphertext = context.ciphertext_from_arrays(arrays, last_level=False)
+    switched = seal.Ciphertext()
+    context.evaluator.mod_switch_to_next(ciphertext, switched)
+    expected = ciphertext_arrays(switched)[:, 0]
+    for poly in range(2):
+        ours = divide_and_round_q_last(arrays[poly], primes)[0]
+        np.testing.assert_array_equal(ours, expected[poly])
+    floored = (arrays[0, 0].astype(object) - arrays[0, 1].astype(object)) * pow(
+        primes[1], -1, primes[0]
+    ) % primes[0]
+    assert floored.astype(np.uint64).tolist() != expected[0].tolist()
+
+
+def test_decrypting_a_few_coefficients_is_seals_decryptor() -> None:
+    """`SecretKey.decrypt_coefficients` (dot products with the secret, `bfv_decode`) equals
+    SEAL's decryption of the whole last-level ciphertext at those coefficients; negative
+    control: decoding with floor instead of rounding is off for some of them."""
+    context = bfv_context()
+    secret = SecretKey.generate(context)
+    t = context.params.plain_modulus
+    rng = np.random.default_rng(5)
+    message = rng.integers(-(t // 2), t // 2, context.n)
+    coefficients = [0, 1, 783, 2047, 3919, 4095]
+    encryptor = seal.Encryptor(context.seal_context, secret._secret)
+    for _ in range(4):
+        fresh = seal.Ciphertext()
+        encryptor.encrypt_symmetric(context.plaintext_from_coefficients(message), fresh)
+        last = seal.Ciphertext()
+        context.evaluator.mod_switch_to(fresh, list(context.last_parms_id), last)
+        c0, c1 = ciphertext_arrays(last)[:, 0]
+        expected = secret.decrypt_full(last)[coefficients]  # within a few units of message
+        assert np.abs(expected - message[coefficients]).max() < 64
+        got = secret.decrypt_coefficients(c0[coefficients], c1, coefficients)
+        assert got.tolist() == expected.tolist()
+    q = context.last_prime
+    v = np.array([q // 2, q // 2 + 1, q - 1], dtype=np.uint64)
+    assert bfv_decode(v, q, t).tolist() != [(t * int(x) // q) % t for x in v.tolist()]
+
+
+def test_numpy_request_encryption_is_loaded_and_decrypted_by_seal() -> None:
+    """`SecretKey.encrypt` (numpy, SHAKE-256 seed): SEAL's loader expands the same c1, SEAL's
+    decryptor gives the message back, and the error is SEAL's centered binomial (|e| <= 21);
+    negative control: a flipped seed bit makes SEAL expand another c1, which decrypts to noise."""
+    context = bfv_context()
+    secret = SecretKey.generate(context)
+    message = np.arange(784) % 256
+    record = secret.encrypt(message)
+    loaded = context.load_request(record).ciphertext
+    assert secret.decrypt_full(loaded)[:784].tolist() == message.tolist()
+    c0, c1 = context.ciphertext_arrays(loaded)
+    scaled = context.scale_plain(np.pad(message, (0, context.n - 784)))
+    error = seal_error(context, secret, c0[:, None], c1[:, None], scaled[:, None])
+    assert np.abs(error).max() <= 21 and np.abs(error).max() > 0
+    flipped = record[:-1] + bytes([record[-1] ^ 1])
+    garbled = secret.decrypt_full(context.load_request(flipped).ciphertext)[:784]
+    assert garbled.tolist() != message.tolist()
+
+
+def test_public_key_at_the_data_primes_re_randomizes_as_seals_encrypt_zero() -> None:
+    """(pk0*u + e0, pk1*u + e1) with the public key in coefficient form at the data primes
+    (`EvaluationKey.coefficients`) decrypts to zero with SEAL's decryptor, with noise
+    -e_pk*u + e0 + e1*s of a few hundred (not SEAL's /P, which the noise budget allows for);
+    negative control: the key's NTT-form values taken as coefficients do not decrypt to zero."""
+    from heinfer.rlwe.ring import SmallProduct
+    from heinfer.rlwe.sampling import ternary
+
+    context = bfv_context()
+    secret = SecretKey.generate(context)
+    key = context.load_evaluation_key(secret.public_key_bytes())
+    primes = context.params.data_primes
+    pk = key.coefficients()
+    product = SmallProduct(context.n, context.n, primes)
+
+    def zero(pk0: np.ndarray, pk1: np.ndarray) -> np.ndarray:
+        u = ternary((context.n,))
+        errors = centered_binomial((2, context.n)).astype(np.int64)
+        c = [product.reduce(product.digit_spectra(p) * product.spectrum(u)) for p in (pk0, pk1)]
+        for j, q in enumerate(primes):
+            for i in range(2):
+                c[i][j] = (c[i][j].astype(object) + errors[i]) % q
+        return np.stack(c).astype(np.uint64)
+
+    for _ in range(3):
+        ciphertext = context.ciphertext_from_arrays(zero(pk[0], pk[1]), last_level=False)
+        assert not secret.decrypt_full(ciphertext).any()
+        # log2(q / 2t) = 57 bits of room; noise of ~2**10 leaves ~46 (SEAL's own: ~56)
+        assert secret.noise_budget(ciphertext) >= 44
+    ntt = context.ciphertext_arrays(key._public_key)[:, : len(primes)]
+    wrong = context.ciphertext_from_arrays(zero(ntt[0], ntt[1]), last_level=False)
+    assert secret.decrypt_full(wrong).any()

@@ -13,15 +13,19 @@ import tenseal.sealapi as seal
 from heinfer.he.backend import SecretKey
 from heinfer.he.serialization import ciphertext_arrays, plaintext_arrays
 from heinfer.rlwe.ring import (
+    ExactDot,
     NegacyclicProduct,
+    SmallProduct,
     linear_combination,
     mulmod_arrays,
     mulmod_const,
     mulmod_small,
+    negacyclic_index,
+    negacyclic_rows,
     reduce_estimated,
 )
-from heinfer.rlwe.sampling import expand_uniform
-from rlwe_helpers import bfv_context, seal_times_secret
+from heinfer.rlwe.sampling import expand_uniform, ternary
+from rlwe_helpers import bfv_context, seal_times_secret, seal_times_small
 
 EDGE_PRIMES = (65537, 1099511922689, (1 << 55) - 55, (1 << 61) - 1)
 
@@ -176,3 +180,60 @@ def test_linear_combination_is_exact_with_large_weights() -> None:
     np.testing.assert_array_equal(linear_combination(weights, polys, q), expected.astype(np.uint64))
     with pytest.raises(ValueError, match="too large"):
         linear_combination(np.array([[1 << 54]]), polys[:1], q)
+
+
+def _rowpack_like_weights(seed: int = 7) -> np.ndarray:
+    """A weight polynomial shaped like the MNIST model's: 5 rows of 784 weights up to 2**18."""
+    rng = np.random.default_rng(seed)
+    poly = np.zeros(4096, dtype=np.int64)
+    poly[: 5 * 784] = rng.integers(-(1 << 18), 1 << 18, 5 * 784)
+    poly[0] = (1 << 18) - 1
+    return poly
+
+
+def test_small_product_sums_are_seals_products() -> None:
+    """c * W + p * u through one inverse FFT equals SEAL's multiply_plain(c, W) +
+    multiply_plain(p, u) modulo each prime, with c, p uniform (q - 1 included)."""
+    context = bfv_context()
+    primes = context.params.data_primes
+    weights = _rowpack_like_weights()
+    u = ternary((context.n,))
+    c, p = _random_polys(2, seed=9).transpose(1, 0, 2)
+    c[:, 1] = np.array(primes, dtype=np.uint64) - 1
+    product = SmallProduct(context.n, int(np.abs(weights).sum()) + context.n, primes)
+    spectra = product.digit_spectra(c) * product.spectrum(weights)
+    spectra += product.digit_spectra(p) * product.spectrum(u)
+    ours = product.reduce(spectra)
+    expected = seal_times_small(context, weights, c) + seal_times_small(context, u, p)
+    for j, q in enumerate(primes):
+        np.testing.assert_array_equal(ours[j], expected[j] % np.uint64(q))
+
+
+def test_small_product_refuses_factors_beyond_its_bound() -> None:
+    """Negative control: a product told a too-small l1 bound uses digits too wide for exact
+    float64 FFTs, and its exactness check refuses the result instead of returning it."""
+    context = bfv_context()
+    weights = _rowpack_like_weights()
+    product = SmallProduct(context.n, 1, context.params.data_primes)
+    c = _random_polys(1, seed=3)[:, 0]
+    with pytest.raises(RuntimeError, match="exactness"):
+        product.reduce(product.digit_spectra(c) * product.spectrum(weights))
+
+
+def test_exact_dot_with_negacyclic_rows_is_seals_product_at_a_few_coefficients() -> None:
+    """(c * W)[k] for k in a few coefficients, as dot products with W read backwards
+    (`negacyclic_rows`), equals SEAL's full product there; a cyclic reading (no sign flip)
+    does not (negative control)."""
+    context = bfv_context()
+    primes = context.params.data_primes
+    weights = _rowpack_like_weights(11)
+    coefficients = [0, 783, 1567, 3135, 3919, 4095]
+    c = _random_polys(1, seed=4)[:, 0]
+    c[:, 5] = np.array(primes, dtype=np.uint64) - 1
+    expected = seal_times_small(context, weights, c)[:, coefficients]
+    dot = ExactDot(int(np.abs(weights).sum()), primes)
+    rows = negacyclic_rows(weights, coefficients).astype(np.float64)
+    np.testing.assert_array_equal(dot.combine(rows @ dot.split(c)), expected)
+    cyclic = np.concatenate([weights, weights])[negacyclic_index(coefficients, context.n)]
+    wrong = dot.combine(cyclic.astype(np.float64) @ dot.split(c))
+    assert not np.array_equal(wrong, expected)

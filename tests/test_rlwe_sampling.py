@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,6 +24,9 @@ from heinfer.rlwe.sampling import (
     expand_uniform,
     os_random_normal,
     os_random_uniform,
+    seal_shake256_stream,
+    seal_uniform,
+    ternary,
     uniform_flood,
     uniform_mod,
 )
@@ -202,3 +206,71 @@ def test_os_random_normal_is_standard_normal() -> None:
 
 def test_centered_helper_is_centered() -> None:
     assert centered(np.array([0, 1, 6, 7]), 7).tolist() == [0, 1, -1, 0]
+
+
+# -- seal_uniform, ternary ----------------------------------------------------------------------
+
+
+# An NTT prime (1 mod 2N) near 0.75 * 2**60: SEAL's rejection rule drops 1.6% of words.
+REJECTING_PRIME = 864691128455159809
+
+
+def _seal_expansion(context: Any, seed: bytes) -> np.ndarray:
+    """c1 as SEAL's loader expands it from a seeded ciphertext whose PRNG type is SHAKE-256."""
+    import tenseal.sealapi as seal
+
+    from heinfer.he import serialization as fmt
+    from heinfer.he.scratch import SCRATCH
+
+    c0 = np.zeros((len(context.params.data_primes), context.n), dtype=np.uint64)
+    tail = fmt.seed_object(fmt.PRNG_SHAKE256, seed)
+    data = fmt.seeded_ciphertext(context._seeded_prefix, c0, tail)
+    return fmt.ciphertext_arrays(SCRATCH.load(seal.Ciphertext(), context.seal_context, data))[1]
+
+
+@pytest.mark.parametrize("rejecting", [False, True], ids=["mnist-primes", "rejecting-prime"])
+def test_seal_uniform_is_seals_own_expansion_bit_for_bit(rejecting: bool) -> None:
+    """Every coefficient of SEAL's c1 for four SHAKE-256 seeds. The MNIST primes sit just
+    below powers of two, so SEAL's rejection rule almost never fires there; a prime near
+    0.75 * 2**60 exercises it (dozens of redraws per polynomial). Negative control: without
+    the rejection rule the expansion differs from SEAL's."""
+    from heinfer.he.backend import Context, find_ntt_primes
+    from heinfer.he.params import BFVParameters
+
+    context = bfv_context()
+    if rejecting:
+        primes = (REJECTING_PRIME, *find_ntt_primes(context.n, [30]))
+        context = Context(BFVParameters(context.n, primes, 65537))
+    primes = context.params.data_primes
+    limits = np.array([(1 << 64) - 2 - ((1 << 64) - 1) % q for q in primes], dtype=np.uint64)
+    for index in range(4):
+        seed = hashlib.sha512(b"seal-uniform" + bytes([index])).digest()
+        expected = _seal_expansion(context, seed)
+        np.testing.assert_array_equal(seal_uniform(seed, primes, context.n), expected)
+        words = np.frombuffer(seal_shake256_stream(seed, 0, 8 * len(primes)), dtype="<u8")
+        words = words.reshape(len(primes), context.n)
+        rejected = int((words >= limits[:, None]).sum())
+        assert (rejected > 0) == rejecting
+        if rejecting:
+            naive = words % np.array(primes, dtype=np.uint64)[:, None]
+            assert not np.array_equal(naive, expected)
+
+
+def test_seal_shake256_stream_is_shake256_of_seed_and_counter() -> None:
+    seed = bytes(range(64))
+    stream = seal_shake256_stream(seed, 1, 2)
+    assert stream[:4096] == hashlib.shake_256(seed + struct.pack("<Q", 1)).digest(4096)
+    assert stream[4096:] == hashlib.shake_256(seed + struct.pack("<Q", 2)).digest(4096)
+
+
+def test_ternary_is_distributed_as_seals_secret() -> None:
+    """SEAL samples secrets (and encryption's u) uniform on {-1, 0, 1}; ours matches both the
+    uniform law and the coefficients of SEAL's own secret keys."""
+    ours = ternary((8, 4096)).reshape(-1)
+    assert ours.dtype == np.int8 and set(np.unique(ours).tolist()) == {-1, 0, 1}
+    counts = np.bincount(ours + 1, minlength=3)
+    assert chisquare(counts).pvalue > 1e-6
+    context = bfv_context()
+    theirs = np.concatenate([SecretKey.generate(context).ternary() for _ in range(8)])
+    table = np.stack([counts, np.bincount(theirs.astype(np.int64) + 1, minlength=3)])
+    assert chi2_contingency(table).pvalue > 1e-6

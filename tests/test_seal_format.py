@@ -137,6 +137,24 @@ def test_seeded_ciphertexts_split_and_join_as_seal_writes_them() -> None:
     body = fmt.seal_payload(SCRATCH.save(expanded))
     seed = tail[fmt.HEADER.size + 1 :]
     assert fmt.seeded_key_body(body, c0, seed) == fmt.seal_payload(saved)
+    # the seed object is SEAL's, byte for byte, and SEAL loads it as SHAKE-256 as well
+    assert fmt.seed_object(fmt.PRNG_BLAKE2XB, seed) == tail
+    shake = fmt.seeded_ciphertext(prefix, c0, fmt.seed_object(fmt.PRNG_SHAKE256, seed))
+    reloaded = SCRATCH.load(seal.Ciphertext(), context.seal_context, shake)
+    other_c1 = fmt.ciphertext_arrays(reloaded)[1]
+    assert not np.array_equal(other_c1, fmt.ciphertext_arrays(expanded)[1])
+
+
+def test_ntt_form_prefix_is_the_prefix_seal_writes_for_ntt_ciphertexts() -> None:
+    context = bfv_context()
+    secret = seal.KeyGenerator(context.seal_context).secret_key()
+    fresh = seal.Ciphertext()
+    seal.Encryptor(context.seal_context, secret).encrypt_symmetric(
+        context.plaintext_from_coefficients(None), fresh
+    )
+    prefix = fmt.ciphertext_prefix(SCRATCH.save(fresh))
+    ntt = fmt.ciphertext_prefix(SCRATCH.save(context.to_ntt(fresh)))
+    assert prefix != ntt and fmt.ntt_form_prefix(prefix) == ntt
 
 
 def test_public_and_secret_keys() -> None:
