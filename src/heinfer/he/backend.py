@@ -31,7 +31,12 @@ from heinfer.he.params import BFVParameters
 from heinfer.he.scratch import SCRATCH
 from heinfer.he.serialization import PRNG_SEED_BYTES as SEAL_SEED_BYTES
 from heinfer.rlwe.encrypt import bfv_decode, replace_uniform_half, scale_plain, symmetric_c0
-from heinfer.rlwe.ring import NegacyclicProduct, linear_combination, negacyclic_rows
+from heinfer.rlwe.ring import (
+    NegacyclicProduct,
+    SmallProduct,
+    linear_combination,
+    negacyclic_rows,
+)
 from heinfer.rlwe.sampling import (
     PUBLIC_A_TAG,
     SEED_BYTES,
@@ -56,6 +61,7 @@ __all__ = [
 _FINGERPRINT_BYTES = 8
 _ENCRYPT_ROWS = 64  # ciphertexts per block in `SecretKey.encrypt_columns` (cache-sized)
 _SCRATCH = SCRATCH
+_SMALL_TABLE_MAX = 1 << 17
 
 
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
@@ -197,6 +203,7 @@ class Context:
         self.evaluator = seal.Evaluator(self.seal_context)
         self.data_primes = np.array(params.data_primes, dtype=np.uint64)
         self.last_prime = int(params.coeff_modulus[0])
+        self._small_table = np.zeros((len(params.data_primes), 0), dtype=np.uint64)
         self._build_templates()
 
     # -- templates: SEAL metadata prefixes we reuse to write objects from numpy arrays --------
@@ -405,6 +412,18 @@ class Context:
         """round(q*m/t) modulo each data prime (`heinfer.rlwe.encrypt.scale_plain`)."""
         return scale_plain(values, self.params.data_primes, self.params.plain_modulus)
 
+    def scale_small(self, values: np.ndarray) -> np.ndarray:
+        """`scale_plain` of values in [0, t) through a table of round(q*m/t) for every m up to
+        the largest seen (grown in powers of two, at most 2**17 entries: client inputs)."""
+        values = np.asarray(values, dtype=np.int64)
+        top = int(values.max(initial=0)) + 1
+        if top > _SMALL_TABLE_MAX:
+            return self.scale_plain(values)
+        if self._small_table.shape[1] < top:
+            size = 1 << (top - 1).bit_length()
+            self._small_table = self.scale_plain(np.arange(size))
+        return self._small_table[:, values]
+
     def uniform_flood(self, shape: tuple[int, ...], log2_bound: int) -> np.ndarray:
         """Integers uniform in [-2**k, 2**k) modulo each data prime, from the OS
         (`heinfer.rlwe.sampling.uniform_flood`)."""
@@ -511,6 +530,7 @@ class SecretKey:
         self._decryptor = seal.Decryptor(context.seal_context, secret)
         self._ternary: np.ndarray | None = None
         self._product: NegacyclicProduct | None = None
+        self._request_product: tuple[SmallProduct, np.ndarray] | None = None
         self._rows: dict[tuple[int, ...], np.ndarray] = {}
 
     @classmethod
@@ -572,11 +592,15 @@ class SecretKey:
         seed = os.urandom(SEAL_SEED_BYTES)
         a = seal_uniform(seed, primes, context.n)
         error = centered_binomial((1, context.n))
-        scaled = context.scale_plain(values)
-        product = self._secret_product()
+        scaled = context.scale_small(values)
+        if self._request_product is None:  # one FFT product for every prime (|s|_1 <= N)
+            product = SmallProduct(context.n, context.n, primes)
+            self._request_product = product, product.spectrum(self.ternary())
+        product, secret_spectrum = self._request_product
+        a_s = product.reduce(product.digit_spectra(a) * secret_spectrum)
         c0 = np.stack(
             [
-                symmetric_c0(product.multiply(a[j : j + 1], q), scaled[j], error, q)[0]
+                symmetric_c0(a_s[j : j + 1], scaled[j], error, q)[0]
                 for j, q in enumerate(primes)
             ]
         )

@@ -133,8 +133,13 @@ def _moduli(
     result_prime_bits = max(
         plain_bits + 2, plain_bits + math.ceil(math.log2(8 * switch_noise / eta_target + 1))
     )
+    # The single-image re-randomizer is a public-key encryption of zero at the data primes
+    # (no division by the special prime): noise -e_pk*u + e0 + e1*s, variance
+    # sigma^2 * (1 + 4N/3) for ternary u and s.
+    rerandomizer = z * SEAL_NOISE_SIGMA * math.sqrt(1 + 4 * degree / 3)
     # Decryption error from flooding: t * (flood + leak + fresh) / q <= eta_target / 2.
-    data_bits = math.ceil(math.log2(2 ** (plain_bits + 1) * (flood + 2 * leak) / eta_target))
+    noise = flood + 2 * leak + rerandomizer
+    data_bits = math.ceil(math.log2(2 ** (plain_bits + 1) * noise / eta_target))
     data_bits = max(data_bits, result_prime_bits + 20)
     if result_prime_bits > _MAX_PRIME_BITS:
         return None
