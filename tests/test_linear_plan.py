@@ -234,6 +234,8 @@ def test_every_test_digit_agrees_with_plaintext_in_process(
     codec = LinearCodec(mnist_model.manifest)
     secret = SecretKey.generate(codec.context)
     key = plan.load_keys(codec.key_upload(secret))
+    derived = [a for arrays in key._derived.values() for a in arrays]
+    assert derived and key.nbytes >= sum(a.nbytes for a in derived)  # the cache counts them
     rowpack = plan.layouts[b"HEQ1"]
     client = codec.layouts[LAYOUT_KIND]
     assert isinstance(rowpack, RowpackServer) and isinstance(client, RowpackClient)

@@ -203,6 +203,7 @@ class Context:
         self.evaluator = seal.Evaluator(self.seal_context)
         self.data_primes = np.array(params.data_primes, dtype=np.uint64)
         self.last_prime = int(params.coeff_modulus[0])
+        self.tag = params.fingerprint[:_FINGERPRINT_BYTES]  # what every request starts with
         self._small_table = np.zeros((len(params.data_primes), 0), dtype=np.uint64)
         self._build_templates()
 
@@ -315,14 +316,14 @@ class Context:
     def request_bytes_from(self, c0: np.ndarray, prng_type: int, seed: bytes) -> bytes:
         """A compact request (tag, c0 bit-packed per data prime, SEAL's seed object)."""
         packed = b"".join(pack_bits(c0[i], b) for i, b in enumerate(self._data_bits))
-        tag = self.params.fingerprint[:_FINGERPRINT_BYTES]
+        tag = self.tag
         return tag + packed + fmt.seed_object(prng_type, seed)
 
     def _request_c0(self, data: bytes | memoryview) -> tuple[np.ndarray, int]:
         """Tag, exact length and c0 of a compact request; c0 (L, N) and the seed's offset."""
         if len(data) <= _FINGERPRINT_BYTES:
             raise MalformedPayloadError(f"ciphertext of {len(data)} bytes is too short")
-        if data[:_FINGERPRINT_BYTES] != self.params.fingerprint[:_FINGERPRINT_BYTES]:
+        if data[:_FINGERPRINT_BYTES] != self.tag:
             raise ParameterMismatchError(
                 "ciphertext was made for other encryption parameters: fetch the model's "
                 "manifest again and re-encrypt"
@@ -353,7 +354,7 @@ class Context:
 
     def compact_batch_request(self, seed: bytes, c0: np.ndarray) -> bytes:
         """Parameter tag + the seed of every c1 + all c0 polynomials, bit-packed prime by prime."""
-        tag = self.params.fingerprint[:_FINGERPRINT_BYTES]
+        tag = self.tag
         limbs = [pack_bits(c0[j], bits) for j, bits in enumerate(self._data_bits)]
         return tag + seed + b"".join(limbs)
 
@@ -395,7 +396,7 @@ class Context:
 
     def _check_batch_request(self, data: bytes | memoryview, count: int) -> bytes:
         """Tag and exact length of a batch request of `count` ciphertexts; returns the seed."""
-        if data[:_FINGERPRINT_BYTES] != self.params.fingerprint[:_FINGERPRINT_BYTES]:
+        if data[:_FINGERPRINT_BYTES] != self.tag:
             raise ParameterMismatchError(
                 "batch request was made for other encryption parameters: fetch the model's "
                 "manifest again and re-encrypt"
@@ -471,24 +472,24 @@ class EvaluationKey:
         self._public_key = public_key
         self._encryptor: Any = None
         self.nbytes = 2 * context.n * len(context.params.coeff_modulus) * 8
-        self._derived: dict[object, np.ndarray] = {}
+        self._derived: dict[object, tuple[np.ndarray, ...]] = {}
 
     def coefficients(self) -> np.ndarray:
         """(pk0, pk1) at the data primes in coefficient form, (2, L, N) uint64: the public key
-        restricted to the data primes is itself an RLWE sample, pk0 + pk1*s = -e mod q_j."""
-        return self.derived("coefficients", self._coefficients)
-
-    def _coefficients(self) -> np.ndarray:
+        restricted to the data primes is itself an RLWE sample, pk0 + pk1*s = -e mod q_j.
+        Through SEAL (about a millisecond): plans derive what they keep from it once per key."""
         context = self._context
         return context.data_level_coefficients(context.ciphertext_arrays(self._public_key))
 
-    def derived(self, name: object, make: Callable[[], np.ndarray]) -> np.ndarray:
-        """A precomputation from this key (a plan's spectra of it), made once and counted in
-        `nbytes`, so the key cache bounds it."""
+    def derived(
+        self, name: object, make: Callable[[], tuple[np.ndarray, ...]]
+    ) -> tuple[np.ndarray, ...]:
+        """Arrays precomputed from this key (a plan's spectra of it), made once and counted in
+        `nbytes`, so the key cache bounds them."""
         if name not in self._derived:
-            value = make()
-            self._derived[name] = value
-            self.nbytes += value.nbytes
+            arrays = make()
+            self._derived[name] = arrays
+            self.nbytes += sum(a.nbytes for a in arrays)
         return self._derived[name]
 
     @classmethod
@@ -670,7 +671,7 @@ class SecretKey:
         sizes = [count * context.n * q.bit_length() // 8 for q in primes]  # N is a multiple of 8
         out = np.zeros(header + sum(sizes) + 8, dtype=np.uint8)
         out[:_FINGERPRINT_BYTES] = np.frombuffer(
-            context.params.fingerprint[:_FINGERPRINT_BYTES], np.uint8
+            context.tag, np.uint8
         )
         out[_FINGERPRINT_BYTES:header] = np.frombuffer(seed, np.uint8)
         offsets = [header + sum(sizes[:j]) for j in range(len(primes))]

@@ -266,23 +266,26 @@ class SmallProduct:
         half = self.degree // 2
         product = np.fft.ifft(spectra, axis=-1)
         product *= self._untwist
-        values = np.empty((*product.shape[:-1], self.degree), dtype=np.float64)
-        values[..., :half] = product.real
-        values[..., half:] = product.imag
+        # Work on (real, imag) pairs in place: pair k holds coefficients k and k + N/2.
+        values = product.view(np.float64)
         rounded = np.rint(values)
         values -= rounded
-        if np.abs(values).max(initial=0.0) > 0.125:
+        np.abs(values, out=values)
+        if values.max(initial=0.0) > 0.125:
             raise RuntimeError("FFT product lost exactness; refusing the result")
-        out = np.empty((len(self.primes), *rounded.shape[1:]), dtype=np.uint64)
+        exact = rounded.astype(np.int64)
+        shape = rounded.shape[1:]
+        out = np.empty((len(self.primes), *shape), dtype=np.uint64)
         for j, (q, width) in enumerate(zip(self.primes, self.widths, strict=True)):
-            estimate = np.zeros(rounded.shape[1:], dtype=np.float64)
-            total = np.zeros(rounded.shape[1:], dtype=np.int64)
-            for k in range(self.digits[j]):
-                digit = rounded[self._starts[j] + k]
-                estimate += digit * (float(1 << (k * width)) / q)
-                total += digit.astype(np.int64) << np.int64(k * width)
+            first = self._starts[j]
+            estimate = rounded[first] * (1.0 / q)
+            total = exact[first].copy()
+            for k in range(1, self.digits[j]):
+                estimate += rounded[first + k] * (float(1 << (k * width)) / q)
+                total += exact[first + k] << np.int64(k * width)
             out[j] = reduce_estimated(total, estimate, q)
-        return out
+        pairs = out.reshape(*out.shape[:-1], half, 2)
+        return np.ascontiguousarray(np.swapaxes(pairs, -1, -2)).reshape(out.shape)
 
 
 class ExactDot:

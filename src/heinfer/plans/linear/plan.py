@@ -66,6 +66,7 @@ class LinearPlan(Plan):
         super().__init__(manifest)
         self.arrays = arrays
         self.params = BFVParameters.from_dict(manifest.scheme)
+        self._tag = self.params.fingerprint[:_TAG_BYTES]
         self._layout = manifest.layout
         self._context: Context | None = None
         self._treatment = Treatment()
@@ -147,7 +148,7 @@ class LinearPlan(Plan):
     # -- evaluation (called by the layouts) ----------------------------------------------------
     def check_tag(self, data: bytes | memoryview, what: str) -> None:
         """Refuse a ciphertext made for other parameters by its 8-byte parameter tag."""
-        if bytes(data[:_TAG_BYTES]) != self.params.fingerprint[:_TAG_BYTES]:
+        if bytes(data[:_TAG_BYTES]) != self._tag:
             raise ParameterMismatchError(
                 f"{what} was made for other encryption parameters: fetch the model's manifest "
                 "again and re-encrypt"
@@ -260,13 +261,11 @@ class _RowpackWeights:
 
     def key_spectra(self, key: EvaluationKey) -> tuple[np.ndarray, np.ndarray]:
         """pk1's digit spectra (D, N/2) and pk0's digits (N, D'), made once per key."""
-        pk1 = key.derived(
-            ("rowpack-pk1", tuple(self.product.widths)),
-            lambda: self.product.digit_spectra(key.coefficients()[1]),
-        )
-        pk0 = key.derived(
-            ("rowpack-pk0", self.key_dot.width), lambda: self.key_dot.split(key.coefficients()[0])
-        )
+        def make() -> tuple[np.ndarray, ...]:
+            pk0, pk1 = key.coefficients()
+            return self.product.digit_spectra(pk1), self.key_dot.split(pk0)
+
+        pk1, pk0 = key.derived(("rowpack", tuple(self.product.widths), self.key_dot.width), make)
         return pk1, pk0
 
     def evaluate(
