@@ -32,9 +32,9 @@ from heinfer.he.scratch import SCRATCH
 from heinfer.he.serialization import PRNG_SEED_BYTES as SEAL_SEED_BYTES
 from heinfer.rlwe.encrypt import bfv_decode, replace_uniform_half, scale_plain, symmetric_c0
 from heinfer.rlwe.ring import (
+    ExactDot,
     NegacyclicProduct,
     SmallProduct,
-    linear_combination,
     negacyclic_rows,
 )
 from heinfer.rlwe.sampling import (
@@ -532,6 +532,7 @@ class SecretKey:
         self._ternary: np.ndarray | None = None
         self._product: NegacyclicProduct | None = None
         self._request_product: tuple[SmallProduct, np.ndarray] | None = None
+        self._dot: ExactDot | None = None
         self._rows: dict[tuple[int, ...], np.ndarray] = {}
 
     @classmethod
@@ -622,10 +623,14 @@ class SecretKey:
         (`negacyclic_rows`), then BFV's round(t*v/q) (`bfv_decode`).
         """
         key = tuple(int(k) for k in coefficients)
-        if key not in self._rows:
-            self._rows[key] = negacyclic_rows(self.ternary().astype(np.int64), list(key))
         q = self._context.last_prime
-        c1_s = linear_combination(self._rows[key], np.asarray(c1, np.uint64)[:, None], q)[:, 0]
+        if key not in self._rows:
+            rows = negacyclic_rows(self.ternary().astype(np.int64), list(key))
+            self._rows[key] = rows.astype(np.float64)
+        if self._dot is None:
+            self._dot = ExactDot(self._context.n, (q,))  # rows of a ternary s
+        dot = self._dot
+        c1_s = dot.combine(self._rows[key] @ dot.split(np.asarray(c1, np.uint64)[None]))[0]
         total = np.asarray(c0, dtype=np.uint64) + c1_s
         total -= np.uint64(q) * (total >= np.uint64(q))
         return bfv_decode(total, q, self._context.params.plain_modulus)

@@ -1,4 +1,4 @@
-"""Server side of a compiled linear model: quantized weights as BFV plaintexts, one public key.
+"""Server side of a compiled linear model: quantized weights, one public key.
 
 Both linear layouts (`rowpack`, `batch`) evaluate with this plan's weights and the client's one
 public key, and both give every result the same privacy treatment (see `Treatment`).

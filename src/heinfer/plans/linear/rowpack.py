@@ -4,19 +4,23 @@ The client puts its quantized input x (n features) in the first n coefficients o
 plaintext. The server holds, per group of r = N // n rows, one plaintext whose row j (at
 position p in the group) is stored reversed at offset p*n. In the negacyclic product,
 coefficient p*n + n - 1 is exactly W_j . x; the product's other coefficients hold partial sums.
-With r*n <= N no wrap-around reaches an output coefficient. The weight plaintexts are
-precomputed in NTT form, so the server's work per request is one forward NTT, one pointwise
-product and one inverse NTT per group.
+With r*n <= N no wrap-around reaches an output coefficient.
+
+The server's work per request is numpy, with no SEAL call and no file
+(`LinearPlan.evaluate_record_full`): c1_x is expanded from the request's SHAKE-256 seed as SEAL
+would; c1_x * W_g is an exact FFT product (the spectra of W_g precomputed per plan); c0_x * W_g
+is computed at the output coefficients only, as dot products with W_g read backwards.
 
 Privacy of the model (the result must reveal W x + b and nothing else):
-- non-output coefficients of c0 receive uniform values (mask), so they decrypt to noise;
-- the result is re-randomized with a fresh encryption of zero under the client's public key,
-  so c1 is no longer c1_x * W (which a client could divide by its own c1_x);
+- the result is re-randomized with a fresh public-key encryption of zero under the client's
+  key, computed at the data primes (fresh ternary u, fresh errors; pk1's spectra kept per
+  key), so c1 is no longer c1_x * W (which a client could divide by its own c1_x);
 - the noise at each output coefficient, which contains e_x * W for the client's own error e_x,
-  is flooded with uniform noise 2**40 times larger than a tail bound of that term (statistical
-  distance <= 2**-40 per output, see `compile.NoiseBudget`);
-- the result is then switched down to one small prime and only c1 plus the output
-  coefficients of c0 are sent.
+  is flooded with uniform noise 2**40 times larger than a tail bound of that term
+  (statistical distance <= 2**-40 per output, see `compile.NoiseBudget`);
+- the result is then switched down to one small prime (SEAL's exact rounding) and only c1
+  plus the output coefficients of c0 are sent; the other coefficients of c0, which would hold
+  partial sums, are never computed.
 
 Frames: a request (HEQ1) holds length-prefixed records, one per sample; its response (HER1)
 fixed-size result records. A request of many records splits into independent requests.
