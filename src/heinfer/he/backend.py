@@ -68,12 +68,17 @@ def pack_bits(values: np.ndarray, bits: int) -> bytes:
     """Pack non-negative integers below 2**bits into exactly ceil(n*bits/8) bytes.
 
     The format is one little-endian bit stream: value k occupies bits [k*bits, (k+1)*bits).
-    Higher bits of a value are dropped. Widths 8..57 take a vectorized path (each group of 8
-    values is `bits` bytes; every value fits one unaligned 64-bit word of its group).
+    Higher bits of a value are dropped. Up to 64 values are packed as one Python integer;
+    widths 8..57 take a vectorized path (each group of 8 values is `bits` bytes; every value
+    fits one unaligned 64-bit word of its group).
     """
     flat = np.ascontiguousarray(values, dtype="<u8").reshape(-1)
     count = flat.size
-    if not _FAST_MIN_BITS <= bits <= _FAST_MAX_BITS or count == 0:
+    if count <= _SMALL_PACK:  # a few values (outputs of c0): one Python integer
+        mask = (1 << bits) - 1
+        stream = sum((v & mask) << (i * bits) for i, v in enumerate(flat.tolist()))
+        return stream.to_bytes((count * bits + 7) // 8, "little")
+    if not _FAST_MIN_BITS <= bits <= _FAST_MAX_BITS:
         return _pack_bits_generic(flat, bits)
     out = np.zeros(-(-count // 8) * bits + 8, dtype=np.uint8)
     pack_bits_into(flat, bits, out, 0)
@@ -145,6 +150,7 @@ def unpack_bits(
 
 
 _FAST_MIN_BITS, _FAST_MAX_BITS = 8, 57
+_SMALL_PACK = 64
 _PACK_CHUNK = 1 << 17
 
 

@@ -175,9 +175,13 @@ class LinearPlan(Plan):
         ciphertext (c1 (N,), c0 at the outputs (m,)), uint64 below the last prime."""
         primes = self.context.params.data_primes
         results = self.evaluate_record_full(record, key)
-        c1 = divide_and_round_q_last(np.stack([r.c1 for r in results], axis=1), primes)[0]
-        c0 = divide_and_round_q_last(np.concatenate([r.c0 for r in results], axis=1), primes)[0]
-        return list(zip(c1, np.split(c0, self.rowpack_weights.splits), strict=True))
+        # every c1, then every output of c0: one switch for all
+        values = np.concatenate([r.c1 for r in results] + [r.c0 for r in results], axis=1)
+        switched = divide_and_round_q_last(values, primes)[0]
+        n, groups = self.context.n, len(results)
+        c1 = switched[: n * groups].reshape(groups, n)
+        c0 = np.split(switched[n * groups :], self.rowpack_weights.splits)
+        return list(zip(c1, c0, strict=True))
 
     def flooding(self, count: int, treatment: Treatment) -> np.ndarray:
         """Uniform integers in [-F, F] reduced modulo each data prime, from `secrets`."""
