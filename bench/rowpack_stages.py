@@ -29,7 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import heinfer
-from heinfer.plans.linear import LinearCodec, RowpackClient, RowpackServer
+from heinfer.he.backend import EvaluationKey
+from heinfer.plans.linear import LinearCodec, LinearPlan, RowpackClient, RowpackServer
 from heinfer.rlwe.encrypt import divide_and_round_q_last
 
 
@@ -53,9 +54,11 @@ def main() -> None:
     path, X, _ = mnist_model()
     model = heinfer.load_model(path)
     plan = model.plan
+    assert isinstance(plan, LinearPlan)
     codec = LinearCodec(model.manifest)
     secret = codec.keygen()
     key = plan.load_keys(codec.key_upload(secret))
+    assert isinstance(key, EvaluationKey)
     server, client = plan.layouts[b"HEQ1"], codec.layouts["coeff-rowpack"]
     assert isinstance(server, RowpackServer) and isinstance(client, RowpackClient)
     x_int = codec.quantize(X[:1])[0]

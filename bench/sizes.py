@@ -67,6 +67,7 @@ def measure(
     """One heinfer row: `layout` None is the cost model's pick."""
     import heinfer
     from heinfer.plans.base import codec_for
+    from heinfer.plans.linear import LinearPlan
 
     load_before = _load()
     model = head(n_features, n_classes)
@@ -80,6 +81,7 @@ def measure(
     )
     compile_s = time.perf_counter() - started
     plan = compiled.plan
+    assert isinstance(plan, LinearPlan)
     manifest = plan.manifest
     picked = manifest.layout["choice"]["picked"]
     codec = codec_for(manifest)
