@@ -1155,6 +1155,63 @@ export class NetworkCodec {
 // The client: HTTP plus a codec
 // ================================================================================================
 
+/** A layout this caller may not use: refused before any key or ciphertext is made (Python: heinfer.errors.LayoutDisabledError). */
+export class LayoutDisabledError extends Error {
+  name = 'LayoutDisabledError';
+}
+
+/**
+ * The request formats a client may send to a model, from its manifest alone (Python:
+ * `Client.allowed_layouts` and `Codec.layout_for(..., allowed=)`).
+ */
+export class LayoutChoice {
+  /**
+   * @param {Manifest} manifest
+   * @param {string} model the model's name, for error messages
+   */
+  constructor(manifest, model) {
+    this.model = model;
+    const kind = String(manifest.layout?.kind);
+    const packed = manifest.layout?.packed?.kind === PACKED_LAYOUT;
+    const batch = manifest.layout?.batch?.kind === BATCH_LAYOUT;
+    /** @type {string[]} what this client can send the model: coeff-packed, the family's per-sample layout, coeff-batch */
+    this.served = kind === 'coeff-rowpack'
+      ? [...(packed ? [PACKED_LAYOUT] : []), kind, ...(batch ? [BATCH_LAYOUT] : [])]
+      : [kind];
+    /** @type {string[] | undefined} the manifest's allowed_layouts: absent when every layout is open */
+    this.offered = manifest.allowed_layouts;
+    const offered = this.offered;
+    /** of `served`, those this caller may use */
+    this.allowed = offered ? this.served.filter((layout) => offered.includes(layout)) : this.served;
+    /**
+     * The layout for a request of a few samples, as the Python client picks it: coeff-packed
+     * where served and allowed (the compiler picked it), else the family's own, else the first
+     * allowed one (`Codec.fallback_layout`); the order of `served` says exactly that.
+     */
+    this.default = this.allowed[0] ?? kind;
+  }
+
+  /**
+   * Refuse a layout this client cannot send or this caller may not use.
+   * @param {string} layout
+   */
+  check(layout) {
+    if (!this.served.includes(layout)) {
+      throw new Error(`model ${this.model} is not served in layout ${layout} by this client: ${this.served.join(' or ')}`);
+    }
+    if (!this.allowed.length) {
+      throw new LayoutDisabledError(
+        `no layout of model ${this.model} that this client sends is allowed for this tenant (the manifest's allowed_layouts: ${this.offered?.join(', ') || 'none'})`,
+      );
+    }
+    if (!this.allowed.includes(layout)) {
+      throw new LayoutDisabledError(
+        `the ${layout} layout of model ${this.model} is switched off for this tenant; allowed: ${this.allowed.join(', ')}`,
+      );
+    }
+  }
+}
+
 /**
  * @typedef {{sent: number, received: number}} Traffic
  */
@@ -1177,9 +1234,10 @@ export class Client {
     else throw new Error(`model ${model} uses layout ${kind}, which this client does not know`);
     /** the model's family (manifest layout.kind): the per-sample layout every model serves */
     this.family = kind;
-    /** the layout for a request of a few samples: coeff-packed where the model serves it (the
-     * compiler picked it), else the family's own, as the Python client chooses */
-    this.layout = this.codec instanceof LinearCodec && this.codec.packed ? PACKED_LAYOUT : kind;
+    /** which layouts this caller may send (the manifest's allowed_layouts) */
+    this.choice = new LayoutChoice(manifest, model);
+    /** the layout for a request of a few samples (LayoutChoice.default) */
+    this.layout = this.choice.default;
     /** @type {string | null} */ this.keyId = null;
     /** @type {Traffic} */ this.traffic = { sent: 0, received: 0 };
     /** @type {Uint8Array[]} every body this client sent, for audits (tests scan them) */
@@ -1250,14 +1308,13 @@ export class Client {
   }
 
   /**
-   * The request formats this client can send to this model: the family's per-sample layout,
-   * then coeff-batch where a linear model serves it (many samples in one request).
+   * The request formats this client can send to this model and this caller may use: coeff-packed
+   * where a linear model serves it, the family's per-sample layout, coeff-batch (many samples in
+   * one request), only those the manifest's allowed_layouts names when it names any.
    * @returns {string[]}
    */
   get layouts() {
-    const codec = this.codec;
-    if (!(codec instanceof LinearCodec)) return [this.family];
-    return [...(codec.packed ? [PACKED_LAYOUT] : []), this.family, ...(codec.batch ? [BATCH_LAYOUT] : [])];
+    return this.choice.allowed;
   }
 
   /**
@@ -1276,6 +1333,7 @@ export class Client {
    * @param {(done: number, total: number) => void} [progress] coeff-batch: ciphertexts made so far
    */
   encrypt(X, layout = this.layout, progress = undefined) {
+    this.choice.check(layout);
     this.keygen();
     if (layout === this.family) return this.codec.encryptRequest(X);
     if (this.codec instanceof LinearCodec) {
@@ -1293,6 +1351,7 @@ export class Client {
    * @returns {Promise<Uint8Array>}
    */
   async encryptAsync(X, layout = this.layout, progress = undefined) {
+    this.choice.check(layout);
     this.keygen();
     if (layout === BATCH_LAYOUT && this.codec instanceof LinearCodec) return this.codec.encryptBatchAsync(X, progress);
     return this.encrypt(X, layout);
@@ -1325,6 +1384,7 @@ export class Client {
 
   /** @param {ArrayLike<number>[]} X @param {string} [layout] */
   async predict(X, layout = this.layout) {
+    this.choice.check(layout);
     if (!this.keyId) await this.uploadKeys();
     return this.decrypt(await this.infer(this.encrypt(X, layout)));
   }

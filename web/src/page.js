@@ -250,6 +250,9 @@ async function run(X) {
     return out;
   };
   const client = await timed('connect (manifest, SEAL context)', () => clientFor(model));
+  const layout = client.layouts.includes($('layout').value) ? $('layout').value : client.layout;
+  client.choice.check(layout); // before any key is made or sent
+  if (X.length > client.capacity(layout)) throw new Error(`one ${layout} request holds at most ${client.capacity(layout)} images`);
   const sentBefore = client.traffic.sent;
   const receivedBefore = client.traffic.received;
   if (!client.codec.secret) {
@@ -264,8 +267,6 @@ async function run(X) {
     await timed('public key(s): upload', () => client.uploadKeys(upload));
     keyBytes = upload.length;
   }
-  const layout = client.layouts.includes($('layout').value) ? $('layout').value : client.layout;
-  if (X.length > client.capacity(layout)) throw new Error(`one ${layout} request holds at most ${client.capacity(layout)} images`);
   const progress = (/** @type {number} */ done, /** @type {number} */ total) => status(`Encrypting: ${done} of ${total} ciphertexts…`);
   const body = await timed('encrypt', () => client.encryptAsync(X, layout, progress));
   status(`Sending ${size(body.length)} of ciphertext; the service computes on it…`);
@@ -377,7 +378,8 @@ $('go').addEventListener('click', async () => {
 });
 
 /**
- * The request formats the chosen model offers this page; the choice shows only when there is one.
+ * The request formats the chosen model offers this page and this caller may use (the manifest's
+ * allowed_layouts), the client's default selected; the choice shows only when there is one.
  */
 async function showLayouts() {
   const select = $('layout');
@@ -393,6 +395,7 @@ async function showLayouts() {
         : `one ciphertext per image (${layout})`;
     select.append(option);
   }
+  select.value = client.layout;
   $('layout-row').classList.toggle('hidden', client.layouts.length < 2);
 }
 
