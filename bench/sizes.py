@@ -28,6 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+# One BLAS/OpenMP thread, as the service's workers run (`server/workers.py`): otherwise idle
+# cores let BLAS threads spin and the wall time is not a worker's.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 
 FEATURES = (128, 784, 2048, 8192)
