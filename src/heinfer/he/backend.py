@@ -18,6 +18,7 @@ in `heinfer.rlwe`; this module connects them to SEAL's objects.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -127,26 +128,27 @@ def unpack_bits(
         return _unpack_bits_generic(data, count, bits)
     if count > _PACK_CHUNK:
         return unpack_bits(data, count, bits, out=np.empty(count, dtype=np.uint64))
-    groups = -(-count // 8)
+    # Value k is bits [k*bits, (k+1)*bits): one unaligned 64-bit word read at byte
+    # k*bits // 8 (a gather from overlapping windows of a zero-padded copy), shifted right by
+    # k*bits % 8 <= 7 and masked; bits <= 57 keeps the value inside that word.
     raw = np.frombuffer(data, dtype=np.uint8)
-    # Groups whose 8-byte windows all end inside `data` are read in place; the last one or
-    # two are read from a zero-padded copy of the remaining bytes.
-    reach = (7 * bits) // 8 + 8
-    body = min(groups, max(0, (raw.size - reach) // bits + 1))
-    tail = np.zeros((groups - body) * bits + 8, dtype=np.uint8)
-    rest = raw[body * bits : groups * bits]
-    tail[: rest.size] = rest
-    out = np.empty((groups, 8), dtype=np.uint64)
-    mask = np.uint64((1 << bits) - 1)
-    for source, rows, target in ((raw, body, out[:body]), (tail, groups - body, out[body:])):
-        if not rows:
-            continue
-        for lane in range(8):
-            offset, shift = divmod(lane * bits, 8)
-            window = np.ndarray((rows,), dtype="<u8", buffer=source, offset=offset, strides=(bits,))
-            np.bitwise_and(window >> np.uint64(shift), mask, out=target[:, lane])
-    flat = out.reshape(-1)
-    return flat if flat.size == count else flat[:count].copy()
+    padded = np.zeros(raw.size + 8, dtype=np.uint8)
+    padded[: raw.size] = raw
+    words = np.ndarray((padded.size - 7,), dtype="<u8", buffer=padded, strides=(1,))
+    at, shift = _unpack_offsets(count, bits)
+    out = words[at]
+    out >>= shift
+    out &= np.uint64((1 << bits) - 1)
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _unpack_offsets(count: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Byte offsets and bit shifts of `count` packed values of `bits` bits (read-only)."""
+    position = np.arange(count, dtype=np.int64) * bits
+    at, shift = position >> 3, (position & 7).astype(np.uint64)
+    at.flags.writeable = shift.flags.writeable = False
+    return at, shift
 
 
 _FAST_MIN_BITS, _FAST_MAX_BITS = 8, 57
