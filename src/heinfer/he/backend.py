@@ -81,9 +81,49 @@ def pack_bits(values: np.ndarray, bits: int) -> bytes:
         return stream.to_bytes((count * bits + 7) // 8, "little")
     if not _FAST_MIN_BITS <= bits <= _FAST_MAX_BITS:
         return _pack_bits_generic(flat, bits)
+    if count <= _PACK_CHUNK:
+        return _pack_words(flat, bits)
     out = np.zeros(-(-count // 8) * bits + 8, dtype=np.uint8)
     pack_bits_into(flat, bits, out, 0)
     return out[: (count * bits + 7) // 8].tobytes()
+
+
+def _pack_words(flat: np.ndarray, bits: int) -> bytes:
+    """`pack_bits` built word by word: output word w (stream bits [64w, 64w + 64)) is the OR
+    of the few values overlapping it, each gathered and shifted into place (`_pack_terms`),
+    so a polynomial takes a handful of whole-array passes instead of 8 strided ones."""
+    count = flat.size
+    values = np.empty(count + 1, dtype=np.uint64)  # a zero at `count` for absent terms
+    np.bitwise_and(flat, np.uint64((1 << bits) - 1), out=values[:count])
+    values[count] = 0
+    (index, shift), *rest = _pack_terms(count, bits)
+    out = values[index]
+    out >>= shift
+    for index, shift in rest:
+        part = values[index]
+        part <<= shift
+        out |= part
+    return out.astype("<u8", copy=False).view(np.uint8)[: (count * bits + 7) // 8].tobytes()
+
+
+@functools.lru_cache(maxsize=8)
+def _pack_terms(count: int, bits: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per term of `_pack_words`: which value lands in each output word and its shift (right
+    for the first, which starts at or before the word; left for the next ones, which start
+    inside it; absent ones point at the zero after the values)."""
+    start = np.arange(-(-count * bits // 64), dtype=np.int64) * 64
+    first = start // bits
+    offset = start - first * bits  # bit of value `first` at which the word starts
+    terms = [(first, offset.astype(np.uint64))]
+    for t in range(1, (63 + bits) // bits + 1):
+        index, shift = first + t, t * bits - offset
+        present = (shift < 64) & (index < count)
+        terms.append(
+            (np.where(present, index, count), np.where(present, shift, 0).astype(np.uint64))
+        )
+    for index, shift in terms:
+        index.flags.writeable = shift.flags.writeable = False
+    return terms
 
 
 def pack_bits_into(values: np.ndarray, bits: int, out: np.ndarray, offset: int) -> int:
