@@ -114,7 +114,7 @@ def _pack_terms(count: int, bits: int) -> list[tuple[np.ndarray, np.ndarray]]:
     start = np.arange(-(-count * bits // 64), dtype=np.int64) * 64
     first = start // bits
     offset = start - first * bits  # bit of value `first` at which the word starts
-    terms = [(first, offset.astype(np.uint64))]
+    terms: list[tuple[np.ndarray, np.ndarray]] = [(first, offset.astype(np.uint64))]
     for t in range(1, (63 + bits) // bits + 1):
         index, shift = first + t, t * bits - offset
         present = (shift < 64) & (index < count)

@@ -261,8 +261,13 @@ class SmallProduct:
             parts.extend((values[j] >> np.uint64(k * width)) & mask for k in range(digits))
         return self.spectrum(np.stack(parts).view(np.int64))
 
-    def reduce(self, spectra: np.ndarray) -> np.ndarray:
-        """(sum_j D_j, ..., N/2) spectra of digit products -> (L, ..., N) uint64 mod q_j."""
+    def reduce(self, spectra: np.ndarray, small: np.ndarray | None = None) -> np.ndarray:
+        """(sum_j D_j, ..., N/2) spectra of digit products -> (L, ..., N) uint64 mod q_j, plus
+        `small` ((..., N) integers, |small| < 2**31) at every prime when given.
+
+        Adding `small` to the exact digit total before the one modular reduction gives the same
+        residues as adding it after, without a pass per prime (its |small|/q shift of the
+        quotient estimate stays far inside `reduce_estimated`'s margin of 1)."""
         half = self.degree // 2
         product = np.fft.ifft(spectra, axis=-1)
         product *= self._untwist
@@ -280,6 +285,9 @@ class SmallProduct:
             first = self._starts[j]
             estimate = rounded[first] * (1.0 / q)
             total = exact[first].copy()
+            if small is not None:  # pairs (k, k + N/2), as `total` holds them
+                pairs = np.swapaxes(small.reshape(*shape[:-1], 2, half), -1, -2)
+                total.reshape(*shape[:-1], half, 2)[...] += pairs
             for k in range(1, self.digits[j]):
                 estimate += rounded[first + k] * (float(1 << (k * width)) / q)
                 total += exact[first + k] << np.int64(k * width)
@@ -313,6 +321,20 @@ class ExactDot:
             for k in range(digits)
         ]
         return np.stack(parts, axis=1).astype(np.float64)
+
+    def totals(self, sums: np.ndarray) -> list[list[int]]:
+        """`combine` before the reduction: per prime, each row's exact sum as a Python int,
+        so a caller can add more terms and reduce once."""
+        columns = sums.astype(np.int64).T.tolist()
+        out, start = [], 0
+        for digits in self.digits:
+            total = columns[start]
+            for k in range(1, digits):
+                shift = k * self.width
+                total = [t + (c << shift) for t, c in zip(total, columns[start + k], strict=True)]
+            out.append(total)
+            start += digits
+        return out
 
     def combine(self, sums: np.ndarray) -> np.ndarray:
         """(M, sum_j D_j) float64 exact digit sums (rows @ split) -> (L, M) uint64 mod q_j."""
