@@ -246,20 +246,34 @@ class SmallProduct:
 
     def spectrum(self, small: np.ndarray) -> np.ndarray:
         """(..., N) integer polynomials -> (..., N/2) spectra."""
-        values = np.asarray(small, dtype=np.float64)
+        values = np.asarray(small)
         half = self.degree // 2
-        folded = values[..., :half] + 1j * values[..., half:]
+        folded = np.empty((*values.shape[:-1], half), dtype=np.complex128)
+        folded.real = values[..., :half]  # converted in place: no float or complex temporaries
+        folded.imag = values[..., half:]
         folded *= self._twist
         return np.fft.fft(folded, axis=-1)
 
     def digit_spectra(self, values: np.ndarray) -> np.ndarray:
-        """(L, N) uint64, row j < q_j -> (sum_j D_j, N/2) spectra of every row's digits."""
+        """(L, N) uint64, row j < q_j -> (sum_j D_j, N/2) spectra of every row's digits.
+
+        Each digit is written straight into the folded complex rows (real: coefficients
+        below N/2, imaginary: the rest), with no stacked or float copy of the digits."""
         values = np.asarray(values, dtype=np.uint64)
-        parts: list[np.ndarray] = []
+        half = self.degree // 2
+        folded = np.empty((self._starts[-1], half), dtype=np.complex128)
+        part = np.empty(values.shape[1], dtype=np.uint64)
+        row = 0
         for j, (digits, width) in enumerate(zip(self.digits, self.widths, strict=True)):
             mask = np.uint64((1 << width) - 1)
-            parts.extend((values[j] >> np.uint64(k * width)) & mask for k in range(digits))
-        return self.spectrum(np.stack(parts).view(np.int64))
+            for k in range(digits):
+                np.right_shift(values[j], np.uint64(k * width), out=part)
+                part &= mask
+                folded[row].real = part[:half]
+                folded[row].imag = part[half:]
+                row += 1
+        folded *= self._twist
+        return np.fft.fft(folded, axis=-1)
 
     def reduce(self, spectra: np.ndarray, small: np.ndarray | None = None) -> np.ndarray:
         """(sum_j D_j, ..., N/2) spectra of digit products -> (L, ..., N) uint64 mod q_j, plus
@@ -313,14 +327,20 @@ class ExactDot:
         self.digits = [-(-q.bit_length() // self.width) for q in self.primes]
 
     def split(self, values: np.ndarray) -> np.ndarray:
-        """(L, N) uint64, row j < q_j -> (N, sum_j D_j) float64 digits (reusable)."""
+        """(L, N) uint64, row j < q_j -> (N, sum_j D_j) float64 digits (reusable); each digit
+        is converted straight into its column, with no stacked integer copy."""
+        values = np.asarray(values, dtype=np.uint64)
         mask = np.uint64((1 << self.width) - 1)
-        parts = [
-            (np.asarray(values[j], dtype=np.uint64) >> np.uint64(k * self.width)) & mask
-            for j, digits in enumerate(self.digits)
-            for k in range(digits)
-        ]
-        return np.stack(parts, axis=1).astype(np.float64)
+        out = np.empty((values.shape[1], sum(self.digits)), dtype=np.float64)
+        part = np.empty(values.shape[1], dtype=np.uint64)
+        column = 0
+        for j, digits in enumerate(self.digits):
+            for k in range(digits):
+                np.right_shift(values[j], np.uint64(k * self.width), out=part)
+                part &= mask
+                out[:, column] = part
+                column += 1
+        return out
 
     def totals(self, sums: np.ndarray) -> list[list[int]]:
         """`combine` before the reduction: per prime, each row's exact sum as a Python int,
