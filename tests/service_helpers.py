@@ -4,16 +4,18 @@ once subfolders have their own conftest.py)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from heinfer.cli import wait_ready
+from heinfer.server.auth import new_token
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
@@ -45,6 +47,30 @@ class RunningService:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+@contextmanager
+def tenant_service(
+    model_path: Path,
+    root: Path,
+    tenants: Sequence[str],
+    rules: list[dict[str, Any]],
+    *args: str,
+) -> Iterator[dict[str, Any]]:
+    """A `heinfer serve` of one model with an auth file (one token per tenant) and a budget
+    file holding `rules`; yields its URL and the tokens. `args` go to `heinfer serve`."""
+    auth = root / "tokens.json"
+    tokens = {tenant: new_token(tenant, auth) for tenant in tenants}
+    budget = root / "budget.json"
+    budget.write_text(json.dumps({"rules": rules}))
+    service = RunningService([
+        str(model_path), "--key-store", str(root / "keys"), "--auth-file", str(auth),
+        "--budget-file", str(budget), "--log-level", "warning", *args,
+    ])
+    try:
+        yield {"url": service.url, "tokens": tokens}
+    finally:
+        service.stop()
 
 
 @contextmanager

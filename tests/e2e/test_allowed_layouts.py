@@ -21,12 +21,12 @@ from sklearn.linear_model import LogisticRegression
 
 import heinfer
 from heinfer.errors import LayoutDisabledError
-from heinfer.server.auth import new_token
-from service_helpers import RunningService
+from service_helpers import RunningService, tenant_service
 
 pytestmark = pytest.mark.e2e
 
 SAMPLES = 480  # above the ~440 digits from which an unrestricted client picks coeff-batch
+TENANTS = ("rowonly", "full")
 RULES = [{"tenant": "rowonly", "model": "mnist", "disabled_layouts": ["coeff-batch"]}]
 
 
@@ -34,20 +34,11 @@ RULES = [{"tenant": "rowonly", "model": "mnist", "disabled_layouts": ["coeff-bat
 def served(
     mnist_model_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Any]]:
-    root = tmp_path_factory.mktemp("allowed-layouts")
-    auth = root / "tokens.json"
-    tokens = {tenant: new_token(tenant, auth) for tenant in ("rowonly", "full")}
-    rules = root / "budget.json"
-    rules.write_text(json.dumps({"rules": RULES}))
-    service = RunningService([
-        str(mnist_model_path), "--workers", "2", "--key-store", str(root / "keys"),
-        "--auth-file", str(auth), "--budget-file", str(rules), "--sample-budget", "0",
-        "--log-level", "warning",
-    ])
-    try:
-        yield {"url": service.url, "tokens": tokens}
-    finally:
-        service.stop()
+    with tenant_service(
+        mnist_model_path, tmp_path_factory.mktemp("allowed-layouts"), TENANTS, RULES,
+        "--workers", "2", "--sample-budget", "0",
+    ) as served:
+        yield served
 
 
 def _manifest(served: dict[str, Any], tenant: str) -> httpx.Response:

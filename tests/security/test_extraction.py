@@ -11,7 +11,6 @@ tenant for whom that defence is off, where it must succeed.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,7 @@ from sklearn.linear_model import LogisticRegression
 
 import heinfer
 from heinfer.plans.linear import LinearCodec
-from heinfer.server.auth import new_token
-from service_helpers import RunningService
+from service_helpers import tenant_service
 
 pytestmark = pytest.mark.e2e
 
@@ -42,19 +40,11 @@ RULES = [
 def redteam(
     mnist_model_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Any]]:
-    root = tmp_path_factory.mktemp("redteam")
-    auth = root / "tokens.json"
-    tokens = {tenant: new_token(tenant, auth) for tenant in TENANTS}
-    rules = root / "budget.json"
-    rules.write_text(json.dumps({"rules": RULES}))
-    service = RunningService([
-        str(mnist_model_path), "--workers", "1", "--key-store", str(root / "keys"),
-        "--auth-file", str(auth), "--budget-file", str(rules), "--log-level", "warning",
-    ])
-    try:
-        yield {"url": service.url, "tokens": tokens}
-    finally:
-        service.stop()
+    with tenant_service(
+        mnist_model_path, tmp_path_factory.mktemp("redteam"), TENANTS, RULES,
+        "--workers", "1",
+    ) as served:
+        yield served
 
 
 class _Tenant(heinfer.Client):

@@ -8,20 +8,19 @@ too. The token travels as every request's Authorization header (the browser cont
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from heinfer.server.auth import new_token
-from service_helpers import RunningService
+from service_helpers import tenant_service
 
 pytest.importorskip("playwright.sync_api")
 
 pytestmark = [pytest.mark.web, pytest.mark.e2e]
 
+TENANTS = ("rowonly", "full")
 RULES = [{"tenant": "rowonly", "model": "mnist", "disabled_layouts": ["coeff-batch"]}]
 
 
@@ -29,20 +28,11 @@ RULES = [{"tenant": "rowonly", "model": "mnist", "disabled_layouts": ["coeff-bat
 def served(
     mnist_model_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Any]]:
-    root = tmp_path_factory.mktemp("page-allowed-layouts")
-    auth = root / "tokens.json"
-    tokens = {tenant: new_token(tenant, auth) for tenant in ("rowonly", "full")}
-    rules = root / "budget.json"
-    rules.write_text(json.dumps({"rules": RULES}))
-    service = RunningService([
-        str(mnist_model_path), "--workers", "1", "--key-store", str(root / "keys"),
-        "--auth-file", str(auth), "--budget-file", str(rules), "--sample-budget", "0",
-        "--log-level", "warning",
-    ])
-    try:
-        yield {"url": service.url, "tokens": tokens}
-    finally:
-        service.stop()
+    with tenant_service(
+        mnist_model_path, tmp_path_factory.mktemp("page-allowed-layouts"), TENANTS, RULES,
+        "--workers", "1", "--sample-budget", "0",
+    ) as served:
+        yield served
 
 
 def _page_layouts(browser: Any, served: dict[str, Any], tenant: str) -> dict[str, Any]:
