@@ -400,12 +400,6 @@ class Context:
         per = sum((self.n * b + 7) // 8 for b in self._data_bits)
         return _FINGERPRINT_BYTES + SEED_BYTES + count * per
 
-    def compact_batch_request(self, seed: bytes, c0: np.ndarray) -> bytes:
-        """Parameter tag + the seed of every c1 + all c0 polynomials, bit-packed prime by prime."""
-        tag = self.tag
-        limbs = [pack_bits(c0[j], bits) for j, bits in enumerate(self._data_bits)]
-        return tag + seed + b"".join(limbs)
-
     def load_batch_request(self, data: bytes, count: int) -> tuple[np.ndarray, np.ndarray]:
         """Validate a compact batch request; (c0, c1) as (L, count, N) uint64 arrays.
 
