@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -13,6 +14,20 @@ def png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image.reshape(28, 28).astype(np.uint8)).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def drop_and_run(page: Any, images: np.ndarray, timeout_ms: int) -> dict[str, Any]:
+    """Drop `images` on the page as PNG files, press the button, wait for the run to end and
+    return the page's result (the status must say it is done)."""
+    files = [{"name": f"{i}.png", "mimeType": "image/png", "buffer": png(image)}
+             for i, image in enumerate(images)]
+    page.set_input_files("#photo", files=files)
+    page.wait_for_selector("#pad[data-image='1']", state="attached")
+    page.click("#go")
+    page.wait_for_selector("body[data-run='1'], body[data-error='1']", state="attached",
+                           timeout=timeout_ms)
+    assert page.inner_text("#status").startswith("Done"), page.inner_text("#status")
+    return dict(page.evaluate("window.heinferPage.lastResult"))
 
 
 def secret_needles(secret: bytes) -> list[bytes]:

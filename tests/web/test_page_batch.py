@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from page_helpers import leaks, png, secret_needles
+from page_helpers import drop_and_run, leaks, secret_needles
 
 import heinfer
 from heinfer.plans.base import codec_for
@@ -51,15 +51,7 @@ def test_page_batches_fifty_digits_in_one_request(
 
     images = np.rint(mnist["X_test"][:DIGITS] * 255).astype(np.uint8)
     X = images.astype(np.float64) / 255.0
-    files = [{"name": f"{i}.png", "mimeType": "image/png", "buffer": png(image)}
-             for i, image in enumerate(images)]
-    page.set_input_files("#photo", files=files)
-    page.wait_for_selector("#pad[data-image='1']", state="attached")
-    page.click("#go")
-    page.wait_for_selector("body[data-run='1'], body[data-error='1']", state="attached",
-                           timeout=600_000)
-    assert page.inner_text("#status").startswith("Done"), page.inner_text("#status")
-    result = page.evaluate("window.heinferPage.lastResult")
+    result = drop_and_run(page, images, timeout_ms=600_000)
     page.screenshot(path=str(tmp_path / "page-batch.png"), full_page=True)
 
     assert result["layout"] == "coeff-batch" and result["samples"] == DIGITS
