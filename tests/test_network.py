@@ -41,6 +41,7 @@ from heinfer.plans.network.frames import (
 )
 from heinfer.plans.network.manifest import common_manifest
 from heinfer.plans.wire import encode_keys
+from network_helpers import ridge_cnn
 
 IMAGE = (1, 28, 28)
 
@@ -51,31 +52,6 @@ def digits(mnist: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.nda
     return mnist["X_train"][:3000], mnist["y_train"][:3000], mnist["X_test"], mnist["y_test"]
 
 
-def _numpy_cnn(Xtr: np.ndarray, ytr: np.ndarray, filters: int = 3, stride: int = 1) -> NetworkSpec:
-    """conv(random 5x5 filters) -> square -> avgpool 2 -> linear 10 fitted by ridge (no torch)."""
-    rng = np.random.default_rng(0)
-    conv = {
-        "type": "conv2d",
-        "weight": rng.normal(0, 0.25, (filters, 1, 5, 5)),
-        "bias": rng.normal(0, 0.1, filters),
-        "stride": stride,
-        "padding": 0,
-    }
-    front = NetworkSpec(
-        [
-            conv,
-            {"type": "poly", "a": 1.0, "b": 0.0},
-            {"type": "avgpool", "kernel": 2, "stride": 2},
-            {"type": "flatten"},
-        ],
-        IMAGE,
-    )
-    feats = front.predict_plain(Xtr)
-    F = np.hstack([feats, np.ones((len(feats), 1))])
-    Y = np.eye(10)[ytr] * 4.0 - 2.0
-    coef = np.linalg.solve(F.T @ F + 1.0 * np.eye(F.shape[1]), F.T @ Y)
-    linear = {"type": "linear", "weight": coef[:-1].T, "bias": coef[-1]}
-    return NetworkSpec([*front.layers, linear], IMAGE)
 
 
 def _keys(plan: NetworkPlan, codec: NetworkCodec, secret: Any, layouts: Any = None) -> Any:
@@ -85,7 +61,7 @@ def _keys(plan: NetworkPlan, codec: NetworkCodec, secret: Any, layouts: Any = No
 @pytest.fixture(scope="module")
 def he_setup(digits):
     Xtr, ytr, Xte, yte = digits
-    spec = _numpy_cnn(Xtr, ytr)
+    spec = ridge_cnn(Xtr, ytr)
     plan = compile_network(spec, "test-cnn", calibration=Xtr[:500])
     codec = NetworkCodec(plan.manifest)
     secret = codec.keygen()
@@ -338,7 +314,7 @@ class _Unfinished(BatchServer):
 @pytest.fixture(scope="module")
 def batch_setup(digits):
     Xtr, ytr, Xte, yte = digits
-    spec = _numpy_cnn(Xtr, ytr, filters=2, stride=2)
+    spec = ridge_cnn(Xtr, ytr, filters=2, stride=2)
     plan = compile_network(spec, "test-cnn-batch", calibration=Xtr[:500])
     codec = NetworkCodec(plan.manifest)
     secret = codec.keygen()

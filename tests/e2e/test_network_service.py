@@ -11,7 +11,8 @@ import pytest
 
 import heinfer
 from heinfer.errors import ParameterMismatchError
-from heinfer.plans.network import BATCH_LAYOUT, NetworkSpec, compile_network
+from heinfer.plans.network import BATCH_LAYOUT, compile_network
+from network_helpers import ridge_cnn
 from service_helpers import RunningService
 
 torch = pytest.importorskip("torch")
@@ -85,27 +86,6 @@ def test_cnn_through_the_service(
 
 
 # -- the batched layout (one ciphertext per pixel, up to 4,096 images per request) -------------
-def _small_cnn(X: np.ndarray, y: np.ndarray) -> NetworkSpec:
-    """conv(2 random 5x5 filters, stride 2) -> square -> avgpool 2 -> ridge readout: 288 hidden
-    units, so one batch takes seconds here (numpy weights, no training)."""
-    rng = np.random.default_rng(0)
-    front = [
-        {
-            "type": "conv2d",
-            "weight": rng.normal(0, 0.25, (2, 1, 5, 5)),
-            "bias": rng.normal(0, 0.1, 2),
-            "stride": 2,
-            "padding": 0,
-        },
-        {"type": "poly", "a": 1.0, "b": 0.0},
-        {"type": "avgpool", "kernel": 2, "stride": 2},
-        {"type": "flatten"},
-    ]
-    feats = NetworkSpec(front, (1, 28, 28)).predict_plain(X)
-    F = np.hstack([feats, np.ones((len(feats), 1))])
-    coef = np.linalg.solve(F.T @ F + np.eye(F.shape[1]), F.T @ (np.eye(10)[y] * 4.0 - 2.0))
-    readout = {"type": "linear", "weight": coef[:-1].T, "bias": coef[-1]}
-    return NetworkSpec([*front, readout], (1, 28, 28))
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +93,7 @@ def batch_service(
     mnist: dict[str, np.ndarray], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[RunningService, heinfer.EncryptedModel]]:
     root = tmp_path_factory.mktemp("cnn-batch")
-    spec = _small_cnn(mnist["X_train"][:2000], mnist["y_train"][:2000])
+    spec = ridge_cnn(mnist["X_train"][:2000], mnist["y_train"][:2000], filters=2, stride=2)
     plan = compile_network(spec, "cnn-batch", calibration=mnist["X_train"][:500])
     model = heinfer.EncryptedModel(plan)
     path = model.save(root / "cnn-batch.heinfer")

@@ -27,43 +27,18 @@ import pytest
 
 from heinfer.errors import ModelFormatError, UnsupportedModelError
 from heinfer.plans.base import codec_for
-from heinfer.plans.network import NetworkPlan, NetworkSpec, compile_network
+from heinfer.plans.network import NetworkPlan, compile_network
 from heinfer.plans.network.bound import error_bound, measured_error
 from heinfer.plans.network.manifest import build_plan_manifest, common_manifest
 from heinfer.server.budget import BudgetPolicy, budget_warnings, repeated_query_lines
+from network_helpers import ridge_cnn
 
-IMAGE = (1, 28, 28)
 # What the default compile of this CNN must reach per layout (the manifest states the exact
 # value; these are floors so that a change that loses the protection fails here).
 MIN_SINGLE_BITS = 20.0
 MIN_BATCH_BITS = 25.0
 
 
-def _cnn(X: np.ndarray, y: np.ndarray) -> NetworkSpec:
-    """conv (3 random 5x5 filters) -> square -> avgpool 2 -> ridge readout (tests/test_network)."""
-    rng = np.random.default_rng(0)
-    conv = {
-        "type": "conv2d",
-        "weight": rng.normal(0, 0.25, (3, 1, 5, 5)),
-        "bias": rng.normal(0, 0.1, 3),
-        "stride": 1,
-        "padding": 0,
-    }
-    front = NetworkSpec(
-        [
-            conv,
-            {"type": "poly", "a": 1.0, "b": 0.0},
-            {"type": "avgpool", "kernel": 2, "stride": 2},
-            {"type": "flatten"},
-        ],
-        IMAGE,
-    )
-    feats = front.predict_plain(X)
-    F = np.hstack([feats, np.ones((len(feats), 1))])
-    coef = np.linalg.solve(F.T @ F + np.eye(F.shape[1]), F.T @ (np.eye(10)[y] * 4.0 - 2.0))
-    return NetworkSpec(
-        [*front.layers, {"type": "linear", "weight": coef[:-1].T, "bias": coef[-1]}], IMAGE
-    )
 
 
 def _earlier_schedule(plan: NetworkPlan) -> NetworkPlan:
@@ -80,7 +55,7 @@ def _earlier_schedule(plan: NetworkPlan) -> NetworkPlan:
 
 @pytest.fixture(scope="module")
 def setup(mnist: dict[str, np.ndarray]):  # type: ignore[no-untyped-def]
-    spec = _cnn(mnist["X_train"][:2000], mnist["y_train"][:2000])
+    spec = ridge_cnn(mnist["X_train"][:2000], mnist["y_train"][:2000])
     plan = compile_network(spec, "flood-cnn", calibration=mnist["X_train"][:300])
     codec = codec_for(plan.manifest)
     secret = codec.keygen()
