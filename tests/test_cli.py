@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 import heinfer
+from heinfer.models import MODEL_FORMAT_VERSION
+from heinfer.plans.manifest import MANIFEST_VERSION
 from service_helpers import SHARED_MNIST
 
 
@@ -32,7 +34,9 @@ def test_demo_reports_full_agreement(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "agreement with plaintext model" in result.stdout
     assert "100.0%" in result.stdout
-    assert (tmp_path / "heinfer" / "mnist-demo-v1.heinfer").exists()
+    # cached per model-file and manifest version, so an upgrade never serves an older model
+    cached = f"mnist-demo-f{MODEL_FORMAT_VERSION}-m{MANIFEST_VERSION}.heinfer"
+    assert (tmp_path / "heinfer" / cached).exists()
 
 
 def test_train_mnist_and_inspect(tmp_path: Path) -> None:

@@ -70,9 +70,14 @@ def _train_mnist(images: np.ndarray, labels: np.ndarray, out: Path) -> tuple[Pat
 
 
 def _demo_model() -> Path:
+    """The demo's model, trained once per model-file and manifest version: a model cached by
+    an older release would serve without what this release's manifests state."""
     from heinfer.datasets import load_sample
+    from heinfer.models import MODEL_FORMAT_VERSION
+    from heinfer.plans.manifest import MANIFEST_VERSION
 
-    path = _cache_dir() / "mnist-demo-v1.heinfer"
+    name = f"mnist-demo-f{MODEL_FORMAT_VERSION}-m{MANIFEST_VERSION}.heinfer"
+    path = _cache_dir() / name
     if not path.exists():
         with console.status("training the demo model on the bundled MNIST sample..."):
             images, labels = load_sample("train")
