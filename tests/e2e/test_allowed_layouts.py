@@ -73,6 +73,24 @@ def test_manifest_names_the_open_layouts_for_this_tenant_only(
     assert "allowed_layouts" not in full.json()
 
 
+def test_model_metadata_names_the_same_open_layouts(
+    served: dict[str, Any], mnist_model: heinfer.EncryptedModel
+) -> None:
+    """OIP model metadata agrees with the manifest on what this tenant may use; the control is
+    a tenant with every layout open, which sees every served layout."""
+    def metadata(tenant: str) -> httpx.Response:
+        return httpx.get(f"{served['url']}/v2/models/mnist", timeout=30,
+                         headers={"Authorization": f"Bearer {served['tokens'][tenant]}"})
+
+    limited = metadata("rowonly")
+    assert limited.json()["parameters"]["layouts"] == ["coeff-rowpack"]
+    assert limited.headers["Cache-Control"].startswith("private")
+    assert limited.headers["Vary"] == "Authorization"
+    served_layouts = sorted(layout.kind for layout in mnist_model.plan.layouts.values())
+    assert len(served_layouts) > 1
+    assert metadata("full").json()["parameters"]["layouts"] == served_layouts
+
+
 def test_predict_uses_the_single_image_layout_with_correct_answers(
     served: dict[str, Any], mnist: dict[str, np.ndarray], mnist_estimator: LogisticRegression
 ) -> None:
@@ -145,3 +163,4 @@ def test_anonymous_manifest_is_one_public_document(
     assert first.headers["Cache-Control"].startswith("public") and "Vary" not in first.headers
     expected = mnist_model.manifest.for_caller(["coeff-rowpack"]).to_dict()
     assert first.json() == expected
+

@@ -86,10 +86,12 @@ def versioned_plan(svc: _Service, request: Request) -> Plan:
     return plan
 
 
-def model_metadata(plan: Plan) -> dict[str, Any]:
+def model_metadata(plan: Plan, layouts: list[str] | None = None) -> dict[str, Any]:
     """OIP model metadata: one BYTES tensor in and out (an encrypted request and response
-    body); the plaintext shapes, the layouts and the manifest's route are in `parameters`."""
+    body); the plaintext shapes, the layouts open to the caller (`layouts`, by default every
+    served one) and the manifest's route are in `parameters`."""
     manifest = plan.manifest
+    served = sorted(layout.kind for layout in plan.layouts.values())
     tensor = {"datatype": oip.BYTES, "shape": [1]}
     return {
         "name": manifest.name,
@@ -100,7 +102,7 @@ def model_metadata(plan: Plan) -> dict[str, Any]:
         "parameters": {
             "manifest": f"/v2/models/{manifest.name}/manifest",
             "key_id_parameter": oip.KEY_ID_PARAMETER,
-            "layouts": sorted(layout.kind for layout in plan.layouts.values()),
+            "layouts": served if layouts is None else sorted(layouts),
             "plaintext_input_shape": list(manifest.input.shape),
             "plaintext_output_shape": list(manifest.output.shape),
         },
@@ -112,9 +114,14 @@ async def _server_metadata() -> dict[str, Any]:
 
 
 async def _model_metadata(request: Request) -> JSONResponse:
+    """Like the manifest, the metadata names only the layouts open to this caller."""
     svc = _service(request)
-    svc.tenant(request)
-    return JSONResponse(model_metadata(versioned_plan(svc, request)))
+    tenant = svc.tenant(request)
+    plan = versioned_plan(svc, request)
+    return JSONResponse(
+        model_metadata(plan, allowed_layouts(svc, tenant, plan)),
+        headers=_cache_headers(svc.tokens is not None),
+    )
 
 
 # The manifest changes only when the service restarts; a minute keeps a restart visible soon.

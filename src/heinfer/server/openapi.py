@@ -88,6 +88,18 @@ _MODEL_METADATA = {
 }
 _MODEL_METADATA["properties"]["parameters"] = {"type": "object"}
 
+# Documents that depend on the caller's token (its open layouts)
+_CALLER_CACHE = {
+    "Cache-Control": {
+        "schema": {"type": "string"}, "required": True,
+        "description": "public without auth; private (per token) with it",
+    },
+    "Vary": {
+        "schema": {"type": "string"}, "required": False,
+        "description": "Authorization, when the service checks tokens",
+    },
+}
+
 # (method, path) -> summary, success responses, error statuses, extra parameters, request body.
 # `auth`: the route checks the bearer token (401 when the service has an auth file).
 _OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
@@ -112,8 +124,11 @@ _OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "ok": {"200": _json(_object(models={"type": "array", "items": {"type": "object"}}))},
     },
     ("get", "/v2/models/{name}"): {
-        "summary": "OIP model metadata", "auth": True, "errors": [404],
-        "ok": {"200": _json(_MODEL_METADATA)},
+        "summary": "OIP model metadata",
+        "description": "`parameters.layouts` names the layouts open to the caller, as the "
+        "manifest's `allowed_layouts` does.",
+        "auth": True, "errors": [404],
+        "ok": {"200": {**_json(_MODEL_METADATA), "headers": _CALLER_CACHE}},
     },
     ("get", "/v2/models/{name}/ready"): {
         "summary": "OIP model ready", "auth": True, "errors": [404],
@@ -133,16 +148,7 @@ _OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "auth": True, "errors": [404],
         "ok": {"200": {
             **_json({"$ref": "#/components/schemas/Manifest"}),
-            "headers": {
-                "Cache-Control": {
-                    "schema": {"type": "string"}, "required": True,
-                    "description": "public without auth; private (per token) with it",
-                },
-                "Vary": {
-                    "schema": {"type": "string"}, "required": False,
-                    "description": "Authorization, when the service checks tokens",
-                },
-            },
+            "headers": _CALLER_CACHE,
         }},
     },
     ("post", "/v2/models/{name}/infer"): {
