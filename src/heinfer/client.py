@@ -79,15 +79,22 @@ class Client:
     # -- keys -------------------------------------------------------------------------------
     def upload_keys(self, *, layout: str | None = None) -> str:
         """Make a secret key (kept in this process) and upload only the public material the
-        manifest asks for: by default what every layout of the model needs, with `layout`
-        only what that layout needs (for networks, the batched layout needs no Galois keys)."""
+        manifest asks for: by default what every layout open to this caller needs
+        (`allowed_layouts`), with `layout` only what that layout needs (for networks, the
+        batched layout needs no Galois keys)."""
         if layout is not None:
             self._check_layout(layout)
-        elif len(self.allowed_layouts) == 1:  # only what the one open layout needs
-            layout = self.allowed_layouts[0]
+        elif not self.allowed_layouts:
+            raise LayoutDisabledError(
+                f"every layout of model {self.model!r} is switched off for this tenant"
+            )
         if self._secret is None:
             self._secret = self.codec.keygen()
-        layouts = None if layout is None else [layout]
+        layouts: list[str] | None = None
+        if layout is not None:
+            layouts = [layout]
+        elif set(self.allowed_layouts) != set(self.codec.layouts):
+            layouts = list(self.allowed_layouts)
         body = self.codec.key_upload(self._secret, layouts)
         self.last_key_upload = body
         reply = self._json(

@@ -21,6 +21,8 @@ from sklearn.linear_model import LogisticRegression
 
 import heinfer
 from heinfer.errors import LayoutDisabledError
+from heinfer.plans.linear import compile_linear
+from heinfer.plans.wire import decode_keys
 from service_helpers import RunningService, tenant_service
 
 pytestmark = pytest.mark.e2e
@@ -164,3 +166,40 @@ def test_anonymous_manifest_is_one_public_document(
     expected = mnist_model.manifest.for_caller(["coeff-rowpack"]).to_dict()
     assert first.json() == expected
 
+
+def test_keys_cover_only_the_open_layouts(tmp_path: Path) -> None:
+    """A tenant that may not use coeff-packed uploads no Galois keys; a tenant with every
+    layout open (the control) uploads them, and both get correct answers; a tenant with no
+    open layout is told so before anything is made or uploaded."""
+    rng = np.random.default_rng(7)
+    weights, bias = rng.normal(0, 1, (20, 700)), rng.normal(0, 1, 20)
+    plan = compile_linear(
+        weights, bias, name="head", task="classification", estimator="t", classes=None,
+        input_range=(0.0, 1.0), layout="coeff-packed",
+    )
+    assert {layout.kind for layout in plan.layouts.values()} == {
+        "coeff-batch", "coeff-packed", "coeff-rowpack"
+    }
+    path = heinfer.EncryptedModel(plan).save(tmp_path / "head.heinfer")
+    rules = [{"tenant": "nopacked", "model": "head", "disabled_layouts": ["coeff-packed"]},
+             {"tenant": "nothing", "model": "head",
+              "disabled_layouts": ["coeff-batch", "coeff-packed", "coeff-rowpack"]}]
+    X = rng.uniform(0, 1, (3, 700))
+    expected = X @ weights.T + bias
+    with tenant_service(path, tmp_path, ("nopacked", "full", "nothing"), rules,
+                        "--workers", "1", "--sample-budget", "0") as served:
+        with heinfer.Client(served["url"], model="head",
+                            token=served["tokens"]["nothing"]) as shut_out:
+            with pytest.raises(LayoutDisabledError, match="every layout"):
+                shut_out.upload_keys()
+            assert shut_out.key_id is None
+        parts = {}
+        for tenant in ("nopacked", "full"):
+            with heinfer.Client(served["url"], model="head",
+                                token=served["tokens"][tenant]) as client:
+                client.upload_keys()
+                parts[tenant] = set(decode_keys(client.last_key_upload)[1])
+                scores = client.predict(X)
+                assert (scores.argmax(1) == expected.argmax(1)).all()
+                client.delete_keys()
+    assert parts == {"nopacked": {"public"}, "full": {"public", "galois"}}

@@ -125,3 +125,37 @@ def test_page_packs_fifty_digits_like_the_plaintext_model(
     needles = secret_needles(secret)
     assert len(needles) > 100 and leaks(needles, bodies) == 0
     assert leaks(needles, [b"\x00" + secret]) == len(needles)  # the scan can fail
+
+
+KEY_UPLOAD = """async ({allowed}) => {
+    const { default: initialize } = await import('./web/vendor/node-seal/index_throws.js');
+    const h = await import('./web/heinfer.js');
+    const manifest = await (await fetch('./v2/models/mnist-packed/manifest')).json();
+    if (allowed !== null) manifest.allowed_layouts = allowed;  // as the service states it
+    const client = new h.Client({ model: 'mnist-packed', seal: await initialize(), manifest });
+    try {
+        return { body: Array.from(client.keyUpload()) };
+    } catch (error) {
+        return { error: `${error.name}: ${error.message}` };
+    }
+}"""
+
+
+def test_page_uploads_galois_keys_only_when_coeff_packed_is_open(
+    packed_service: RunningService, browser: Any
+) -> None:
+    """A tenant whose manifest leaves coeff-packed out uploads the public key alone; with every
+    layout open (the control) the Galois keys come too; with none open nothing is made."""
+    page = browser.new_page()
+    page.goto(f"{packed_service.url}/")
+    page.wait_for_selector("body[data-layouts='mnist-packed']", state="attached", timeout=60_000)
+
+    def upload(allowed: list[str] | None) -> dict[str, Any]:
+        return dict(page.evaluate(KEY_UPLOAD, {"allowed": allowed}))
+
+    limited = upload(["coeff-batch", "coeff-rowpack"])
+    assert set(key_parts(bytes(limited["body"]))) == {1}  # public only
+    assert set(key_parts(bytes(upload(None)["body"]))) == {1, 3}  # public and Galois
+    assert set(key_parts(bytes(upload(["coeff-packed"])["body"]))) == {1, 3}
+    refused = upload([])
+    assert refused["error"].startswith("LayoutDisabledError: no layout of model mnist-packed")

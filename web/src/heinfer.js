@@ -976,14 +976,18 @@ export class LinearCodec {
   }
 
   /**
-   * The public key, plus the Galois keys when the model serves coeff-packed (uploaded once per
-   * key whichever layout a request then uses).
+   * The public key, plus the Galois keys when the model serves coeff-packed and `layouts` (the
+   * layouts this caller may use; default all) include it: uploaded once per key whichever
+   * layout a request then uses.
+   * @param {string[]} [layouts]
    * @returns {Array<[ 'public' | 'relin' | 'galois', Uint8Array ]>}
    */
-  keyParts() {
+  keyParts(layouts) {
     /** @type {Array<[ 'public' | 'relin' | 'galois', Uint8Array ]>} */
     const parts = [['public', this.publicKeyBytes()]];
-    if (this.packed) parts.push(['galois', this.galoisKeyBytes()]);
+    if (this.packed && (!layouts || layouts.includes(PACKED_LAYOUT))) {
+      parts.push(['galois', this.galoisKeyBytes()]);
+    }
     return parts;
   }
 
@@ -1067,10 +1071,12 @@ export class NetworkCodec {
 
   /**
    * The key parts the manifest asks for, each in SEAL's own seeded form (SEAL's Serializable
-   * keys: the uniform halves travel as seeds), as the Python client sends them.
+   * keys: the uniform halves travel as seeds), as the Python client sends them. `_layouts`
+   * does not change them: the single-image layout, the one this client sends, needs them all.
+   * @param {string[]} [_layouts]
    * @returns {Array<[ 'public' | 'relin' | 'galois', Uint8Array ]>}
    */
-  keyParts() {
+  keyParts(_layouts) {
     const kg = this.keygenerator;
     const keys = this.manifest.keys;
     const fp = this.fingerprint;
@@ -1284,10 +1290,14 @@ export class Client {
     if (!this.codec.secret) this.codec.keygen();
   }
 
-  /** The public key upload body (HEK1) for this model's layout. */
+  /**
+   * The public key upload body (HEK1): what the layouts this caller may use need (a network's
+   * single-image layout is the one this client sends; it needs every key its manifest names).
+   */
   keyUpload() {
+    if (!this.choice.allowed.length) this.choice.check(this.choice.default);  // LayoutDisabledError
     this.keygen();
-    return encodeKeys(this.codec.keyFingerprint, this.codec.keyParts());
+    return encodeKeys(this.codec.keyFingerprint, this.codec.keyParts(this.choice.allowed));
   }
 
   /**
