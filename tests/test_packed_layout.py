@@ -25,21 +25,7 @@ from heinfer.plans.linear.packed import (
 from heinfer.plans.linear.plan import LinearPlan, Treatment
 from heinfer.plans.manifest import Manifest
 from heinfer.plans.wire import decode_keys, encode_keys
-
-
-def _random_head(rng: np.random.Generator, name: str) -> LinearPlan:
-    """A random 20 x 700 classification head forced onto coeff-packed: stride 1024, 8 rows a
-    group, so 3 groups (the last one alone) and a two-level tree."""
-    return compile_linear(
-        rng.normal(0, 1, (20, 700)),
-        rng.normal(0, 1, 20),
-        name=name,
-        task="classification",
-        estimator="t",
-        classes=None,
-        input_range=(0.0, 1.0),
-        layout="coeff-packed",
-    )
+from linear_helpers import random_packed_head
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +33,7 @@ def setup() -> dict[str, Any]:
     rng = np.random.default_rng(3)
     with pytest.MonkeyPatch.context() as patch:  # one tree level on the client: 2 images
         patch.setattr(compile_module, "_CLIENT_LEVELS", (1,))
-        plan = _random_head(rng, "packed")
+        plan = random_packed_head(rng, "packed")
     codec = codec_for(plan.manifest)
     secret = codec.keygen()
     keys = plan.load_keys(codec.key_upload(secret, ["coeff-packed"]))
@@ -89,7 +75,7 @@ def test_server_only_tree_matches_plaintext() -> None:
     """The cost model's pick for a small tree (2 key switches) is client_levels = 0: one
     ciphertext per sample, every level a key switch."""
     rng = np.random.default_rng(5)
-    plan = _random_head(rng, "packed0")
+    plan = random_packed_head(rng, "packed0")
     assert plan.manifest.layout["packed"]["client_levels"] == 0
     codec = codec_for(plan.manifest)
     secret = codec.keygen()
@@ -105,7 +91,7 @@ def test_whole_tree_on_the_client_needs_no_galois_key(monkeypatch: pytest.Monkey
     """client_levels = levels: 4 images, no key switch, an empty set of Galois keys."""
     monkeypatch.setattr(compile_module, "_CLIENT_LEVELS", (2,))
     rng = np.random.default_rng(7)
-    plan = _random_head(rng, "packed2")
+    plan = random_packed_head(rng, "packed2")
     spec = plan.manifest.layout["packed"]
     assert spec["client_levels"] == spec["levels"] == 2
     assert plan.manifest.keys.galois_elements == []

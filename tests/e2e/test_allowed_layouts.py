@@ -21,8 +21,8 @@ from sklearn.linear_model import LogisticRegression
 
 import heinfer
 from heinfer.errors import LayoutDisabledError
-from heinfer.plans.linear import compile_linear
 from heinfer.plans.wire import decode_keys
+from linear_helpers import random_packed_head
 from service_helpers import RunningService, tenant_service
 
 pytestmark = pytest.mark.e2e
@@ -172,11 +172,7 @@ def test_keys_cover_only_the_open_layouts(tmp_path: Path) -> None:
     layout open (the control) uploads them, and both get correct answers; a tenant with no
     open layout is told so before anything is made or uploaded."""
     rng = np.random.default_rng(7)
-    weights, bias = rng.normal(0, 1, (20, 700)), rng.normal(0, 1, 20)
-    plan = compile_linear(
-        weights, bias, name="head", task="classification", estimator="t", classes=None,
-        input_range=(0.0, 1.0), layout="coeff-packed",
-    )
+    plan = random_packed_head(rng, "head")
     assert {layout.kind for layout in plan.layouts.values()} == {
         "coeff-batch", "coeff-packed", "coeff-rowpack"
     }
@@ -185,7 +181,7 @@ def test_keys_cover_only_the_open_layouts(tmp_path: Path) -> None:
              {"tenant": "nothing", "model": "head",
               "disabled_layouts": ["coeff-batch", "coeff-packed", "coeff-rowpack"]}]
     X = rng.uniform(0, 1, (3, 700))
-    expected = X @ weights.T + bias
+    expected = plan.predict_plain(X)
     with tenant_service(path, tmp_path, ("nopacked", "full", "nothing"), rules,
                         "--workers", "1", "--sample-budget", "0") as served:
         with heinfer.Client(served["url"], model="head",
