@@ -30,6 +30,20 @@ def drop_and_run(page: Any, images: np.ndarray, timeout_ms: int) -> dict[str, An
     return dict(page.evaluate("window.heinferPage.lastResult"))
 
 
+def check_page_scores(
+    result: dict[str, Any], model: Any, X: np.ndarray, layout: str
+) -> np.ndarray:
+    """Assert that the page's run sent all of X in `layout` and that its scores match the
+    plaintext model within the manifest's stated error, with the same argmax; returns the
+    plaintext scores."""
+    assert result["layout"] == layout and result["samples"] == len(X)
+    scores = np.array([p["scores"] for p in result["predictions"]])
+    reference = model.predict_plain(X)
+    assert np.abs(scores - reference).max() <= model.manifest.precision.max_abs_error
+    assert (scores.argmax(1) == reference.argmax(1)).all()
+    return np.asarray(reference)
+
+
 def secret_needles(secret: bytes) -> list[bytes]:
     """16-byte pieces of the secret key's coefficient data (its last N*L*8 bytes)."""
     data = secret[len(secret) // 4 :]

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from page_helpers import drop_and_run, leaks, secret_needles
+from page_helpers import check_page_scores, drop_and_run, leaks, secret_needles
 
 import heinfer
 from heinfer.plans.base import codec_for
@@ -54,11 +54,7 @@ def test_page_batches_fifty_digits_in_one_request(
     result = drop_and_run(page, images, timeout_ms=600_000)
     page.screenshot(path=str(tmp_path / "page-batch.png"), full_page=True)
 
-    assert result["layout"] == "coeff-batch" and result["samples"] == DIGITS
-    scores = np.array([p["scores"] for p in result["predictions"]])
-    reference = mnist_model.predict_plain(X)
-    assert np.abs(scores - reference).max() <= mnist_model.manifest.precision.max_abs_error
-    assert (scores.argmax(1) == reference.argmax(1)).all()
+    reference = check_page_scores(result, mnist_model, X, "coeff-batch")
     shown = page.inner_text("#digits").split(":")[1].split()
     assert [int(d) for d in shown] == list(reference.argmax(1))
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from page_helpers import drop_and_run, leaks, secret_needles
+from page_helpers import check_page_scores, drop_and_run, leaks, secret_needles
 from sklearn.linear_model import LogisticRegression
 
 import heinfer
@@ -101,11 +101,7 @@ def test_page_packs_fifty_digits_like_the_plaintext_model(
     result = drop_and_run(page, images, timeout_ms=300_000)
     page.screenshot(path=str(tmp_path / "page-packed.png"), full_page=True)
 
-    assert result["layout"] == "coeff-packed" and result["samples"] == DIGITS
-    scores = np.array([p["scores"] for p in result["predictions"]])
-    reference = packed_model.predict_plain(X)
-    assert np.abs(scores - reference).max() <= packed_model.manifest.precision.max_abs_error
-    assert (scores.argmax(1) == reference.argmax(1)).all()
+    check_page_scores(result, packed_model, X, "coeff-packed")
 
     urls = [request.url for request in requests]
     assert all(url.startswith(f"{packed_service.url}/") for url in urls), urls
