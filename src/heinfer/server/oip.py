@@ -91,7 +91,8 @@ def model_metadata(plan: Plan, layouts: list[str] | None = None) -> dict[str, An
     body); the plaintext shapes, the layouts open to the caller (`layouts`, by default every
     served one) and the manifest's route are in `parameters`."""
     manifest = plan.manifest
-    served = sorted(layout.kind for layout in plan.layouts.values())
+    if layouts is None:
+        layouts = [layout.kind for layout in plan.layouts.values()]
     tensor = {"datatype": oip.BYTES, "shape": [1]}
     return {
         "name": manifest.name,
@@ -102,7 +103,7 @@ def model_metadata(plan: Plan, layouts: list[str] | None = None) -> dict[str, An
         "parameters": {
             "manifest": f"/v2/models/{manifest.name}/manifest",
             "key_id_parameter": oip.KEY_ID_PARAMETER,
-            "layouts": served if layouts is None else sorted(layouts),
+            "layouts": sorted(layouts),
             "plaintext_input_shape": list(manifest.input.shape),
             "plaintext_output_shape": list(manifest.output.shape),
         },
