@@ -8,10 +8,10 @@
 #     -v "$PWD/mnist.heinfer:/models/model.heinfer:ro" \
 #     -v "$PWD/tokens:/etc/heinfer/auth/tokens:ro" heinfer:0.1.0
 #
-# Two stages: the build stage turns heinfer and every dependency into wheels (so nothing is
-# compiled and no build tool reaches the runtime image); the runtime stage installs only those
-# wheels, offline. All dependencies ship manylinux wheels for x86_64 and aarch64 (TenSEAL
-# included), so the build needs no compiler either.
+# Two stages: the build stage turns heinfer and every dependency into wheels; the runtime stage
+# installs only those wheels, offline, so no build tool reaches the runtime image. All
+# dependencies ship manylinux wheels for x86_64 and aarch64 (TenSEAL included); heinfer's own
+# wheel compiles its two small C extensions (setup.py), so only the build stage gets gcc.
 #
 # Runtime notes: SEAL writes scratch files to /dev/shm (give the container --shm-size, or in
 # Kubernetes an emptyDir with medium: Memory), the root filesystem can be read-only (only /tmp
@@ -24,8 +24,11 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 ARG EXTRAS=azure,s3
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY src ./src
 RUN python -m pip wheel --wheel-dir /wheels ".[${EXTRAS}]"
 

@@ -27,7 +27,7 @@ from heinfer.errors import (
     PayloadTooLargeError,
     ShapeError,
 )
-from heinfer.he.backend import SecretKey, pack_bits, unpack_bits
+from heinfer.he.backend import SecretKey, pack_bits, pack_bits_into, unpack_bits
 from heinfer.plans.base import Codec
 from heinfer.plans.linear import (
     BATCH_LAYOUT_KIND,
@@ -265,8 +265,8 @@ def test_centered_binomial_and_flooding_distributions(setup: dict[str, Any]) -> 
     assert abs(float(np.mean(values_arr.astype(float)))) < 2**66 * 0.1
 
 
-@pytest.mark.parametrize("bits", [8, 13, 36, 55, 57, 60])
-@pytest.mark.parametrize("count", [1, 7, 8, 9, 4096, (1 << 17) + 3])
+@pytest.mark.parametrize("bits", [1, 3, 8, 13, 36, 55, 57, 60, 63, 64])
+@pytest.mark.parametrize("count", [0, 1, 7, 8, 9, 4096, (1 << 17) + 3])
 def test_pack_bits_roundtrip(bits: int, count: int) -> None:
     values = np.random.default_rng(bits * count).integers(0, 1 << bits, size=count, dtype=np.uint64)
     packed = pack_bits(values, bits)
@@ -275,6 +275,19 @@ def test_pack_bits_roundtrip(bits: int, count: int) -> None:
     # the same little-endian bit stream as the generic definition
     as_bits = np.unpackbits(values.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
     assert packed == np.packbits(as_bits[:, :bits].reshape(-1), bitorder="little").tobytes()
+
+
+def test_pack_bits_drops_high_bits_and_fills_one_buffer() -> None:
+    values = np.array([2**64 - 1, 5, 2**40 + 3], dtype=np.uint64)
+    assert pack_bits(values, 4) == bytes([0x5F, 0x03])
+    out = np.full(2 + 3 + 1, 0xEE, dtype=np.uint8)
+    offset = pack_bits_into(values, 4, out, 0)  # 12 bits: 2 bytes
+    offset = pack_bits_into(values[1:], 9, out, offset)  # 18 bits: 3 bytes
+    assert offset == 5 and out[5] == 0xEE  # the byte after is left as it was
+    assert out[:2].tobytes() == pack_bits(values, 4)
+    assert out[2:5].tobytes() == pack_bits(values[1:], 9)
+    with pytest.raises(ValueError):
+        pack_bits_into(values, 9, out, 3)  # 4 bytes do not fit in the 3 left
 
 
 def test_response_is_compact(setup: dict[str, Any], mnist: dict[str, np.ndarray]) -> None:

@@ -747,6 +747,9 @@ def test_dockerfile_is_a_slim_multistage_non_root_image() -> None:
         if kind in ("RUN", "COPY")
     ), "the runtime stage installs the build stage's wheels"
     assert any(kind == "RUN" and "--no-index" in arg for kind, arg in runtime)
+    # heinfer's C extensions compile in the build stage only
+    assert any(kind == "RUN" and "install" in arg and " gcc " in f" {arg} " for kind, arg in build)
+    assert not any("gcc" in arg for kind, arg in runtime)
 
     users = [arg for kind, arg in runtime if kind == "USER"]
     assert users, "runtime stage sets USER"
@@ -773,7 +776,7 @@ def test_dockerignore_keeps_the_context_to_the_package() -> None:
     ]
     assert lines[0] == "*", "allow-list: ignore everything, then re-include"
     included = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert included == {"pyproject.toml", "README.md", "src"}
+    assert included == {"pyproject.toml", "setup.py", "README.md", "src"}
     copied = {
         part.rstrip("/")
         for kind, arg in _dockerfile()

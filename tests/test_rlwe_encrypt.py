@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import tenseal.sealapi as seal
 
-from heinfer.he.backend import Context, SecretKey
+from heinfer.he.backend import Context, SecretKey, find_ntt_primes
+from heinfer.he.params import BFVParameters
 from heinfer.he.scratch import SCRATCH
 from heinfer.he.serialization import ciphertext_arrays, compose_ciphertext, plaintext_arrays
 from heinfer.rlwe.encrypt import (
@@ -149,11 +150,23 @@ def test_replace_uniform_half_gives_a_public_key_seal_uses_as_its_own() -> None:
     assert max(_public_key_budgets(context, secret, np.stack([k0, a_new]))) == 0
 
 
-def test_divide_and_round_q_last_is_seals_mod_switch() -> None:
+@pytest.mark.parametrize(
+    "bit_sizes",
+    [
+        None,  # the MNIST model's (36, 55 | 18): the last data prime is the larger
+        [60, 30, 50],  # the last data prime smaller than the first
+        [40, 60, 58, 50],  # three data primes, the widest SEAL allows last
+    ],
+)
+def test_divide_and_round_q_last_is_seals_mod_switch(bit_sizes: list[int] | None) -> None:
     """SEAL's mod_switch_to_next of a first-level ciphertext, both polynomials, with values
     at the rounding edges (0, q - 1, q_last/2 +- 1) included; negative control: flooring
     (no + q_last/2) differs."""
-    context = bfv_context()
+    if bit_sizes is None:
+        context = bfv_context()
+    else:
+        degree = 8192
+        context = Context(BFVParameters(degree, find_ntt_primes(degree, bit_sizes), 1 << 20))
     primes = context.params.data_primes
     arrays = np.stack(
         [expand_uniform(bytes([k]) * SEED_BYTES, primes, 1, context.n)[:, 0] for k in (1, 2)]
@@ -164,14 +177,14 @@ def test_divide_and_round_q_last_is_seals_mod_switch() -> None:
     ciphertext = context.ciphertext_from_arrays(arrays, last_level=False)
     switched = seal.Ciphertext()
     context.evaluator.mod_switch_to_next(ciphertext, switched)
-    expected = ciphertext_arrays(switched)[:, 0]
+    expected = ciphertext_arrays(switched)
     for poly in range(2):
-        ours = divide_and_round_q_last(arrays[poly], primes)[0]
+        ours = divide_and_round_q_last(arrays[poly], primes)
         np.testing.assert_array_equal(ours, expected[poly])
-    floored = (arrays[0, 0].astype(object) - arrays[0, 1].astype(object)) * pow(
-        primes[1], -1, primes[0]
+    floored = (arrays[0, 0].astype(object) - arrays[0, -1].astype(object)) * pow(
+        primes[-1], -1, primes[0]
     ) % primes[0]
-    assert floored.astype(np.uint64).tolist() != expected[0].tolist()
+    assert floored.astype(np.uint64).tolist() != expected[0, 0].tolist()
 
 
 def test_decrypting_a_few_coefficients_is_seals_decryptor() -> None:

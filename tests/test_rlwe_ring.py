@@ -13,15 +13,13 @@ import tenseal.sealapi as seal
 from heinfer.he.backend import SecretKey
 from heinfer.he.serialization import ciphertext_arrays, plaintext_arrays
 from heinfer.rlwe.ring import (
-    ExactDot,
     NegacyclicProduct,
     SmallProduct,
     linear_combination,
     mulmod_arrays,
     mulmod_const,
     mulmod_small,
-    negacyclic_index,
-    negacyclic_rows,
+    negacyclic_at,
     reduce_estimated,
 )
 from heinfer.rlwe.sampling import expand_uniform, ternary
@@ -207,6 +205,13 @@ def test_small_product_sums_are_seals_products() -> None:
     expected = seal_times_small(context, weights, c) + seal_times_small(context, u, p)
     for j, q in enumerate(primes):
         np.testing.assert_array_equal(ours[j], expected[j] % np.uint64(q))
+    # a small term (an error polynomial) added inside the reduction, extremes included
+    error = np.random.default_rng(2).integers(-21, 22, context.n)
+    error[:2] = [-(2**31) + 1, 2**31 - 1]
+    with_error = product.reduce(spectra, error)
+    for j, q in enumerate(primes):
+        exact = (expected[j].astype(object) % q + error.astype(object)) % q
+        np.testing.assert_array_equal(with_error[j], exact.astype(np.uint64))
 
 
 def test_small_product_refuses_factors_beyond_its_bound() -> None:
@@ -220,20 +225,46 @@ def test_small_product_refuses_factors_beyond_its_bound() -> None:
         product.reduce(product.digit_spectra(c) * product.spectrum(weights))
 
 
-def test_exact_dot_with_negacyclic_rows_is_seals_product_at_a_few_coefficients() -> None:
-    """(c * W)[k] for k in a few coefficients, as dot products with W read backwards
-    (`negacyclic_rows`), equals SEAL's full product there; a cyclic reading (no sign flip)
-    does not (negative control)."""
+def test_negacyclic_at_is_seals_product_at_a_few_coefficients() -> None:
+    """(c * W_g)[k] at a few coefficients of two polynomials (one with the largest allowed
+    weights, +-(2**31 - 1)), against c = q - 1 at some positions, equals SEAL's full product
+    there; a cyclic reading (no sign flip at the wrap-around) does not (negative control)."""
     context = bfv_context()
     primes = context.params.data_primes
-    weights = _rowpack_like_weights(11)
-    coefficients = [0, 783, 1567, 3135, 3919, 4095]
+    big = np.random.default_rng(5).choice([-(2**31 - 1), 2**31 - 1], context.n)
+    polys = np.stack([_rowpack_like_weights(11), big])
+    coefficients = np.array([0, 783, 1567, 3135, 3919, 4095, 0, 2048, 4095])
+    which = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1])
     c = _random_polys(1, seed=4)[:, 0]
-    c[:, 5] = np.array(primes, dtype=np.uint64) - 1
-    expected = seal_times_small(context, weights, c)[:, coefficients]
-    dot = ExactDot(int(np.abs(weights).sum()), primes)
-    rows = negacyclic_rows(weights, coefficients).astype(np.float64)
-    np.testing.assert_array_equal(dot.combine(rows @ dot.split(c)), expected)
-    cyclic = np.concatenate([weights, weights])[negacyclic_index(coefficients, context.n)]
-    wrong = dot.combine(cyclic.astype(np.float64) @ dot.split(c))
-    assert not np.array_equal(wrong, expected)
+    c[:, 5:40] = np.array(primes, dtype=np.uint64)[:, None] - 1
+    expected = np.concatenate(
+        [seal_times_small(context, polys[g], c)[:, coefficients[which == g]] for g in (0, 1)],
+        axis=1,
+    )
+    ours = negacyclic_at(polys, c, coefficients, which, primes)
+    np.testing.assert_array_equal(ours, expected)
+    np.testing.assert_array_equal(
+        negacyclic_at(polys.astype(np.int32), c, coefficients, which, primes), expected
+    )
+    cyclic = [
+        [
+            sum(int(c[j, i]) * int(polys[g, (k - i) % context.n]) for i in range(context.n)) % q
+            for k, g in zip(coefficients, which, strict=True)
+        ]
+        for j, q in enumerate(primes)
+    ]
+    assert not np.array_equal(np.array(cyclic, dtype=np.uint64), expected)
+
+
+def test_negacyclic_at_refuses_what_it_cannot_sum_exactly() -> None:
+    context = bfv_context()
+    primes = context.params.data_primes
+    c = _random_polys(1, seed=4)[:, 0]
+    too_big = np.zeros((1, context.n), dtype=np.int64)
+    too_big[0, 7] = 1 << 31
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        negacyclic_at(too_big, c, np.array([0]), 0, primes)
+    with pytest.raises(ValueError, match="out of range"):
+        negacyclic_at(too_big[:, :] * 0, c, np.array([context.n]), 0, primes)
+    with pytest.raises(ValueError, match="out of range"):
+        negacyclic_at(too_big * 0, c, np.array([0]), 1, primes)

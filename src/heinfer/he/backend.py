@@ -18,7 +18,6 @@ in `heinfer.rlwe`; this module connects them to SEAL's objects.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -27,16 +26,16 @@ import numpy as np
 import tenseal.sealapi as seal
 
 from heinfer.errors import MalformedPayloadError, ParameterMismatchError
+from heinfer.he import _bits
 from heinfer.he import serialization as fmt
 from heinfer.he.params import BFVParameters
 from heinfer.he.scratch import SCRATCH
 from heinfer.he.serialization import PRNG_SEED_BYTES as SEAL_SEED_BYTES
 from heinfer.rlwe.encrypt import bfv_decode, replace_uniform_half, scale_plain, symmetric_c0
 from heinfer.rlwe.ring import (
-    ExactDot,
     NegacyclicProduct,
     SmallProduct,
-    negacyclic_rows,
+    negacyclic_at,
 )
 from heinfer.rlwe.sampling import (
     PUBLIC_A_TAG,
@@ -69,131 +68,30 @@ def pack_bits(values: np.ndarray, bits: int) -> bytes:
     """Pack non-negative integers below 2**bits into exactly ceil(n*bits/8) bytes.
 
     The format is one little-endian bit stream: value k occupies bits [k*bits, (k+1)*bits).
-    Higher bits of a value are dropped. Up to 64 values are packed as one Python integer;
-    widths 8..57 take a vectorized path (each group of 8 values is `bits` bytes; every value
-    fits one unaligned 64-bit word of its group).
+    Higher bits of a value are dropped.
     """
     flat = np.ascontiguousarray(values, dtype="<u8").reshape(-1)
-    count = flat.size
-    if count <= _SMALL_PACK:  # a few values (outputs of c0): one Python integer
-        mask = (1 << bits) - 1
-        stream = sum((v & mask) << (i * bits) for i, v in enumerate(flat.tolist()))
-        return stream.to_bytes((count * bits + 7) // 8, "little")
-    if not _FAST_MIN_BITS <= bits <= _FAST_MAX_BITS:
-        return _pack_bits_generic(flat, bits)
-    if count <= _PACK_CHUNK:
-        return _pack_words(flat, bits)
-    out = np.zeros(-(-count // 8) * bits + 8, dtype=np.uint8)
-    pack_bits_into(flat, bits, out, 0)
-    return out[: (count * bits + 7) // 8].tobytes()
-
-
-def _pack_words(flat: np.ndarray, bits: int) -> bytes:
-    """`pack_bits` built word by word: output word w (stream bits [64w, 64w + 64)) is the OR
-    of the few values overlapping it, each gathered and shifted into place (`_pack_terms`),
-    so a polynomial takes a handful of whole-array passes instead of 8 strided ones."""
-    count = flat.size
-    values = np.empty(count + 1, dtype=np.uint64)  # a zero at `count` for absent terms
-    np.bitwise_and(flat, np.uint64((1 << bits) - 1), out=values[:count])
-    values[count] = 0
-    (index, shift), *rest = _pack_terms(count, bits)
-    out = values[index]
-    out >>= shift
-    for index, shift in rest:
-        part = values[index]
-        part <<= shift
-        out |= part
-    return out.astype("<u8", copy=False).view(np.uint8)[: (count * bits + 7) // 8].tobytes()
-
-
-@functools.lru_cache(maxsize=8)
-def _pack_terms(count: int, bits: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per term of `_pack_words`: which value lands in each output word and its shift (right
-    for the first, which starts at or before the word; left for the next ones, which start
-    inside it; absent ones point at the zero after the values)."""
-    start = np.arange(-(-count * bits // 64), dtype=np.int64) * 64
-    first = start // bits
-    offset = start - first * bits  # bit of value `first` at which the word starts
-    terms: list[tuple[np.ndarray, np.ndarray]] = [(first, offset.astype(np.uint64))]
-    for t in range(1, (63 + bits) // bits + 1):
-        index, shift = first + t, t * bits - offset
-        present = (shift < 64) & (index < count)
-        terms.append(
-            (np.where(present, index, count), np.where(present, shift, 0).astype(np.uint64))
-        )
-    for index, shift in terms:
-        index.flags.writeable = shift.flags.writeable = False
-    return terms
+    out = np.zeros((flat.size * bits + 7) // 8, dtype=np.uint8)
+    _bits.pack_into(flat, bits, out, 0)
+    return out.tobytes()
 
 
 def pack_bits_into(values: np.ndarray, bits: int, out: np.ndarray, offset: int) -> int:
-    """`pack_bits` written into the zeroed uint8 buffer `out` at byte `offset`; returns the
-    offset after it. Every value is OR-ed in as one unaligned 64-bit word whose bits above the
-    value are zero, so `out` needs ceil(n/8)*bits + 8 bytes from `offset`, the bytes after the
-    packed ones are left as they were, and consecutive calls can fill one buffer."""
+    """`pack_bits` written into the uint8 buffer `out` at byte `offset`; returns the offset
+    after it. The bytes after the packed ones are left as they were, so consecutive calls can
+    fill one buffer."""
     flat = np.ascontiguousarray(values, dtype="<u8").reshape(-1)
-    count = flat.size
-    size = (count * bits + 7) // 8
-    if not _FAST_MIN_BITS <= bits <= _FAST_MAX_BITS:
-        out[offset : offset + size] = np.frombuffer(_pack_bits_generic(flat, bits), np.uint8)
-        return offset + size
-    mask = np.uint64((1 << bits) - 1)
-    for start in range(0, count, _PACK_CHUNK):  # cache-sized chunks of whole bytes
-        chunk = flat[start : start + _PACK_CHUNK]
-        groups = -(-chunk.size // 8)
-        padded = np.zeros(groups * 8, dtype=np.uint64)
-        np.bitwise_and(chunk, mask, out=padded[: chunk.size])
-        lanes = padded.reshape(groups, 8)
-        base = offset + start * bits // 8
-        for lane in range(8):
-            at, shift = divmod(lane * bits, 8)
-            window = np.ndarray(
-                (groups,), dtype="<u8", buffer=out, offset=base + at, strides=(bits,)
-            )
-            window |= lanes[:, lane] << np.uint64(shift)
-    return offset + size
+    return _bits.pack_into(flat, bits, out, offset)
 
 
 def unpack_bits(
     data: bytes | memoryview, count: int, bits: int, out: np.ndarray | None = None
 ) -> np.ndarray:
     """Inverse of `pack_bits`; the caller has checked len(data). Fills `out` when given."""
-    if out is not None:
-        for i in range(0, count, _PACK_CHUNK):  # whole bytes per chunk (multiple of 8)
-            size = min(_PACK_CHUNK, count - i)
-            part = data[i * bits // 8 : (i * bits + size * bits + 7) // 8]
-            out[i : i + size] = unpack_bits(part, size, bits)
-        return out
-    if not _FAST_MIN_BITS <= bits <= _FAST_MAX_BITS or count == 0:
-        return _unpack_bits_generic(data, count, bits)
-    if count > _PACK_CHUNK:
-        return unpack_bits(data, count, bits, out=np.empty(count, dtype=np.uint64))
-    # Value k is bits [k*bits, (k+1)*bits): one unaligned 64-bit word read at byte
-    # k*bits // 8 (a gather from overlapping windows of a zero-padded copy), shifted right by
-    # k*bits % 8 <= 7 and masked; bits <= 57 keeps the value inside that word.
-    raw = np.frombuffer(data, dtype=np.uint8)
-    padded = np.zeros(raw.size + 8, dtype=np.uint8)
-    padded[: raw.size] = raw
-    words = np.ndarray((padded.size - 7,), dtype="<u8", buffer=padded, strides=(1,))
-    at, shift = _unpack_offsets(count, bits)
-    out = words[at]
-    out >>= shift
-    out &= np.uint64((1 << bits) - 1)
+    if out is None:
+        out = np.empty(count, dtype=np.uint64)
+    _bits.unpack_into(data, bits, out[:count])
     return out
-
-
-@functools.lru_cache(maxsize=8)
-def _unpack_offsets(count: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Byte offsets and bit shifts of `count` packed values of `bits` bits (read-only)."""
-    position = np.arange(count, dtype=np.int64) * bits
-    at, shift = position >> 3, (position & 7).astype(np.uint64)
-    at.flags.writeable = shift.flags.writeable = False
-    return at, shift
-
-
-_FAST_MIN_BITS, _FAST_MAX_BITS = 8, 57
-_SMALL_PACK = 64
-_PACK_CHUNK = 1 << 17
 
 
 def _unpack_limbs(
@@ -210,18 +108,6 @@ def _unpack_limbs(
         limbs.append(limb)
         offset += size
     return np.stack(limbs), offset
-
-
-def _pack_bits_generic(flat: np.ndarray, bits: int) -> bytes:
-    as_bits = np.unpackbits(flat.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
-    return np.packbits(as_bits[:, :bits].reshape(-1), bitorder="little").tobytes()
-
-
-def _unpack_bits_generic(data: bytes, count: int, bits: int) -> np.ndarray:
-    stream = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
-    padded = np.zeros((count, 64), dtype=np.uint8)
-    padded[:, :bits] = stream[: count * bits].reshape(count, bits)
-    return np.packbits(padded, axis=1, bitorder="little").view("<u8").reshape(count).copy()
 
 
 def find_ntt_primes(poly_modulus_degree: int, bit_sizes: list[int]) -> tuple[int, ...]:
@@ -574,8 +460,6 @@ class SecretKey:
         self._ternary: np.ndarray | None = None
         self._product: NegacyclicProduct | None = None
         self._request_product: tuple[SmallProduct, np.ndarray] | None = None
-        self._dot: ExactDot | None = None
-        self._rows: dict[tuple[int, ...], np.ndarray] = {}
 
     @classmethod
     def generate(cls, context: Context) -> SecretKey:
@@ -662,17 +546,11 @@ class SecretKey:
         coefficients, c1 (N,), both uint64 below the last prime; centered int64 values.
 
         (c0 + c1*s)[k] needs one dot product of c1 with s read backwards from k
-        (`negacyclic_rows`), then BFV's round(t*v/q) (`bfv_decode`).
+        (`negacyclic_at`), then BFV's round(t*v/q) (`bfv_decode`).
         """
-        key = tuple(int(k) for k in coefficients)
         q = self._context.last_prime
-        if key not in self._rows:
-            rows = negacyclic_rows(self.ternary().astype(np.int64), list(key))
-            self._rows[key] = rows.astype(np.float64)
-        if self._dot is None:
-            self._dot = ExactDot(self._context.n, (q,))  # rows of a ternary s
-        dot = self._dot
-        c1_s = dot.combine(self._rows[key] @ dot.split(np.asarray(c1, np.uint64)[None]))[0]
+        at = np.asarray(coefficients, dtype=np.int64)
+        c1_s = negacyclic_at(self.ternary()[None], np.asarray(c1, np.uint64)[None], at, 0, (q,))[0]
         total = np.asarray(c0, dtype=np.uint64) + c1_s
         total -= np.uint64(q) * (total >= np.uint64(q))
         return bfv_decode(total, q, self._context.params.plain_modulus)

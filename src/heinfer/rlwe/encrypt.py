@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from heinfer.rlwe.ring import mulmod_arrays, mulmod_const, reduce_estimated
+from heinfer.rlwe import _kernels
+from heinfer.rlwe.ring import mulmod_arrays
 
 __all__ = [
     "bfv_decode",
@@ -87,32 +88,17 @@ def divide_and_round_q_last(values: np.ndarray, primes: Sequence[int]) -> np.nda
     values: (L, ...) uint64, residues of x modulo primes[0..L-1] (each < 2**62); returns
     (L-1, ...). Identity: with h = floor(q_L / 2) and r = ((x + h) mod q_L) - h, x - r is
     divisible by q_L and (x - r) / q_L = round(x / q_L); per remaining prime q_i that is
-    (x_i - (r mod q_i)) * q_L^-1 mod q_i.
+    (x_i - (r mod q_i)) * q_L^-1 mod q_i (compiled, one pass per prime: `_kernels`).
     """
     *rest, last = (int(q) for q in primes)
-    h = last >> 1
-    shifted = values[-1] + np.uint64(h)
-    shifted -= np.uint64(last) * (shifted >= np.uint64(last))
-    as_float = shifted.astype(np.float64)
-    out = np.empty((len(rest), *values.shape[1:]), dtype=np.uint64)
-    for i, q in enumerate(rest):
-        qq = np.int64(q)
-        r = reduce_estimated(shifted.view(np.int64), as_float * (1.0 / q), q).view(np.int64)
-        r -= np.int64(h % q)  # r mod q_i, in (-q_i, q_i)
-        r += (r >> np.int64(63)) & qq
-        difference = values[i].view(np.int64) - r  # in (-q_i, q_i)
-        difference += (difference >> np.int64(63)) & qq
-        out[i] = _mulmod_by(difference.view(np.uint64), pow(last, -1, q), q)
-    return out
-
-
-def _mulmod_by(x: np.ndarray, k: int, q: int) -> np.ndarray:
-    """x * k mod q for uint64 x < q and k < q: one float-estimated quotient when q < 2**50
-    (x*k/q < q, so the float64 estimate is within 2**-2 of it), else `mulmod_const`."""
-    if q >= 1 << 50:
-        return mulmod_const(x, k, q)
-    estimate = x.astype(np.float64) * (k / q)
-    return reduce_estimated(x.view(np.int64) * np.int64(k), estimate, q)
+    values = np.asarray(values, dtype=np.uint64)
+    if values.shape[0] != len(rest) + 1:
+        raise ValueError(f"values must have one row per prime ({len(rest) + 1})")
+    flat = np.ascontiguousarray(values.reshape(len(rest) + 1, -1))
+    out = np.empty((len(rest), flat.shape[1]), dtype=np.uint64)
+    inverses = tuple(pow(last, -1, q) for q in rest)
+    _kernels.divide_and_round_q_last(flat, (*rest, last), inverses, flat.shape[1], out)
+    return out.reshape(len(rest), *values.shape[1:])
 
 
 def bfv_decode(values: np.ndarray, q: int, t: int) -> np.ndarray:

@@ -1,25 +1,28 @@
 """Exact arithmetic in Z_q and Z_q[X]/(X^N + 1) on uint64 arrays, for primes q < 2**62.
 
-numpy has no 128-bit products, so every function here splits operands into digits small
-enough that each partial product (or each float64 partial sum) is exact, and recombines the
-digits modulo q. The identities each one implements are checked against SEAL's evaluator in
-`tests/test_rlwe_ring.py`.
+numpy has no 128-bit products, so the numpy functions here split operands into digits small
+enough that each partial product (or each float64 partial sum) is exact, and recombine the
+digits modulo q. The per-request loops (digit splits around the FFTs, their recombination,
+exact dot products) run in `_kernels`, compiled, with 128-bit integers. The identities each
+function implements are checked against SEAL's evaluator in `tests/test_rlwe_ring.py`.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from heinfer.rlwe import _kernels
+
 __all__ = [
-    "ExactDot",
     "NegacyclicProduct",
     "SmallProduct",
     "linear_combination",
     "mulmod_arrays",
     "mulmod_const",
     "mulmod_small",
-    "negacyclic_index",
-    "negacyclic_rows",
+    "negacyclic_at",
     "reduce_estimated",
 ]
 
@@ -198,22 +201,36 @@ class NegacyclicProduct:
         return out
 
 
-def negacyclic_index(coefficients: np.ndarray | list[int], degree: int) -> np.ndarray:
-    """(m, N) indices I into the 2N-vector (p, -p) with (a * p)[k] = sum_i a_i (p, -p)[I[r, i]]
-    in Z[X]/(X^N + 1), for k = coefficients[r].
+def negacyclic_at(
+    small: np.ndarray,
+    values: np.ndarray,
+    coefficients: np.ndarray,
+    polys: np.ndarray | int,
+    primes: tuple[int, ...],
+) -> np.ndarray:
+    """(values_j * small[polys[m]])[coefficients[m]] mod q_j in Z_q[X]/(X^N + 1): a product at a
+    few coefficients only, one exact dot product each, instead of all N; (L, M) uint64.
 
-    Identity: (a * p)[k] = sum_{i <= k} a_i p_{k-i} - sum_{i > k} a_i p_{N+k-i}, and
-    (k - i) mod 2N indexes exactly those values of (p, -p).
+    small: (G, N) integers with |value| < 2**31 (int8/int16/int32 need no check); values: (L, N)
+    uint64, row j < q_j < 2**62; coefficients: (M,) indices; polys: (M,) indices or one.
+    Identity: (a * p)[k] = sum_{i <= k} a_i p_{k-i} - sum_{i > k} a_i p_{N+k-i}, summed in
+    128-bit integers (compiled).
     """
-    ks = np.asarray(coefficients, dtype=np.int64)[:, None]
-    return (ks - np.arange(degree, dtype=np.int64)[None, :]) % (2 * degree)
-
-
-def negacyclic_rows(poly: np.ndarray, coefficients: np.ndarray | list[int]) -> np.ndarray:
-    """Rows R with (a * poly)[k] = R[r] . a for k = coefficients[r] (`negacyclic_index`):
-    a product at a few coefficients only, a dot product each, instead of all N."""
-    p = np.asarray(poly)
-    return np.concatenate([p, -p])[negacyclic_index(coefficients, p.size)]
+    small = np.asarray(small)
+    if small.dtype != np.int32:
+        if small.dtype.itemsize >= 4 and small.size and np.abs(small).max() >= 1 << 31:
+            raise ValueError("negacyclic_at needs |small| < 2**31")
+        small = small.astype(np.int32)
+    small = np.ascontiguousarray(small)
+    values = np.ascontiguousarray(values, dtype=np.uint64)
+    degree = small.shape[-1]
+    if values.shape != (len(primes), degree):
+        raise ValueError(f"values must be (L, N) = ({len(primes)}, {degree})")
+    at = np.ascontiguousarray(coefficients, dtype=np.int64)
+    which = np.ascontiguousarray(np.broadcast_to(polys, at.shape), dtype=np.int64)
+    out = np.empty((len(primes), at.size), dtype=np.uint64)
+    _kernels.negacyclic_at(small, values, at, which, tuple(primes), degree, out)
+    return out
 
 
 class SmallProduct:
@@ -243,6 +260,7 @@ class SmallProduct:
             -(-q.bit_length() // d) for q, d in zip(self.primes, self.digits, strict=True)
         ]
         self._starts = np.cumsum([0, *self.digits]).tolist()
+        self._widths, self._digits = tuple(self.widths), tuple(self.digits)
 
     def spectrum(self, small: np.ndarray) -> np.ndarray:
         """(..., N) integer polynomials -> (..., N/2) spectra."""
@@ -257,22 +275,13 @@ class SmallProduct:
     def digit_spectra(self, values: np.ndarray) -> np.ndarray:
         """(L, N) uint64, row j < q_j -> (sum_j D_j, N/2) spectra of every row's digits.
 
-        Each digit is written straight into the folded complex rows (real: coefficients
-        below N/2, imaginary: the rest), with no stacked or float copy of the digits."""
-        values = np.asarray(values, dtype=np.uint64)
-        half = self.degree // 2
-        folded = np.empty((self._starts[-1], half), dtype=np.complex128)
-        part = np.empty(values.shape[1], dtype=np.uint64)
-        row = 0
-        for j, (digits, width) in enumerate(zip(self.digits, self.widths, strict=True)):
-            mask = np.uint64((1 << width) - 1)
-            for k in range(digits):
-                np.right_shift(values[j], np.uint64(k * width), out=part)
-                part &= mask
-                folded[row].real = part[:half]
-                folded[row].imag = part[half:]
-                row += 1
-        folded *= self._twist
+        Each digit is written straight into the folded, twisted complex rows (real:
+        coefficients below N/2, imaginary: the rest) in one compiled pass."""
+        values = np.ascontiguousarray(values, dtype=np.uint64)
+        if values.shape != (len(self.primes), self.degree):
+            raise ValueError(f"values must be (L, N) = ({len(self.primes)}, {self.degree})")
+        folded = np.empty((self._starts[-1], self.degree // 2), dtype=np.complex128)
+        _kernels.fold_digits(values, self._widths, self._digits, self._twist, folded)
         return np.fft.fft(folded, axis=-1)
 
     def reduce(self, spectra: np.ndarray, small: np.ndarray | None = None) -> np.ndarray:
@@ -282,90 +291,22 @@ class SmallProduct:
         Adding `small` to the exact digit total before the one modular reduction gives the same
         residues as adding it after, without a pass per prime (its |small|/q shift of the
         quotient estimate stays far inside `reduce_estimated`'s margin of 1)."""
-        half = self.degree // 2
         product = np.fft.ifft(spectra, axis=-1)
         product *= self._untwist
-        # Work on (real, imag) pairs in place: pair k holds coefficients k and k + N/2.
+        # (real, imag) pairs: pair k holds coefficients k and k + N/2
         values = product.view(np.float64)
         rounded = np.rint(values)
         values -= rounded
         np.abs(values, out=values)
         if values.max(initial=0.0) > 0.125:
             raise RuntimeError("FFT product lost exactness; refusing the result")
-        exact = rounded.astype(np.int64)
-        shape = rounded.shape[1:]
-        out = np.empty((len(self.primes), *shape), dtype=np.uint64)
-        for j, (q, width) in enumerate(zip(self.primes, self.widths, strict=True)):
-            first = self._starts[j]
-            estimate = rounded[first] * (1.0 / q)
-            total = exact[first].copy()
-            if small is not None:  # pairs (k, k + N/2), as `total` holds them
-                pairs = np.swapaxes(small.reshape(*shape[:-1], 2, half), -1, -2)
-                total.reshape(*shape[:-1], half, 2)[...] += pairs
-            for k in range(1, self.digits[j]):
-                estimate += rounded[first + k] * (float(1 << (k * width)) / q)
-                total += exact[first + k] << np.int64(k * width)
-            out[j] = reduce_estimated(total, estimate, q)
-        pairs = out.reshape(*out.shape[:-1], half, 2)
-        return np.ascontiguousarray(np.swapaxes(pairs, -1, -2)).reshape(out.shape)
-
-
-class ExactDot:
-    """sum_i rows[r, i] * v_j[i] mod q_j for a few integer rows, exactly, with one float64
-    matrix product: each v_j (uint64 < q_j) is split into digits of `width` bits with
-    (2**width - 1) * l1_bound < 2**53, so every partial sum of every digit product is an
-    exactly representable integer whatever order BLAS adds in (`l1_bound`: the largest
-    sum of |coefficients| of a row). The digit sums are recombined in Python integers."""
-
-    def __init__(self, l1_bound: int, primes: list[int] | tuple[int, ...]) -> None:
-        self.primes = tuple(int(q) for q in primes)
-        widest = max(q.bit_length() for q in self.primes)
-        exact = ((_EXACT_FLOAT - 1) // max(1, l1_bound) + 1).bit_length() - 1
-        self.width = min(widest, exact)
-        if self.width < 1:
-            raise ValueError("rows too large for exact float64 sums")
-        self.digits = [-(-q.bit_length() // self.width) for q in self.primes]
-
-    def split(self, values: np.ndarray) -> np.ndarray:
-        """(L, N) uint64, row j < q_j -> (N, sum_j D_j) float64 digits (reusable); each digit
-        is converted straight into its column, with no stacked integer copy."""
-        values = np.asarray(values, dtype=np.uint64)
-        mask = np.uint64((1 << self.width) - 1)
-        out = np.empty((values.shape[1], sum(self.digits)), dtype=np.float64)
-        part = np.empty(values.shape[1], dtype=np.uint64)
-        column = 0
-        for j, digits in enumerate(self.digits):
-            for k in range(digits):
-                np.right_shift(values[j], np.uint64(k * self.width), out=part)
-                part &= mask
-                out[:, column] = part
-                column += 1
-        return out
-
-    def totals(self, sums: np.ndarray) -> list[list[int]]:
-        """`combine` before the reduction: per prime, each row's exact sum as a Python int,
-        so a caller can add more terms and reduce once."""
-        columns = sums.astype(np.int64).T.tolist()
-        out, start = [], 0
-        for digits in self.digits:
-            total = columns[start]
-            for k in range(1, digits):
-                shift = k * self.width
-                total = [t + (c << shift) for t, c in zip(total, columns[start + k], strict=True)]
-            out.append(total)
-            start += digits
-        return out
-
-    def combine(self, sums: np.ndarray) -> np.ndarray:
-        """(M, sum_j D_j) float64 exact digit sums (rows @ split) -> (L, M) uint64 mod q_j."""
-        table = sums.astype(np.int64).tolist()
-        out = np.empty((len(self.primes), len(table)), dtype=np.uint64)
-        start = 0
-        for j, (q, digits) in enumerate(zip(self.primes, self.digits, strict=True)):
-            shifts = [k * self.width for k in range(digits)]
-            out[j] = [
-                sum(row[start + k] << shift for k, shift in enumerate(shifts)) % q
-                for row in table
-            ]
-            start += digits
+        shape = rounded.shape[1:-1]
+        if small is not None:
+            small = np.ascontiguousarray(
+                np.broadcast_to(small, (*shape, self.degree)), dtype=np.int64
+            )
+        out = np.empty((len(self.primes), *shape, self.degree), dtype=np.uint64)
+        _kernels.recombine_digits(
+            rounded, self._widths, self._digits, self.primes, math.prod(shape), small, out
+        )
         return out

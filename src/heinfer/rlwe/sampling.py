@@ -18,6 +18,7 @@ import struct
 import numpy as np
 
 from heinfer.errors import MalformedPayloadError
+from heinfer.rlwe import _kernels
 from heinfer.rlwe.ring import mulmod_small
 
 __all__ = [
@@ -108,16 +109,9 @@ def centered_binomial(shape: tuple[int, ...], key: bytes | None = None) -> np.nd
     if key is None:
         key = os.urandom(SEED_BYTES)
     stream = hashlib.shake_128(NOISE_TAG + key).digest(16 * triples)
-    words = np.frombuffer(stream, dtype="<u8").reshape(triples, 2)
-    half = np.uint64((1 << CBD_HALF_BITS) - 1)
-    out = np.empty((triples, 3), dtype=np.int8)
-    for lane, (first, second) in enumerate(((0, 0), (1, 1), (0, 1))):
-        shift = np.uint64(42) if lane == 2 else np.uint64(0)
-        other = np.uint64(42) if lane == 2 else np.uint64(CBD_HALF_BITS)
-        plus = np.bitwise_count((words[:, first] >> shift) & half).view(np.int8)
-        minus = np.bitwise_count((words[:, second] >> other) & half).view(np.int8)
-        np.subtract(plus, minus, out=out[:, lane])
-    return out.reshape(-1)[:count].reshape(shape)
+    out = np.empty(count, dtype=np.int8)
+    _kernels.centered_binomial_21(stream, out)  # the construction above, compiled
+    return out.reshape(shape)
 
 
 def uniform_mod(primes: tuple[int, ...], degree: int) -> np.ndarray:
@@ -234,7 +228,7 @@ def seal_uniform(seed: bytes, primes: tuple[int, ...], degree: int) -> np.ndarra
                 if word < limit:
                     row[i] = word
                     break
-        np.remainder(row, np.uint64(q), out=row)
+        _kernels.reduce_mod(row, q)  # row %= q, compiled (numpy's uint64 % divides)
     return out
 
 

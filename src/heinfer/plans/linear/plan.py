@@ -19,11 +19,9 @@ from heinfer.plans.base import Keys, Plan
 from heinfer.plans.manifest import Manifest
 from heinfer.rlwe.encrypt import divide_and_round_q_last
 from heinfer.rlwe.ring import (
-    ExactDot,
     SmallProduct,
     linear_combination,
-    negacyclic_index,
-    negacyclic_rows,
+    negacyclic_at,
 )
 from heinfer.rlwe.sampling import centered_binomial, ternary
 
@@ -228,9 +226,9 @@ _TAG_BYTES = 8
 
 
 class _RowpackWeights:
-    """A plan's weights as coeff-rowpack evaluates them in numpy: per result group g the
-    spectrum of W_g (for c1_x * W_g) and W_g read backwards at the output coefficients (for
-    c0_x * W_g there), the scaled bias there; per key, pk1's digit spectra and pk0's digits."""
+    """A plan's weights as coeff-rowpack evaluates them: per result group g the spectrum of W_g
+    (for c1_x * W_g) and W_g itself (for c0_x * W_g at the output coefficients only), the
+    scaled bias there; per key, pk1's digit spectra and pk0."""
 
     def __init__(self, plan: LinearPlan) -> None:
         context = plan.context
@@ -245,30 +243,24 @@ class _RowpackWeights:
         self.product = SmallProduct(degree, l1 + degree, self.primes)
         self.weight_spectra = self.product.spectrum(polys)  # (G, N/2)
         coefficients = [list(r["coefficients"]) for r in results]
-        self.rows = np.concatenate(
-            [negacyclic_rows(p, c) for p, c in zip(polys, coefficients, strict=True)]
-        ).astype(np.float64)  # exact: |w| < 2**53
-        self.weight_dot = ExactDot(l1, self.primes)
-        self.key_dot = ExactDot(degree, self.primes)  # rows of a ternary u
-        # u's rows at the outputs: indices into the flattened (u_g, -u_g) of every group
-        self.u_index = np.concatenate(
-            [
-                negacyclic_index(c, degree) + g * 2 * degree
-                for g, c in enumerate(coefficients)
-            ]
-        )
+        if np.abs(polys).max(initial=0) >= 1 << 31:
+            raise ModelFormatError("quantized weights must be below 2**31 in absolute value")
+        self.polys = polys.astype(np.int32)
+        # output m is coefficient at[m] of the product with group which[m]'s polynomial
+        self.at = np.concatenate([np.asarray(c, dtype=np.int64) for c in coefficients])
+        self.which = np.repeat(np.arange(len(coefficients)), [len(c) for c in coefficients])
         outputs = [row for r in results for row in r["outputs"]]
         bias = context.scale_plain(np.asarray(plan.arrays["b_int"])[outputs])  # (L, M)
         self.bias: list[list[int]] = bias.tolist()
         self.splits = np.cumsum([len(c) for c in coefficients])[:-1]
 
     def key_spectra(self, key: EvaluationKey) -> tuple[np.ndarray, np.ndarray]:
-        """pk1's digit spectra (D, N/2) and pk0's digits (N, D'), made once per key."""
+        """pk1's digit spectra (D, N/2) and pk0 (L, N), made once per key."""
         def make() -> tuple[np.ndarray, ...]:
             pk0, pk1 = key.coefficients()
-            return self.product.digit_spectra(pk1), self.key_dot.split(pk0)
+            return self.product.digit_spectra(pk1), np.ascontiguousarray(pk0, dtype=np.uint64)
 
-        pk1, pk0 = key.derived(("rowpack", tuple(self.product.widths), self.key_dot.width), make)
+        pk1, pk0 = key.derived(("rowpack", tuple(self.product.widths)), make)
         return pk1, pk0
 
     def evaluate(
@@ -278,15 +270,15 @@ class _RowpackWeights:
         once per prime (cheaper than numpy calls on ten values); e1 joins c1 inside `reduce`."""
         groups, degree = self.weight_spectra.shape[0], self.product.degree
         spectra = self.product.digit_spectra(c1_x)[:, None, :] * self.weight_spectra
-        terms = [self.weight_dot.totals(self.rows @ self.weight_dot.split(c0_x)), self.bias]
+        at, which, primes = self.at, self.which, self.primes
+        terms = [negacyclic_at(self.polys, c0_x, at, which, primes).tolist(), self.bias]
         e1 = None
-        outputs = self.rows.shape[0]
+        outputs = at.size
         if treatment.rerandomize:
             pk1, pk0 = self.key_spectra(key)
             u = ternary((groups, degree))
             spectra += pk1[:, None, :] * self.product.spectrum(u)
-            u_rows = np.concatenate([u, -u], axis=1).reshape(-1)[self.u_index]
-            terms.append(self.key_dot.totals(u_rows.astype(np.float64) @ pk0))
+            terms.append(negacyclic_at(u, pk0, at, which, primes).tolist())
             errors = centered_binomial((groups * degree + outputs,)).astype(np.int64)
             e1 = errors[: groups * degree].reshape(groups, degree)
             terms.append([errors[groups * degree :].tolist()] * len(self.primes))
