@@ -614,6 +614,18 @@ def run(
         service.stop()
 
 
+def build_extensions(checkout: Path) -> None:
+    """Compile a checkout's C extensions in place (releases after 9e89053 have them), so that
+    its `src` runs as it is, like this checkout's editable install."""
+    if (checkout / "setup.py").exists():
+        import subprocess
+
+        subprocess.run(
+            [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+            cwd=checkout, check=True, stdout=subprocess.DEVNULL,
+        )
+
+
 def _launcher(src: Path) -> tuple[str, ...]:
     """What the interpreter runs in place of `-m heinfer` to serve the package in `src`
     (its spawned workers inherit the path, so they run that code too)."""
@@ -865,6 +877,7 @@ def checkout_model(checkout: Path) -> Path:
     """The benchmark's model as the code in `checkout` compiles it: an older release may not
     read this checkout's model format (8bbfa1e reads format 1 only), and each side of an A/B
     should serve what its own compiler writes. Same fitted weights as `mnist_model`."""
+    build_extensions(checkout)
     import _mnist
 
     fitted = _mnist.model()
