@@ -12,6 +12,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "SEAL's streams are read as little-endian words by plain 64-bit loads here"
+#endif
+
 typedef unsigned __int128 u128;
 typedef __int128 i128;
 

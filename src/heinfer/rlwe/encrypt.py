@@ -90,14 +90,15 @@ def divide_and_round_q_last(values: np.ndarray, primes: Sequence[int]) -> np.nda
     divisible by q_L and (x - r) / q_L = round(x / q_L); per remaining prime q_i that is
     (x_i - (r mod q_i)) * q_L^-1 mod q_i (compiled, one pass per prime: `_kernels`).
     """
-    *rest, last = (int(q) for q in primes)
+    moduli = tuple(int(q) for q in primes)
+    *rest, last = moduli
     values = np.asarray(values, dtype=np.uint64)
-    if values.shape[0] != len(rest) + 1:
-        raise ValueError(f"values must have one row per prime ({len(rest) + 1})")
-    flat = np.ascontiguousarray(values.reshape(len(rest) + 1, -1))
+    if values.shape[0] != len(moduli):
+        raise ValueError(f"values must have one row per prime ({len(moduli)})")
+    flat = np.ascontiguousarray(values.reshape(len(moduli), -1))
     out = np.empty((len(rest), flat.shape[1]), dtype=np.uint64)
     inverses = tuple(pow(last, -1, q) for q in rest)
-    _kernels.divide_and_round_q_last(flat, (*rest, last), inverses, flat.shape[1], out)
+    _kernels.divide_and_round_q_last(flat, moduli, inverses, flat.shape[1], out)
     return out.reshape(len(rest), *values.shape[1:])
 
 

@@ -255,12 +255,11 @@ class SmallProduct:
         limit = _EXACT_PRODUCT_BITS - (max(1, l1_bound) - 1).bit_length()
         if limit < 1:
             raise ValueError("small factors too large for exact float64 FFT products")
-        self.digits = [-(-q.bit_length() // limit) for q in self.primes]
-        self.widths = [
+        self.digits = tuple(-(-q.bit_length() // limit) for q in self.primes)
+        self.widths = tuple(
             -(-q.bit_length() // d) for q, d in zip(self.primes, self.digits, strict=True)
-        ]
+        )
         self._starts = np.cumsum([0, *self.digits]).tolist()
-        self._widths, self._digits = tuple(self.widths), tuple(self.digits)
 
     def spectrum(self, small: np.ndarray) -> np.ndarray:
         """(..., N) integer polynomials -> (..., N/2) spectra."""
@@ -281,7 +280,7 @@ class SmallProduct:
         if values.shape != (len(self.primes), self.degree):
             raise ValueError(f"values must be (L, N) = ({len(self.primes)}, {self.degree})")
         folded = np.empty((self._starts[-1], self.degree // 2), dtype=np.complex128)
-        _kernels.fold_digits(values, self._widths, self._digits, self._twist, folded)
+        _kernels.fold_digits(values, self.widths, self.digits, self._twist, folded)
         return np.fft.fft(folded, axis=-1)
 
     def reduce(self, spectra: np.ndarray, small: np.ndarray | None = None) -> np.ndarray:
@@ -307,6 +306,6 @@ class SmallProduct:
             )
         out = np.empty((len(self.primes), *shape, self.degree), dtype=np.uint64)
         _kernels.recombine_digits(
-            rounded, self._widths, self._digits, self.primes, math.prod(shape), small, out
+            rounded, self.widths, self.digits, self.primes, math.prod(shape), small, out
         )
         return out

@@ -260,7 +260,7 @@ class _RowpackWeights:
             pk0, pk1 = key.coefficients()
             return self.product.digit_spectra(pk1), np.ascontiguousarray(pk0, dtype=np.uint64)
 
-        pk1, pk0 = key.derived(("rowpack", tuple(self.product.widths)), make)
+        pk1, pk0 = key.derived(("rowpack", self.product.widths), make)
         return pk1, pk0
 
     def evaluate(
